@@ -1,0 +1,3 @@
+from icl_jax.cli import main
+
+raise SystemExit(main())

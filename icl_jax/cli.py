@@ -1,0 +1,80 @@
+"""icl-jax: the command line. Thin: it parses, then calls the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+USER_ERRORS = ()  # filled lazily so that `icl-jax --help` does not import jax
+
+
+def _split_overrides(argv):
+    """Pulls '--config.a.b=v' and '--config.a.b v' out of argv."""
+    rest, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"error: {arg} needs a value")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="icl-jax",
+        description="In-context learning and induction heads (Olsson et al. 2022) in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model; resumes from the newest snapshot",
+                       epilog="Any config field can be overridden: --config.train.steps=4000")
+    p.add_argument("--config", default="configs/small.py",
+                   help="config file and argument, e.g. configs/small.py:layers=2")
+    p.add_argument("--workdir", required=True, help="where snapshots and metrics go")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run of a different config in --workdir")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def load_config(spec, overrides):
+    from icl_jax import config as config_lib
+    config = config_lib.load(spec)
+    config_lib.override(config, overrides)
+    return config_lib.validate(config)
+
+
+def cmd_train(args, overrides):
+    from icl_jax import train
+    config = load_config(args.config, overrides)
+    record = train.train_and_evaluate(config, args.workdir, overwrite=args.overwrite,
+                                      progress=not args.quiet)
+    if record and not args.quiet:
+        keys = ("step", "train_loss", "eval_loss", "icl_score", "prefix_matching_max")
+        print("final: " + "  ".join(f"{k} {record[k]:.4g}" if isinstance(record.get(k), float)
+                                    else f"{k} {record.get(k)}" for k in keys if k in record))
+    return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    from icl_jax.config import ConfigError
+    from icl_jax.data import DataError
+    from icl_jax.train import TrainingError
+    try:
+        return COMMANDS[args.command](args, overrides)
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, KeyError) as e:
+        message = e.args[0] if e.args else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,202 @@
+"""Loading configs (`file.py:arg` plus `--config.a.b=value` overrides) and validating them.
+
+Every user mistake becomes a ConfigError whose one-line message names the field
+and what would be valid; validate() runs before any data is read or anything is
+compiled.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A user's config mistake; the message names the field."""
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """'configs/small.py:layers=2' -> the ConfigDict that file's get_config('layers=2') returns."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    mod_spec = importlib.util.spec_from_file_location("_icl_jax_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file is still the user's mistake
+        raise ConfigError(f"config file {path!r} failed to load: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config(arg) function")
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return config
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))
+
+
+def _parse_value(text: str, old):
+    if isinstance(old, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(old, int):
+        return int(float(text)) if float(text).is_integer() else int(text)
+    if isinstance(old, float):
+        return float(text)
+    if isinstance(old, str):
+        return text
+    return ast.literal_eval(text)
+
+
+def override(config: ml_collections.ConfigDict, assignments: dict[str, str]):
+    """Applies {'train.steps': '4000'} in place, converting to each field's type."""
+    for dotted, text in assignments.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for i, name in enumerate(parents):
+            if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config field {'.'.join(parents[:i + 1])!r} "
+                                  f"(in --config.{dotted})")
+            node = node[name]
+        if leaf not in node:
+            raise ConfigError(f"unknown config field {dotted!r}; fields here: "
+                              f"{', '.join(sorted(node.keys()))}")
+        try:
+            value = _parse_value(text, node[leaf])
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"config field {dotted!r}: cannot read {text!r} as "
+                              f"{type(node[leaf]).__name__}") from None
+        with node.unlocked():
+            node[leaf] = value
+    return config
+
+
+# field -> (type, allowed values or None); the schema every config must follow.
+SCHEMA = {
+    "seed": int,
+    "model": {"n_layers": int, "d_model": int, "n_heads": int, "d_head": int, "mlp": bool,
+              "d_mlp": int, "layer_norm": bool, "positions": str, "pos_init_std": float,
+              "smear_keys": bool, "smear_init": float, "context": int, "vocab_size": int,
+              "dtype": str},
+    "data": {"name": str, "background": str, "markov_branching": int, "segments_min": int,
+             "segments_max": int, "segment_len_min": int, "segment_len_max": int,
+             "path": str, "bin_dtype": str, "tokenizer": str, "bpe_vocab_size": int,
+             "holdout_fraction": float},
+    "train": {"steps": int, "batch_size": int, "lr": float, "schedule": str,
+              "warmup_steps": int, "weight_decay": float, "weight_decay_drop_step": int,
+              "weight_decay_after": float, "grad_clip": float, "b1": float, "b2": float,
+              "log_every": int, "eval_every": int},
+    "eval": {"n_examples": int, "icl_early_index": int, "icl_late_index": int,
+             "probe_tokens": int, "probe_repeats": int, "probe_sequences": int,
+             "probe_exclude_frac": float, "bos_token": int,
+             "induction_prefix_threshold": float, "induction_copying_threshold": float},
+    "checkpoint": {"every": int, "log_spaced": int, "max_to_keep": int, "async_save": bool},
+}
+OPTIONAL_SECTIONS = {"run"}  # free-form: launch and sweep metadata
+
+
+def _check_schema(node, schema, prefix=""):
+    for key in node.keys():
+        name = prefix + key
+        if key not in schema:
+            if not prefix and key in OPTIONAL_SECTIONS:
+                continue
+            raise ConfigError(f"unknown config field {name!r}; valid fields: "
+                              f"{', '.join(sorted(schema))}")
+        want = schema[key]
+        value = node[key]
+        if isinstance(want, dict):
+            if not isinstance(value, (dict, ml_collections.ConfigDict)):
+                raise ConfigError(f"config field {name!r} must be a section")
+            _check_schema(value, want, name + ".")
+        elif want is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"config field {name!r} must be {want.__name__}, got {value!r}")
+    for key, want in schema.items():
+        if key not in node:
+            raise ConfigError(f"config field {prefix + key!r} is missing")
+
+
+def _need(ok, field, message):
+    if not ok:
+        raise ConfigError(f"config field {field!r} {message}")
+
+
+def validate(config) -> ml_collections.ConfigDict:
+    """Raises ConfigError naming the first bad field; fills model.d_head when it is 0."""
+    _check_schema(config, SCHEMA)
+    m, d, t, e, c = config.model, config.data, config.train, config.eval, config.checkpoint
+    _need(m.n_layers >= 1, "model.n_layers", f"must be at least 1, got {m.n_layers}")
+    for f in ("d_model", "n_heads", "d_mlp", "context", "vocab_size"):
+        _need(m[f] >= 1, f"model.{f}", f"must be positive, got {m[f]}")
+    _need(m.positions in ("shortformer", "residual"), "model.positions",
+          f"must be 'shortformer' or 'residual', got {m.positions!r}")
+    _need(m.dtype in ("float32", "bfloat16"), "model.dtype",
+          f"must be 'float32' or 'bfloat16', got {m.dtype!r}")
+    _need(m.pos_init_std >= 0, "model.pos_init_std", "must be >= 0")
+    _need(m.d_head >= 0, "model.d_head", "must be positive, or 0 for d_model / n_heads")
+    if m.d_head == 0:  # the paper's d_head = d_model / n_heads, filled in here
+        _need(m.d_model % m.n_heads == 0, "model.d_model",
+              f"({m.d_model}) must be a multiple of model.n_heads ({m.n_heads}) "
+              "when model.d_head is 0")
+        m.d_head = m.d_model // m.n_heads
+
+    _need(d.name in ("synthetic", "pystdlib", "files"), "data.name",
+          f"must be synthetic, pystdlib or files, got {d.name!r}")
+    _need(d.name != "files" or d.path, "data.path", "must name a file, directory or glob "
+          "when data.name is 'files'")
+    _need(d.tokenizer in ("bytes", "bpe"), "data.tokenizer",
+          f"must be 'bytes' or 'bpe', got {d.tokenizer!r}")
+    if d.name == "pystdlib" or (d.name == "files" and d.tokenizer == "bytes"
+                                 and not d.path.endswith((".npy", ".bin"))):
+        if d.tokenizer == "bytes":
+            _need(m.vocab_size >= 256, "model.vocab_size",
+                  f"must be at least 256 for byte-level text, got {m.vocab_size}")
+        else:
+            _need(m.vocab_size >= d.bpe_vocab_size, "model.vocab_size",
+                  f"({m.vocab_size}) must be at least data.bpe_vocab_size ({d.bpe_vocab_size})")
+
+    _need(t.steps >= 1, "train.steps", f"must be positive, got {t.steps}")
+    _need(t.batch_size >= 1, "train.batch_size", f"must be positive, got {t.batch_size}")
+    _need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    _need(t.schedule in ("constant", "cosine", "paper"), "train.schedule",
+          f"must be constant, cosine or paper, got {t.schedule!r}")
+    _need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
+    _need(t.log_every >= 1, "train.log_every", "must be positive")
+    _need(t.eval_every >= 1, "train.eval_every", "must be positive")
+    _need(t.schedule != "paper" or 0 < t.weight_decay_drop_step < t.steps,
+          "train.weight_decay_drop_step", "must lie inside (0, train.steps) for the paper schedule")
+
+    _need(0 <= e.icl_early_index < e.icl_late_index, "eval.icl_early_index",
+          f"({e.icl_early_index}) must be >= 0 and below eval.icl_late_index ({e.icl_late_index})")
+    _need(e.icl_late_index < m.context, "model.context",
+          f"({m.context}) must be longer than eval.icl_late_index ({e.icl_late_index})")
+    probe_len = 1 + e.probe_tokens * e.probe_repeats
+    _need(e.probe_repeats >= 2, "eval.probe_repeats", "must be at least 2")
+    _need(e.probe_tokens >= 1, "eval.probe_tokens", "must be positive")
+    _need(probe_len <= m.context, "eval.probe_tokens",
+          f"x eval.probe_repeats + 1 ({probe_len}) must fit in model.context ({m.context})")
+    _need(0 <= e.probe_exclude_frac < 0.5, "eval.probe_exclude_frac", "must be in [0, 0.5)")
+    usable = m.vocab_size - 2 * int(e.probe_exclude_frac * m.vocab_size) - 1
+    _need(e.probe_tokens <= usable, "eval.probe_tokens",
+          f"({e.probe_tokens}) needs that many distinct probe tokens; the vocabulary leaves {usable}")
+    _need(0 <= e.bos_token < m.vocab_size, "eval.bos_token", "must be a token of the vocabulary")
+    _need(e.n_examples >= 1, "eval.n_examples", "must be positive")
+    _need(e.probe_sequences >= 1, "eval.probe_sequences", "must be positive")
+
+    _need(c.every >= 1, "checkpoint.every", f"must be positive, got {c.every}")
+    _need(c.log_spaced >= 0, "checkpoint.log_spaced", "must be >= 0")
+    _need(c.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 keeps all)")
+    return config

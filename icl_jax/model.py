@@ -1,0 +1,172 @@
+"""The transformer of Olsson et al. (2022), in the notation of the paper.
+
+Shapes in names: B batch, T time (query), S time (key), D d_model, H heads,
+K d_head, V vocabulary, L layers, F d_mlp.
+
+Every head's weights sit under their paper names in the parameter tree:
+params["block_1"]["attn"]["W_Q"] is [H, D, K] (TransformerLens layout), W_O is
+[H, K, D]. The model is a pure function of (params, tokens) and, for the
+interpretability measurements, of three optional interventions:
+
+- head_mask [L, H]: 1 keeps a head's output, 0 replaces it with head_fill;
+- head_fill [L, T, H, K] (or broadcastable): what a masked head writes instead
+  of its z (0 for zero ablation, a dataset mean for mean ablation);
+- patterns [B, L, H, T, S]: attention patterns to use instead of the computed
+  ones (pattern-preserving ablation freezes them at a clean run's values).
+
+It returns (logits [B, T, V], cache) where cache holds "attention"
+[B, L, H, T, S] and "z" [B, L, T, H, K]; under jit, what is not used is not
+computed.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def smear(k_BSHK, alpha_H):
+    """Smeared keys: k_j <- s k_j + (1 - s) k_{j-1}, s = sigmoid(alpha_h); k_0 unchanged."""
+    s_H = jax.nn.sigmoid(alpha_H).astype(k_BSHK.dtype)[:, None]
+    k_prev = jnp.concatenate([k_BSHK[:, :1], k_BSHK[:, :-1]], axis=1)
+    smeared = s_H * k_BSHK + (1 - s_H) * k_prev
+    return smeared.at[:, 0].set(k_BSHK[:, 0])
+
+
+class Attention(nn.Module):
+    n_heads: int
+    d_head: int
+    smear_keys: bool = False
+    smear_init: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD, qk_in_BTD, mask_H, fill_THK, pattern_BHTS):
+        D, H, K = x_BTD.shape[-1], self.n_heads, self.d_head
+        w_init = nn.initializers.normal(1.0 / math.sqrt(D))
+        o_init = nn.initializers.normal(1.0 / math.sqrt(H * K))
+        W_Q = self.param("W_Q", w_init, (H, D, K))
+        W_K = self.param("W_K", w_init, (H, D, K))
+        W_V = self.param("W_V", w_init, (H, D, K))
+        W_O = self.param("W_O", o_init, (H, K, D))
+        b_Q = self.param("b_Q", nn.initializers.zeros, (H, K))
+        b_K = self.param("b_K", nn.initializers.zeros, (H, K))
+        b_V = self.param("b_V", nn.initializers.zeros, (H, K))
+        b_O = self.param("b_O", nn.initializers.zeros, (D,))
+        c = lambda a: a.astype(self.dtype)
+
+        q_BTHK = jnp.einsum("btd,hdk->bthk", c(qk_in_BTD), c(W_Q)) + c(b_Q)
+        k_BSHK = jnp.einsum("bsd,hdk->bshk", c(qk_in_BTD), c(W_K)) + c(b_K)
+        v_BSHK = jnp.einsum("bsd,hdk->bshk", c(x_BTD), c(W_V)) + c(b_V)
+        if self.smear_keys:
+            alpha_H = self.param("smear", nn.initializers.constant(self.smear_init), (H,))
+            k_BSHK = smear(k_BSHK, alpha_H)
+
+        T = x_BTD.shape[1]
+        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / math.sqrt(K)
+        causal_TS = jnp.tril(jnp.ones((T, T), bool))
+        scores_BHTS = jnp.where(causal_TS, scores_BHTS.astype(jnp.float32), -1e30)
+        computed_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+        pattern = computed_BHTS if pattern_BHTS is None else pattern_BHTS
+
+        z_BTHK = jnp.einsum("bhts,bshk->bthk", c(pattern), v_BSHK)
+        if mask_H is not None:
+            m_H1 = c(mask_H)[:, None]
+            fill = 0.0 if fill_THK is None else c(fill_THK)
+            z_used = m_H1 * z_BTHK + (1 - m_H1) * fill
+        else:
+            z_used = z_BTHK
+        out_BTD = jnp.einsum("bthk,hkd->btd", z_used, c(W_O)) + c(b_O)
+        return out_BTD, computed_BHTS, z_BTHK
+
+
+class MLP(nn.Module):
+    d_mlp: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        D = x_BTD.shape[-1]
+        h_BTF = nn.Dense(self.d_mlp, dtype=self.dtype, name="W_in",
+                         kernel_init=nn.initializers.normal(1.0 / math.sqrt(D)))(x_BTD)
+        return nn.Dense(D, dtype=self.dtype, name="W_out",
+                        kernel_init=nn.initializers.normal(1.0 / math.sqrt(self.d_mlp)))(
+                            jax.nn.gelu(h_BTF))
+
+
+class Block(nn.Module):
+    cfg: dict
+
+    @nn.compact
+    def __call__(self, x_BTD, pos_TD, mask_H, fill_THK, pattern_BHTS):
+        cfg = self.cfg
+        dtype = DTYPES[cfg["dtype"]]
+        ln = (lambda name: nn.LayerNorm(name=name, dtype=dtype)) if cfg["layer_norm"] else (
+            lambda name: (lambda a: a))
+        h_BTD = ln("ln_attn")(x_BTD)
+        # Shortformer: positions enter only the query and key inputs.
+        qk_in = h_BTD + pos_TD if cfg["positions"] == "shortformer" else h_BTD
+        attn_out, pattern, z = Attention(cfg["n_heads"], cfg["d_head"], cfg["smear_keys"],
+                                         cfg["smear_init"], dtype, name="attn")(
+            h_BTD, qk_in, mask_H, fill_THK, pattern_BHTS)
+        x_BTD = x_BTD + attn_out
+        if cfg["mlp"]:
+            x_BTD = x_BTD + MLP(cfg["d_mlp"], dtype, name="mlp")(ln("ln_mlp")(x_BTD))
+        return x_BTD, pattern, z
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer; cfg is the `model` section of a config, as a dict."""
+    cfg: dict
+
+    @nn.compact
+    def __call__(self, tokens_BT, head_mask=None, head_fill=None, patterns=None):
+        cfg = self.cfg
+        dtype = DTYPES[cfg["dtype"]]
+        V, D, T = cfg["vocab_size"], cfg["d_model"], tokens_BT.shape[1]
+        W_E = self.param("W_E", nn.initializers.normal(1.0), (V, D))
+        W_pos = self.param("W_pos", nn.initializers.normal(cfg["pos_init_std"]),
+                           (cfg["context"], D))
+        x_BTD = W_E[tokens_BT].astype(dtype)
+        pos_TD = W_pos[:T].astype(dtype)
+        if cfg["positions"] == "residual":
+            x_BTD = x_BTD + pos_TD
+
+        patterns_out, zs = [], []
+        for layer in range(cfg["n_layers"]):
+            x_BTD, pattern, z = Block(cfg, name=f"block_{layer}")(
+                x_BTD, pos_TD,
+                None if head_mask is None else head_mask[layer],
+                None if head_fill is None else head_fill[layer],
+                None if patterns is None else patterns[:, layer])
+            patterns_out.append(pattern)
+            zs.append(z)
+        if cfg["layer_norm"]:
+            x_BTD = nn.LayerNorm(name="ln_final", dtype=dtype)(x_BTD)
+        W_U = self.param("W_U", nn.initializers.normal(1.0 / math.sqrt(D)), (D, V))
+        b_U = self.param("b_U", nn.initializers.zeros, (V,))
+        logits_BTV = (jnp.einsum("btd,dv->btv", x_BTD, W_U.astype(dtype)) + b_U).astype(jnp.float32)
+        cache = {"attention": jnp.stack(patterns_out, axis=1), "z": jnp.stack(zs, axis=1)}
+        return logits_BTV, cache
+
+
+def make_model(model_config) -> Transformer:
+    """Builds the module from a validated `model` config section."""
+    cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    return Transformer(cfg)
+
+
+def init_params(model: Transformer, rng):
+    tokens = jnp.zeros((1, model.cfg["context"]), jnp.int32)
+    return model.init(rng, tokens)["params"]
+
+
+def loss_by_position(model, params, tokens_BT1, **interventions):
+    """Cross-entropy [B, T] of predicting tokens[:, 1:] from tokens[:, :-1]."""
+    logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1], **interventions)
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    return -jnp.take_along_axis(logp_BTV, tokens_BT1[:, 1:, None], axis=-1)[..., 0]

@@ -1,0 +1,380 @@
+"""train_and_evaluate(config, workdir): the training step and the loop.
+
+The step is written per device, as a pmap would be (gradients averaged over the
+named 'data' axis), and mapped with jax.shard_map over every device of every
+host inside one jax.jit. The batch of step s is a pure function of (seed, s),
+so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from icl_jax import checkpoints, config as config_lib, data as data_lib, scores
+from icl_jax.model import init_params, loss_by_position, make_model
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (divergence, a workdir of another run); the message says why."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_schedules(t):
+    """(learning-rate schedule, weight-decay schedule) of the `train` config section."""
+    warmup = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
+    if t.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(t.lr, max(t.steps - t.warmup_steps, 1), alpha=0.1)
+    else:
+        decay = optax.constant_schedule(t.lr)
+    lr = optax.join_schedules([warmup, decay], [t.warmup_steps]) if t.warmup_steps else decay
+    if t.schedule == "paper":  # warm-up, then weight decay lowered at a given step
+        wd = optax.join_schedules([optax.constant_schedule(t.weight_decay),
+                                   optax.constant_schedule(t.weight_decay_after)],
+                                  [t.weight_decay_drop_step])
+    else:
+        wd = optax.constant_schedule(t.weight_decay)
+    return lr, wd
+
+
+def make_optimizer(t):
+    lr, wd = make_schedules(t)
+    adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=wd,
+                        # no decay on biases, LayerNorm and smear scalars
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if t.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+    return adamw
+
+
+# ----------------------------------------------------------------------------- step
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def make_train_step(model, tx, mesh: Mesh):
+    """jit(shard_map(per-device step)): state replicated, batch split over 'data'."""
+
+    def per_device_step(state, tokens_BT1):
+        def loss_fn(params):
+            return loss_by_position(model, params, tokens_BT1).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        grads = jax.lax.pmean(grads, "data")
+        loss = jax.lax.pmean(loss, "data")
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P("data")),
+                            out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def make_eval_fn(model, e):
+    """Eval metrics of one params tree: loss, ICL score, prefix matching per head."""
+
+    def evaluate(params, eval_BT1, probe_BT):
+        losses_T = scores.mean_loss_by_position(model, params, eval_BT1)
+        pm_LH = scores.prefix_matching(model, params, probe_BT, e.probe_tokens)
+        return {"eval_loss": losses_T.mean(),
+                "icl_score": scores.icl_score_from_losses(losses_T, e.icl_early_index,
+                                                          e.icl_late_index),
+                "prefix_matching": pm_LH}
+
+    return jax.jit(evaluate)
+
+
+def init_state(model, tx, seed: int):
+    params = init_params(model, jax.random.key(seed))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def global_array(x: np.ndarray, mesh: Mesh, spec: P, global_shape=None):
+    """This host's rows (or the whole array, when replicated) as one global jax.Array."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, global_shape)
+
+
+def host_rows(batch_size: int) -> slice:
+    """This host's share of every global batch."""
+    n, i = jax.process_count(), jax.process_index()
+    per = batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
+def fetch(x):
+    """A replicated jax.Array (or tree) as numpy, on any host."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), x)
+
+
+# ----------------------------------------------------------------------------- workdir
+
+def prepare_workdir(config, workdir: str, overwrite: bool):
+    """Writes config.json, or checks it against the saved one; refuses a different run."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json(indent=2, sort_keys=True)
+    if os.path.exists(path) and not overwrite:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != json.loads(text):
+            changed = _diff(saved, json.loads(text))
+            raise TrainingError(f"workdir {workdir!r} holds a run of a different config "
+                                f"({', '.join(changed[:5])}); pass --overwrite to replace it "
+                                "or choose another --workdir")
+    elif overwrite and os.path.exists(os.path.join(workdir, "snapshots")):
+        import shutil
+        shutil.rmtree(os.path.join(workdir, "snapshots"))
+        for name in ("metrics.jsonl",):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.remove(os.path.join(workdir, name))
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def _diff(a, b, prefix=""):
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], prefix + k + ".")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl, trimmed on resume so no step appears twice."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        kept = [r for r in checkpoints.read_metrics(workdir) if r["step"] <= resume_step]
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(self.path + ".tmp", self.path)
+            self.file = open(self.path, "a")
+
+    def write(self, record: dict):
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+
+
+class Progress:
+    """One line redrawn in place on a terminal; a log line every so often otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and jax.process_index() == 0
+        self.tty = sys.stderr.isatty()
+        self.last_print = 0.0
+
+    def update(self, step: int, record: dict):
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{self.total}", f"loss {record['train_loss']:.3f}",
+                 f"{record['tokens_per_s']:,.0f} tok/s"]
+        if "icl_score" in record:
+            parts += [f"icl {record['icl_score']:+.3f}",
+                      f"prefix-match {record['prefix_matching_max']:.2f}"]
+        frac = step / self.total
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = f"[{bar}] " + "  ".join(parts)
+        if self.tty:
+            sys.stderr.write("\r" + line + " " * 4)
+            sys.stderr.flush()
+        elif "icl_score" in record or time.time() - self.last_print > 30 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+            self.last_print = time.time()
+
+    def close(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop saves a snapshot at the current step and exits."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
+                       progress: bool = True, stop_after: int | None = None) -> dict:
+    """Trains the model `config` describes, writing snapshots and metrics to `workdir`.
+
+    Resumes from the newest snapshot in `workdir`. `stop_after` ends this call at
+    that step with a snapshot, as a preemption would (for time-boxed jobs and tests).
+    Returns the last metrics record.
+    """
+    config_lib.validate(config)
+    t, e, ck = config.train, config.eval, config.checkpoint
+    n_dev = jax.device_count()
+    if t.batch_size % n_dev:
+        raise config_lib.ConfigError(f"config field 'train.batch_size' ({t.batch_size}) must "
+                                     f"be a multiple of the device count ({n_dev})")
+
+    # --- data: fails on a bad path or vocabulary before anything compiles
+    source = data_lib.make_source(config, workdir)
+    prepare_workdir(config, workdir, overwrite)
+    seq_len = config.model.context + 1
+    eval_BT1 = source.eval_set(e.n_examples, seq_len)
+    probe_BT = scores.make_probe(source.token_frequencies(), e.probe_tokens, e.probe_repeats,
+                                 e.probe_sequences, e.probe_exclude_frac, e.bos_token, config.seed)
+
+    # --- model, optimizer, mesh
+    model = make_model(config.model)
+    tx = make_optimizer(t)
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    train_step = make_train_step(model, tx, mesh)
+    evaluate = make_eval_fn(model, e)
+    eval_BT1 = global_array(eval_BT1, mesh, P())
+    probe_BT = global_array(probe_BT, mesh, P())
+
+    # --- state: restore the newest snapshot, or start fresh
+    store = checkpoints.Store(workdir, ck.max_to_keep, ck.async_save)
+    abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            abstract)
+    start = store.latest()
+    if start is None:
+        state = jax.jit(lambda: init_state(model, tx, config.seed), out_shardings=replicated)()
+        start = 0
+    else:
+        state = store.restore(start, abstract)
+        if jax.process_index() == 0 and progress:
+            print(f"resuming {workdir} from step {start}", file=sys.stderr)
+    schedule = set(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
+    config_dict = config.to_dict()
+
+    # --- compile once, ahead of time, and say how much memory the step needs
+    rows = host_rows(t.batch_size)
+    batch_spec = (t.batch_size, seq_len)
+
+    def get_batch(step):
+        local = source.batch(step, t.batch_size, seq_len, rows)
+        return global_array(local, mesh, P("data"), batch_spec)
+
+    compiled = train_step.lower(state, get_batch(start)).compile()
+    if progress and jax.process_index() == 0:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                     + mem.temp_size_in_bytes) / 2**20
+            print(f"compiled train step: {total:.1f} MiB per device "
+                  f"({n_dev} device(s), {jax.process_count()} process(es))", file=sys.stderr)
+
+    log = MetricsLog(workdir, start)
+    bar = Progress(t.steps, progress)
+    tokens_per_step = t.batch_size * config.model.context
+
+    def eval_record(step, params):
+        out = fetch(evaluate(params, eval_BT1, probe_BT))
+        pm = out["prefix_matching"]
+        return {"eval_loss": float(out["eval_loss"]), "icl_score": float(out["icl_score"]),
+                "prefix_matching_max": float(pm.max()),
+                "prefix_matching_last_layer_max": float(pm[-1].max()),
+                "prefix_matching": pm.round(4).tolist()}
+
+    if start == 0:
+        if 0 in schedule:
+            store.save(0, state, config_dict)
+        record = {"step": 0, "tokens": 0, "train_loss": float("nan"), "tokens_per_s": 0.0,
+                  **eval_record(0, state["params"])}
+        log.write({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                   for k, v in record.items()})
+
+    # --- loop: dispatch step s+1 before reading step s's metrics, so the device never waits
+    record = {}
+    step = start
+    pending = None
+    t_last, step_last = time.perf_counter(), start
+    stop = _StopSignal()
+    try:
+        stop.__enter__()
+        while step < t.steps:
+            batch = get_batch(step)
+            state, metrics = compiled(state, batch)
+            step += 1
+            if stop_after is not None and step >= stop_after and step < t.steps:
+                stop.received = stop.received or f"stop_after={stop_after}"
+            if pending is not None:
+                record = _finish(*pending, log, bar)
+            pending = None
+            is_log = (step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps
+                      or step in schedule)
+            if is_log or stop.received:
+                now = time.perf_counter()
+                rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                rec = {"step": step, "tokens": step * tokens_per_step, "tokens_per_s": rate}
+                if step % t.eval_every == 0 or step == t.steps:
+                    rec.update(eval_record(step, state["params"]))
+                pending = (rec, metrics)
+            if step in schedule or stop.received:
+                if pending is not None:  # a snapshot's metrics must be checked before it is kept
+                    record = _finish(*pending, log, bar)
+                    pending = None
+                store.save(step, state, config_dict, force=True)
+            if stop.received:
+                break
+        if pending is not None:
+            record = _finish(*pending, log, bar)
+    finally:
+        stop.__exit__()
+        store.close()  # always wait for the last asynchronous save
+        log.close()
+        bar.close()
+    if stop.received and progress:
+        print(f"\nreceived {stop.received} at step {step}: snapshot saved; run the same "
+              f"command again to resume from step {step}", file=sys.stderr)
+    return record
+
+
+def _finish(record, metrics, log, bar):
+    m = fetch(metrics)
+    record = {**record, "train_loss": float(m["train_loss"]), "grad_norm": float(m["grad_norm"])}
+    if not np.isfinite(record["train_loss"]) or not np.isfinite(record["grad_norm"]):
+        raise TrainingError(f"training diverged at step {record['step']}: loss "
+                            f"{record['train_loss']}, gradient norm {record['grad_norm']}; "
+                            "the snapshots before it are kept")
+    log.write(record)
+    bar.update(record["step"], record)
+    return record

@@ -1,0 +1,31 @@
+"""Every test process sees 4 CPU devices, so data-parallel code runs as on a real mesh."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(arg="layers=2", **overrides):
+    """The small config shrunk so that a run takes a second or two."""
+    from icl_jax import config as config_lib
+    cfg = config_lib.load(os.path.join(ROOT, "configs", "small.py") + ":" + arg)
+    defaults = {"model.d_model": "32", "model.n_heads": "2", "model.context": "32",
+                "model.vocab_size": "32", "train.steps": "12", "train.batch_size": "8",
+                "train.log_every": "2", "train.eval_every": "4", "eval.n_examples": "8",
+                "eval.icl_early_index": "2", "eval.icl_late_index": "20",
+                "eval.probe_tokens": "7", "eval.probe_sequences": "2",
+                "data.segment_len_min": "3", "data.segment_len_max": "8",
+                "checkpoint.every": "4", "checkpoint.log_spaced": "2"}
+    defaults.update({k: str(v) for k, v in overrides.items()})
+    config_lib.override(cfg, defaults)
+    return config_lib.validate(cfg)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

@@ -1,0 +1,106 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_jax.model import init_params, loss_by_position, make_model, smear
+from conftest import tiny_config
+
+
+def _model(arg="layers=2", **kw):
+    cfg = tiny_config(arg, **kw)
+    model = make_model(cfg.model)
+    return cfg, model, init_params(model, jax.random.key(1))
+
+
+@pytest.mark.parametrize("arg", ["layers=2", "layers=1,smear=true", "layers=3,mlp=true,layer_norm=true",
+                                 "layers=2,positions=residual"])
+def test_causal_later_tokens_never_change_earlier_logits(arg):
+    cfg, model, params = _model(arg)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 32, (2, 32))
+    b = a.copy()
+    b[:, 20:] = rng.integers(0, 32, (2, 12))
+    la, ca = model.apply({"params": params}, a)
+    lb, cb = model.apply({"params": params}, b)
+    np.testing.assert_allclose(la[:, :20], lb[:, :20], atol=1e-5)
+    assert not np.allclose(la[:, 20:], lb[:, 20:])
+    np.testing.assert_allclose(ca["attention"][:, :, :, :20], cb["attention"][:, :, :, :20], atol=1e-6)
+
+
+def test_attention_shape_is_batch_layer_head_query_key_and_rows_sum_to_one():
+    cfg, model, params = _model("layers=3")
+    _, cache = model.apply({"params": params}, jnp.zeros((2, 17), jnp.int32))
+    att = np.asarray(cache["attention"])
+    assert att.shape == (2, 3, 2, 17, 17)
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(att, k=1) == 0)  # no attention to the future
+
+
+def test_each_head_weights_are_found_by_paper_name():
+    cfg, model, params = _model("layers=2,smear=true")
+    attn = params["block_1"]["attn"]
+    assert attn["W_Q"].shape == (2, 32, 16) and attn["W_O"].shape == (2, 16, 32)
+    assert attn["smear"].shape == (2,)
+    assert params["W_E"].shape == (32, 32) and params["W_U"].shape == (32, 32)
+
+
+def test_smeared_keys_equal_a_hand_computation():
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(2, 6, 3, 4)).astype(np.float32)
+    alpha = np.array([-1.0, 0.0, 2.0], np.float32)
+    expected = k.copy()
+    s = 1 / (1 + np.exp(-alpha))
+    for j in range(1, 6):
+        for h in range(3):
+            expected[:, j, h] = s[h] * k[:, j, h] + (1 - s[h]) * k[:, j - 1, h]
+    np.testing.assert_allclose(smear(jnp.asarray(k), jnp.asarray(alpha)), expected, rtol=1e-5)
+
+
+def test_smeared_keys_inside_the_model_follow_the_formula():
+    """A 1-layer model whose smear parameter is pushed to +inf equals the vanilla model."""
+    cfg, vanilla, params = _model("layers=1")
+    _, smeared, sparams = _model("layers=1,smear=true")
+    sparams = jax.tree.map(lambda x: x, sparams)
+    for key in params:
+        if key != "block_0":
+            sparams[key] = params[key]
+    sparams["block_0"]["attn"] = dict(params["block_0"]["attn"], smear=jnp.full((2,), 50.0))
+    tokens = jnp.arange(32)[None] % 7
+    np.testing.assert_allclose(vanilla.apply({"params": params}, tokens)[0],
+                               smeared.apply({"params": sparams}, tokens)[0], atol=1e-5)
+    sparams["block_0"]["attn"]["smear"] = jnp.zeros((2,))
+    assert not np.allclose(vanilla.apply({"params": params}, tokens)[0],
+                           smeared.apply({"params": sparams}, tokens)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("arg", ["layers=2", "layers=2,mlp=true,layer_norm=true"])
+def test_shortformer_positions_reach_only_queries_and_keys(arg):
+    """With W_Q = W_K = 0 no logit may depend on the position table."""
+    cfg, model, params = _model(arg)
+    for layer in range(2):
+        attn = params[f"block_{layer}"]["attn"]
+        attn["W_Q"] = jnp.zeros_like(attn["W_Q"])
+        attn["W_K"] = jnp.zeros_like(attn["W_K"])
+    tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 32)
+    a = model.apply({"params": params}, tokens)[0]
+    params["W_pos"] = jax.random.normal(jax.random.key(3), params["W_pos"].shape) * 5
+    b = model.apply({"params": params}, tokens)[0]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_residual_positions_do_reach_the_logits():
+    cfg, model, params = _model("layers=1,positions=residual")
+    tokens = jnp.zeros((1, 32), jnp.int32)
+    a = model.apply({"params": params}, tokens)[0]
+    params["W_pos"] = params["W_pos"] * 2
+    assert not np.allclose(a, model.apply({"params": params}, tokens)[0])
+
+
+def test_loss_by_position_is_cross_entropy_of_the_next_token():
+    cfg, model, params = _model("layers=1")
+    tokens = jax.random.randint(jax.random.key(0), (2, 33), 0, 32)
+    logits, _ = model.apply({"params": params}, tokens[:, :-1])
+    p = jax.nn.softmax(np.asarray(logits, np.float64), -1)
+    expected = -np.log(np.take_along_axis(np.asarray(p), np.asarray(tokens[:, 1:, None]), -1)[..., 0])
+    np.testing.assert_allclose(loss_by_position(model, params, tokens), expected, rtol=1e-4)

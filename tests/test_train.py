@@ -1,0 +1,183 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from icl_jax import checkpoints, data, train
+from icl_jax.model import make_model
+from conftest import ROOT, tiny_config
+
+
+def _setup(cfg, devices):
+    model = make_model(cfg.model)
+    tx = train.make_optimizer(cfg.train)
+    mesh = train.make_mesh(devices)
+    state = jax.device_put(train.init_state(model, tx, cfg.seed),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step = train.make_train_step(model, tx, mesh)
+    source = data.make_source(cfg)
+    batch = source.batch(0, cfg.train.batch_size, cfg.model.context + 1)
+    return mesh, state, step, batch
+
+
+def test_four_fake_devices_exist():
+    assert jax.device_count() == 4
+
+
+def test_data_parallel_step_on_4_devices_equals_1_device():
+    cfg = tiny_config()
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh, state, step, batch = _setup(cfg, devices)
+        for s in range(3):
+            b = train.global_array(batch if s == 0 else batch[::-1].copy(), mesh,
+                                   jax.sharding.PartitionSpec("data"))
+            state, metrics = step(state, b)
+        results.append((jax.device_get(state["params"]), float(metrics["train_loss"])))
+    (p1, l1), (p4, l4) = results
+    assert l1 == pytest.approx(l4, rel=1e-5)
+    # Adam turns float noise in near-zero gradients (b_K's is zero in exact arithmetic)
+    # into updates of a few 1e-6; a real mismatch would move params by ~lr = 1e-3.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p1, p4)
+
+
+def test_train_step_compiles_once():
+    cfg = tiny_config()
+    mesh, state, step, batch = _setup(cfg, jax.devices())
+    for s in range(4):
+        b = train.global_array(batch, mesh, jax.sharding.PartitionSpec("data"))
+        state, _ = step(state, b)
+    assert step._cache_size() == 1
+
+
+def test_paper_schedule_drops_weight_decay_at_the_given_step():
+    cfg = tiny_config(**{"train.schedule": "paper", "train.weight_decay_drop_step": 6,
+                         "train.weight_decay": 0.1, "train.weight_decay_after": 0.01,
+                         "train.warmup_steps": 4})
+    lr, wd = train.make_schedules(cfg.train)
+    assert float(lr(0)) == 0 and float(lr(2)) == pytest.approx(cfg.train.lr / 2)
+    assert float(lr(4)) == pytest.approx(cfg.train.lr)
+    assert float(wd(5)) == pytest.approx(0.1) and float(wd(6)) == pytest.approx(0.01)
+
+
+def test_cosine_schedule_decays():
+    cfg = tiny_config(**{"train.schedule": "cosine", "train.warmup_steps": 2})
+    lr, _ = train.make_schedules(cfg.train)
+    assert float(lr(2)) == pytest.approx(cfg.train.lr)
+    assert float(lr(12)) == pytest.approx(cfg.train.lr * 0.1, rel=1e-3)
+
+
+def test_snapshot_schedule_is_dense_early_and_regular_after():
+    steps = checkpoints.snapshot_steps(1000, every=100, log_spaced=5)
+    assert steps[0] == 0 and steps[-1] == 1000
+    assert {100, 200, 900}.issubset(steps)
+    assert len([s for s in steps if 0 < s < 100]) >= 3
+
+
+def test_save_restore_round_trip(tmp_path):
+    cfg = tiny_config()
+    model = make_model(cfg.model)
+    tx = train.make_optimizer(cfg.train)
+    state = train.init_state(model, tx, 3)
+    store = checkpoints.Store(str(tmp_path))
+    store.save(7, state, cfg.to_dict())
+    store.close()
+    store = checkpoints.Store(str(tmp_path))
+    assert store.steps() == [7]
+    restored = store.restore(7, jax.eval_shape(lambda: state))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 state, restored)
+    store.close()
+
+
+def test_training_writes_metrics_snapshots_and_config(tmp_path):
+    cfg = tiny_config()
+    record = train.train_and_evaluate(cfg, str(tmp_path), progress=False)
+    assert record["step"] == 12 and np.isfinite(record["train_loss"])
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["model"]["n_layers"] == 2
+    metrics = checkpoints.read_metrics(str(tmp_path))
+    steps = [r["step"] for r in metrics]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 12
+    for r in metrics[1:]:
+        assert {"step", "tokens", "train_loss", "tokens_per_s"} <= set(r)
+    evals = [r for r in metrics if "icl_score" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert all(0 <= r["prefix_matching_max"] <= 1 for r in evals)
+    assert np.array(evals[-1]["prefix_matching"]).shape == (2, 2)
+    run = checkpoints.Run(str(tmp_path))
+    assert run.steps == checkpoints.snapshot_steps(12, 4, 2)
+
+
+def test_stopped_and_resumed_run_equals_straight_run(tmp_path):
+    cfg = tiny_config()
+    train.train_and_evaluate(cfg, str(tmp_path / "straight"), progress=False)
+    train.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False, stop_after=5)
+    assert checkpoints.Run(str(tmp_path / "resumed")).steps[-1] == 5
+    train.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
+    a = checkpoints.Run(str(tmp_path / "straight")).params(12)
+    b = checkpoints.Run(str(tmp_path / "resumed")).params(12)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+    steps = [r["step"] for r in checkpoints.read_metrics(str(tmp_path / "resumed"))]
+    assert len(steps) == len(set(steps)) and steps[-1] == 12
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    train.train_and_evaluate(tiny_config(), str(tmp_path), progress=False, stop_after=2)
+    other = tiny_config(**{"train.lr": 3e-3})
+    with pytest.raises(train.TrainingError, match="train.lr"):
+        train.train_and_evaluate(other, str(tmp_path), progress=False)
+    train.train_and_evaluate(other, str(tmp_path), progress=False, overwrite=True, stop_after=2)
+    assert json.load(open(tmp_path / "config.json"))["train"]["lr"] == 3e-3
+
+
+def test_run_api_forward_matches_the_model(tmp_path):
+    cfg = tiny_config()
+    train.train_and_evaluate(cfg, str(tmp_path), progress=False)
+    run = checkpoints.Run(str(tmp_path))
+    assert run.config.model.n_layers == 2 and run.metrics[-1]["step"] == 12
+    tokens = np.arange(20) % 5
+    logits, attention = run.forward(tokens)
+    assert logits.shape == (1, 20, 32) and attention.shape == (1, 2, 2, 20, 20)
+    expected, _ = run.model.apply({"params": run.params(12)}, tokens[None])
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    with pytest.raises(KeyError, match="no snapshot at step 3"):
+        run.params(3)
+
+
+def _cli(*args, cwd=ROOT):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "icl_jax", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_trains_two_steps_end_to_end(tmp_path):
+    out = _cli("train", "--config", "configs/small.py:layers=1", "--workdir", str(tmp_path),
+               "--config.train.steps=2", "--config.model.d_model=16", "--config.eval.n_examples=4",
+               "--config.train.batch_size", "4")
+    assert out.returncode == 0, out.stderr
+    assert "final: step 2" in out.stdout
+    assert (tmp_path / "snapshots" / "2").is_dir()
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--config.train.steps=0"], "train.steps"),
+    (["--config.train.stepz=5"], "train.stepz"),
+    (["--config.model.n_heads=3"], "model.d_model"),
+    (["--config.model.context=40"], "model.context"),
+    (["--config.data.name=pystdlib"], "model.vocab_size"),
+    (["--config.data.name=files", "--config.data.path=/nonexistent/x.txt",
+      "--config.model.vocab_size=256"], "/nonexistent/x.txt"),
+])
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, field):
+    out = _cli("train", "--workdir", str(tmp_path / "w"), *args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error:") and field in out.stderr
+    assert not (tmp_path / "w" / "snapshots").exists()
