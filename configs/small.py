@@ -78,6 +78,7 @@ def get_config(arg=None):
         b2=0.98,
         log_every=50,
         eval_every=250,
+        skip_nonfinite=False,  # True: drop steps with a NaN/Inf loss or gradient, counted
     ))
 
     c.eval = ml_collections.ConfigDict(dict(

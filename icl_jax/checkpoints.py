@@ -5,8 +5,10 @@ snapshot carrying the train state and the config that made it.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -56,6 +58,41 @@ class Store:
             state=ocp.args.StandardRestore(abstract_state)))
         return out["state"]
 
+    def restore_newest(self, abstract_state):
+        """(step, state) of the newest snapshot that restores, or (None, None) if none exist.
+
+        Snapshots newer than it that fail to restore (a truncated or missing file) are
+        moved aside to <workdir>/corrupt_snapshots/, never overwritten, with a warning.
+        If no snapshot restores, that is an error, not a fresh start.
+        """
+        failed = []
+        for step in reversed(self.steps()):
+            try:
+                state = self.restore(step, abstract_state)
+            except Exception as e:  # orbax raises many kinds for damaged files
+                failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                continue
+            for bad, why in failed:
+                moved = self.quarantine(bad)
+                print(f"warning: snapshot {bad} could not be restored ({why}); moved to "
+                      f"{moved}; resuming from step {step}", file=sys.stderr)
+            return step, state
+        if failed:
+            raise RuntimeError(f"no snapshot in {self.directory} could be restored; newest: "
+                               f"step {failed[0][0]} ({failed[0][1]})")
+        return None, None
+
+    def quarantine(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst_dir = os.path.join(os.path.dirname(self.directory), "corrupt_snapshots")
+        os.makedirs(dst_dir, exist_ok=True)
+        dst, n = os.path.join(dst_dir, str(step)), 1
+        while os.path.exists(dst):
+            dst, n = os.path.join(dst_dir, f"{step}.{n}"), n + 1
+        os.rename(src, dst)
+        self.manager.reload()
+        return dst
+
     def restore_params(self, step: int, abstract_params):
         """Only the params of a snapshot (no optimizer state), e.g. for scoring."""
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -71,6 +108,30 @@ class Store:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir, so two train processes never write to one run."""
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise BlockingIOError(f"workdir {workdir!r} is being written by another train "
+                                  f"process (pid {holder}); wait for it or stop it") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -40,6 +40,20 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of a different config in --workdir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("analyze", help="score every snapshot; phase change, PCA, figures, report")
+    p.add_argument("--workdir", required=True, nargs="+", help="one or more training runs")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <workdir>/analysis, or <common parent>/analysis)")
+    p.add_argument("--chunk", type=int, default=16, help="snapshots scored at once")
+    p.add_argument("--ablation", default="pattern", choices=("pattern", "zero", "mean"),
+                   help="how heads are ablated for their ICL attribution")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("export", help="one snapshot as .npz in TransformerLens naming")
+    p.add_argument("--workdir", required=True, help="a training run")
+    p.add_argument("--step", type=int, default=None, help="snapshot step (default: newest)")
+    p.add_argument("--out", required=True, help="the .npz file to write")
     return parser
 
 
@@ -62,7 +76,28 @@ def cmd_train(args, overrides):
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_analyze(args, overrides):
+    from icl_jax import analysis
+    if args.chunk < 1:
+        print(f"error: --chunk must be a positive number of snapshots, got {args.chunk}",
+              file=sys.stderr)
+        return 2
+    result = analysis.analyze(args.workdir, out=args.out, chunk=args.chunk,
+                              ablation=args.ablation, progress=not args.quiet)
+    for row in analysis.headline(result):
+        print(f"{row['run']}: ICL {row['ICL score (last)']:+.3f}; phase change: "
+              f"{row['phase change']}; induction heads: {row['induction heads']}")
+    print(f"report: {result['out']}/report.html")
+    return 0
+
+
+def cmd_export(args, overrides):
+    from icl_jax import export
+    print(export.export(args.workdir, args.step, args.out))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "analyze": cmd_analyze, "export": cmd_export}
 
 
 def main(argv=None):
@@ -74,7 +109,8 @@ def main(argv=None):
     from icl_jax.train import TrainingError
     try:
         return COMMANDS[args.command](args, overrides)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, BlockingIOError,
+            KeyError) as e:
         message = e.args[0] if e.args else str(e)
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -95,7 +95,7 @@ SCHEMA = {
     "train": {"steps": int, "batch_size": int, "lr": float, "schedule": str,
               "warmup_steps": int, "weight_decay": float, "weight_decay_drop_step": int,
               "weight_decay_after": float, "grad_clip": float, "b1": float, "b2": float,
-              "log_every": int, "eval_every": int},
+              "log_every": int, "eval_every": int, "skip_nonfinite": bool},
     "eval": {"n_examples": int, "icl_early_index": int, "icl_late_index": int,
              "probe_tokens": int, "probe_repeats": int, "probe_sequences": int,
              "probe_exclude_frac": float, "bos_token": int,

@@ -64,8 +64,12 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def make_train_step(model, tx, mesh: Mesh):
-    """jit(shard_map(per-device step)): state replicated, batch split over 'data'."""
+def make_train_step(model, tx, mesh: Mesh, skip_nonfinite: bool = False):
+    """jit(shard_map(per-device step)): state replicated, batch split over 'data'.
+
+    A step whose loss or gradients are not finite is recorded in state["first_bad_step"];
+    with skip_nonfinite its update is dropped (and counted in state["skipped"]).
+    """
 
     def per_device_step(state, tokens_BT1):
         def loss_fn(params):
@@ -76,8 +80,21 @@ def make_train_step(model, tx, mesh: Mesh):
         loss = jax.lax.pmean(loss, "data")
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        grad_norm = optax.tree.norm(grads)
+        step = state["step"] + 1
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        first_bad = jnp.where(~finite & (state["first_bad_step"] < 0), step,
+                              state["first_bad_step"])
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params = keep(params, state["params"])
+            opt_state = keep(opt_state, state["opt_state"])
+            first_bad = state["first_bad_step"]
+        new_state = {"step": step, "params": params, "opt_state": opt_state,
+                     "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+                     "first_bad_step": first_bad}
+        return new_state, {"train_loss": loss, "grad_norm": grad_norm, "skipped": new_state["skipped"],
+                           "first_bad_step": first_bad}
 
     sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P("data")),
                             out_specs=(P(), P()))
@@ -100,7 +117,8 @@ def make_eval_fn(model, e):
 
 def init_state(model, tx, seed: int):
     params = init_params(model, jax.random.key(seed))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "skipped": jnp.zeros((), jnp.int32), "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
 def global_array(x: np.ndarray, mesh: Mesh, spec: P, global_shape=None):
@@ -250,9 +268,20 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
         raise config_lib.ConfigError(f"config field 'train.batch_size' ({t.batch_size}) must "
                                      f"be a multiple of the device count ({n_dev})")
 
-    # --- data: fails on a bad path or vocabulary before anything compiles
-    source = data_lib.make_source(config, workdir)
-    prepare_workdir(config, workdir, overwrite)
+    # --- workdir and data: a bad path or vocabulary fails before anything compiles
+    lock = checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        source = data_lib.make_source(config, workdir)
+        prepare_workdir(config, workdir, overwrite)
+        return _train(config, workdir, source, progress, stop_after)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, workdir, source, progress, stop_after):
+    t, e, ck = config.train, config.eval, config.checkpoint
+    n_dev = jax.device_count()
     seq_len = config.model.context + 1
     eval_BT1 = source.eval_set(e.n_examples, seq_len)
     probe_BT = scores.make_probe(source.token_frequencies(), e.probe_tokens, e.probe_repeats,
@@ -263,7 +292,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     tx = make_optimizer(t)
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
-    train_step = make_train_step(model, tx, mesh)
+    train_step = make_train_step(model, tx, mesh, t.skip_nonfinite)
     evaluate = make_eval_fn(model, e)
     eval_BT1 = global_array(eval_BT1, mesh, P())
     probe_BT = global_array(probe_BT, mesh, P())
@@ -273,14 +302,15 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                             abstract)
-    start = store.latest()
-    if start is None:
+    try:
+        start, state = store.restore_newest(abstract)
+    except RuntimeError as err:
+        raise TrainingError(str(err)) from None
+    if state is None:
         state = jax.jit(lambda: init_state(model, tx, config.seed), out_shardings=replicated)()
         start = 0
-    else:
-        state = store.restore(start, abstract)
-        if jax.process_index() == 0 and progress:
-            print(f"resuming {workdir} from step {start}", file=sys.stderr)
+    elif jax.process_index() == 0 and progress:
+        print(f"resuming {workdir} from step {start}", file=sys.stderr)
     schedule = set(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
     config_dict = config.to_dict()
 
@@ -370,11 +400,14 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
 
 def _finish(record, metrics, log, bar):
     m = fetch(metrics)
+    first_bad, skipped = m["first_bad_step"], m["skipped"]
     record = {**record, "train_loss": float(m["train_loss"]), "grad_norm": float(m["grad_norm"])}
-    if not np.isfinite(record["train_loss"]) or not np.isfinite(record["grad_norm"]):
-        raise TrainingError(f"training diverged at step {record['step']}: loss "
-                            f"{record['train_loss']}, gradient norm {record['grad_norm']}; "
-                            "the snapshots before it are kept")
+    if int(skipped):
+        record["skipped_steps"] = int(skipped)
+    if int(first_bad) >= 0:
+        raise TrainingError(f"training diverged at step {int(first_bad)}: the loss or the "
+                            "gradients are not finite; the snapshots before it are kept "
+                            "(--config.train.skip_nonfinite=true skips such steps instead)")
     log.write(record)
     bar.update(record["step"], record)
     return record
