@@ -135,11 +135,20 @@ class WorkdirLock:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """metrics.jsonl as a list; a last line cut short by a crash is ignored."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 class Run:
