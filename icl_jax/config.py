@@ -102,7 +102,9 @@ SCHEMA = {
              "induction_prefix_threshold": float, "induction_copying_threshold": float},
     "checkpoint": {"every": int, "log_spaced": int, "max_to_keep": int, "async_save": bool},
 }
-OPTIONAL_SECTIONS = {"run"}  # free-form: launch and sweep metadata
+OPTIONAL_SECTIONS = {"run"}
+SCHEMA_FIELDS = [f"{section}.{field}" for section, fields in SCHEMA.items()
+                 if isinstance(fields, dict) for field in fields] + ["seed"]  # free-form: launch and sweep metadata
 
 
 def _check_schema(node, schema, prefix=""):
