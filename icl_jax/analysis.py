@@ -576,6 +576,39 @@ def headline(result) -> list[dict]:
     return rows
 
 
+def add_to_report(path: str, markdown: str):
+    """Puts a short markdown text (a title, a table, bullets) at the top of report.html."""
+    def inline(t):
+        t = html.escape(t)
+        while "**" in t:
+            t = t.replace("**", "<b>", 1).replace("**", "</b>", 1)
+        return t.replace("`", "")
+    out, rows = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|- "):
+                rows.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if rows:
+            out.append("<table>" + "".join(
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>"
+                                 for c in r) + "</tr>" for i, r in enumerate(rows)) + "</table>")
+            rows = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level + 1}>{inline(line.lstrip('#').strip())}</h{level + 1}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    with open(path) as f:
+        page = f.read()
+    marker = "<h1>In-context learning and induction heads</h1>"
+    page = page.replace(marker, marker + "".join(out), 1)
+    with open(path, "w") as f:
+        f.write(page)
+
+
 def report_html(result, figs) -> str:
     """A self-contained page: a table of headline numbers and every figure, embedded."""
     rows = headline(result)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sys
 
@@ -31,6 +32,8 @@ class Store:
     def __init__(self, workdir: str, max_to_keep: int = 0, async_save: bool = True,
                  read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "snapshots"))
+        # orbax logs read-only mode and every save at WARNING/INFO through absl: noise here
+        logging.getLogger("absl").setLevel(logging.ERROR)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep or None,
             enable_async_checkpointing=async_save,

@@ -50,6 +50,15 @@ def build_parser():
                    help="how heads are ablated for their ICL attribution")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
+    p = sub.add_parser("reproduce", help="train the paper's family, analyse it, check the claims",
+                       epilog="Config overrides (--config.train.steps=...) apply to every member.")
+    p.add_argument("--workdir", default="runs/reproduce", help="one subfolder per member")
+    p.add_argument("--profile", default="quick", choices=("quick", "text", "paper"),
+                   help="quick: synthetic data, minutes on a CPU; text: the Python standard "
+                        "library; paper: the paper's shapes, for accelerators")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
     p = sub.add_parser("export", help="one snapshot as .npz in TransformerLens naming")
     p.add_argument("--workdir", required=True, help="a training run")
     p.add_argument("--step", type=int, default=None, help="snapshot step (default: newest)")
@@ -97,7 +106,16 @@ def cmd_export(args, overrides):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "analyze": cmd_analyze, "export": cmd_export}
+def cmd_reproduce(args, overrides):
+    from icl_jax import reproduce
+    out = reproduce.reproduce(args.profile, args.workdir, args.seed, overrides,
+                              progress=not args.quiet)
+    print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "analyze": cmd_analyze, "export": cmd_export,
+            "reproduce": cmd_reproduce}
 
 
 def main(argv=None):

@@ -236,6 +236,20 @@ def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: st
     return ablated.reshape(L, H) - clean
 
 
+def icl_with_heads_removed(model, params, tokens_BT1, early: int, late: int, mask_LH,
+                          kind: str = "pattern"):
+    """(clean ICL score, ICL score with every head where mask_LH is 0 removed at once)."""
+    if kind not in ABLATIONS:
+        raise ValueError(f"ablation kind must be one of {ABLATIONS}, got {kind!r}")
+    _, cache = model.apply({"params": params}, tokens_BT1[:, :-1])
+    clean = icl_score(model, params, tokens_BT1, early, late)
+    L = model.cfg["n_layers"]
+    fill = cache["z"].mean(0) if kind == "mean" else jnp.zeros((L, 1, 1, 1), cache["z"].dtype)
+    patterns = cache["attention"] if kind == "pattern" else None
+    return clean, icl_score(model, params, tokens_BT1, early, late, head_mask=mask_LH,
+                            head_fill=fill, patterns=patterns)
+
+
 # ----------------------------------------------------------------------------- PCA input
 
 def pca_token_indices(n_examples: int, n_positions: int, seed: int) -> np.ndarray:
