@@ -131,28 +131,31 @@ def fit_pca(vectors_NX, n_components: int = 2) -> dict:
             "project": (X - mean) @ comps.T}
 
 
-def trajectory_turn(points_N2, min_share: float = 0.1) -> dict:
-    """How sharply a trajectory turns: the largest angle, over split points k, between
-    the chord before k (start -> k) and the chord after it (k -> end), in degrees.
+def trajectory_turn(points_N2, steps, phase_change: dict) -> dict:
+    """How the PCA trajectory turns at the phase change.
 
-    Only splits where both chords are at least `min_share` of the longest distance
-    from the start count, so jitter at the ends does not. A straight path gives 0,
-    a reversal 180. Returns {"turn_deg", "turn_index"}.
+    turn_deg: the angle between the trajectory's direction just before the window
+    (from the snapshot nearest start/2 to the one nearest start) and just after it
+    (from end to the one nearest 2 x end, or the last), in degrees: 0 keeps going
+    straight, 90 or more is a sharp turn. fastest_step: the snapshot where the
+    trajectory moves fastest per unit of ln(step). None without a detected window.
     """
-    P = np.asarray(points_N2, np.float64)
-    if len(P) < 3:
-        return {"turn_deg": 0.0, "turn_index": None}
-    scale = max(np.linalg.norm(P - P[0], axis=1).max(), 1e-30)
-    best, best_k = 0.0, None
-    for k in range(1, len(P) - 1):
-        u, v = P[k] - P[0], P[-1] - P[k]
-        nu, nv = np.linalg.norm(u), np.linalg.norm(v)
-        if nu < min_share * scale or nv < min_share * scale:
-            continue
-        ang = math.degrees(math.acos(np.clip(u @ v / (nu * nv), -1.0, 1.0)))
-        if ang > best:
-            best, best_k = ang, k
-    return {"turn_deg": best, "turn_index": best_k}
+    P, steps = np.asarray(points_N2, np.float64), np.asarray(steps, np.float64)
+    out = {"turn_deg": None, "fastest_step": None}
+    if len(P) >= 2:
+        lns = np.log(np.maximum(steps, 1))
+        speed = np.linalg.norm(np.diff(P, axis=0), axis=1) / np.maximum(np.diff(lns), 1e-9)
+        out["fastest_step"] = int(steps[1:][int(np.argmax(speed))])
+    if not phase_change.get("detected"):
+        return out
+    near = lambda s: int(np.argmin(np.abs(np.log(np.maximum(steps, 1)) - np.log(max(s, 1)))))
+    start, end = phase_change["start_step"], phase_change["end_step"]
+    u = P[near(start)] - P[near(start / 2)]
+    v = P[near(min(2 * end, steps[-1]))] - P[near(end)]
+    if np.linalg.norm(u) > 1e-12 and np.linalg.norm(v) > 1e-12:
+        cos = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+        out["turn_deg"] = float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -296,16 +299,22 @@ def plot_icl(run: dict):
 def plot_loss_heatmap(run: dict):
     """Loss by context index over (step, log index), and its derivative dLoss/d ln(i)."""
     plt = _plt()
-    loss = np.asarray(run["loss_by_position"], np.float64)  # [N, T]
-    idx = np.arange(1, loss.shape[1] + 1)
-    deriv = np.gradient(loss, np.log(idx), axis=1)
+    raw = np.asarray(run["loss_by_position"], np.float64)  # [N, T]
+    # On an even grid in ln(i), smoothed: per-index noise would swamp the derivative.
+    idx = np.unique(np.geomspace(1, raw.shape[1], 48).round().astype(int))
+    lg = np.log(idx)
+    fine = np.linspace(0, np.log(raw.shape[1]), 256)
+    interp = np.stack([np.interp(fine, np.log(np.arange(1, raw.shape[1] + 1)), r) for r in raw])
+    smooth = np.stack([_gaussian_smooth(r, 0.1 / (fine[1] - fine[0])) for r in interp])
+    loss = np.stack([np.interp(lg, fine, r) for r in smooth])
+    deriv = np.stack([np.interp(lg, fine, np.gradient(r, fine)) for r in smooth])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(len(run["steps"]))
     for ax, z, title, cmap in ((axes[0], loss, "loss (nats)", "viridis"),
                                (axes[1], deriv, "dLoss / d ln(i)", "RdBu_r")):
         kw = {}
         if cmap == "RdBu_r":
-            m = np.nanmax(np.abs(deriv)) or 1.0
+            m = np.nanpercentile(np.abs(deriv), 99) or 1.0
             kw = dict(vmin=-m, vmax=m)
         im = ax.pcolormesh(x, idx, z.T, shading="nearest", cmap=cmap, **kw)
         ax.set_yscale("log")
@@ -377,10 +386,9 @@ def plot_pca(pca: dict):
     for i, (name, traj) in enumerate(pca["trajectories"].items()):
         P = np.asarray(traj["points"])
         ax.plot(P[:, 0], P[:, 1], "-o", ms=2, color=f"C{i}",
-                label=f"{name} (turn {traj['turn_deg']:.0f}°)")
+                label=name if traj["turn_deg"] is None
+                else f"{name} (turns {traj['turn_deg']:.0f}° at the phase change)")
         ax.plot(*P[0], "k^", ms=5)
-        if traj.get("turn_index") is not None:
-            ax.plot(*P[traj["turn_index"]], "s", color=f"C{i}", ms=7, mfc="none")
     ev = pca["explained"]
     ax.set_xlabel(f"PC1 ({ev[0]:.0%})")
     ax.set_ylabel(f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else "PC2")
@@ -494,10 +502,9 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
         offsets = np.cumsum([0] + [len(v) for v in vecs])
         for i, n in enumerate(names):
             P = fit["project"][offsets[i]:offsets[i + 1]]
-            turn = trajectory_turn(P)
+            turn = trajectory_turn(P, runs[n]["steps"], runs[n]["phase_change"])
             pca["trajectories"][n] = {"steps": runs[n]["steps"], "points": P.tolist(), **turn,
-                                      "turn_step": (None if turn["turn_index"] is None
-                                                    else runs[n]["steps"][turn["turn_index"]])}
+}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "pca.json"), "w") as f:
         json.dump(_jsonable(pca), f)
@@ -570,8 +577,8 @@ def headline(result) -> list[dict]:
             "largest ablation effect": (f"L{np.unravel_index(abl.argmax(), abl.shape)[0]}"
                                         f"H{np.unravel_index(abl.argmax(), abl.shape)[1]} "
                                         f"+{abl.max():.3f}"),
-            "PCA turn": (f"{traj['turn_deg']:.0f}° at step {traj['turn_step']}"
-                         if traj.get("turn_step") is not None else "–"),
+            "PCA turn at the phase change": (f"{traj['turn_deg']:.0f}°"
+                                             if traj.get("turn_deg") is not None else "–"),
         })
     return rows
 

@@ -88,24 +88,6 @@ def _loss_bump_step(metrics, pc):
     return int(s[int(np.argmax(slope))])
 
 
-def pca_turn(points, steps, pc) -> dict:
-    """Angle between the trajectory's direction before and after the phase-change window."""
-    if not pc["detected"]:
-        return {"turn_deg": None}
-    P, steps = np.asarray(points), np.asarray(steps)
-    near = lambda s: int(np.argmin(np.abs(np.log(np.maximum(steps, 1)) - np.log(max(s, 1)))))
-    a0, a1 = near(pc["start_step"] / 2), near(pc["start_step"])
-    b0, b1 = near(pc["end_step"]), near(min(pc["end_step"] * 2, steps[-1]))
-    u, v = P[a1] - P[a0], P[b1] - P[b0]
-    if np.linalg.norm(u) < 1e-12 or np.linalg.norm(v) < 1e-12:
-        return {"turn_deg": None}
-    cos = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
-    speed = np.linalg.norm(np.diff(P, axis=0), axis=1) / np.maximum(
-        np.diff(np.log(np.maximum(steps, 1))), 1e-9)
-    return {"turn_deg": float(np.degrees(np.arccos(np.clip(cos, -1, 1)))),
-            "fastest_step": int(steps[1:][int(np.argmax(speed))])}
-
-
 def ablate_set_icl(workdir: str, heads, kind: str = "pattern") -> dict:
     """ICL score at the last snapshot, clean and with every head in `heads` removed at once."""
     run = checkpoints.Run(workdir)
@@ -141,7 +123,7 @@ def check_claims(result: dict, workdir: str) -> tuple[list[dict], list[dict]]:
         abl = ablate_set_icl(wd, ind) if ind else None
         abl_other = ablate_set_icl(wd, others) if ind and others else None
         traj = result["pca"]["trajectories"].get(name)
-        turn = pca_turn(traj["points"], traj["steps"], pc) if traj else {"turn_deg": None}
+        turn = traj if traj else {"turn_deg": None}
         metrics = checkpoints.read_metrics(wd)
         pm_last_layer = pm[:, -1].max(-1)
         info[name] = {

@@ -68,7 +68,9 @@ def test_notebook_example_in_docs_runs(tiny_run, monkeypatch):
     monkeypatch.chdir(root)  # the example reads runs/2l
     namespace = {}
     exec(compile(code, "docs/measure.md", "exec"), namespace)
-    assert namespace["run"]["steps"][-1] == 20
+    assert namespace["result"]["runs"]["2l"]["steps"][-1] == 20
+    assert namespace["pm"].shape == (3, 2, 4)
+    assert namespace["fig"].axes
     assert (root / "runs" / "2l" / "analysis" / "report.html").exists()
 
 

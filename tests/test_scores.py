@@ -191,6 +191,9 @@ def test_pca_and_turn():
     straight = t * a + rng.normal(0, 0.003, (30, 50))
     fit = analysis.fit_pca(np.concatenate([bent, straight]))
     assert fit["explained"].sum() > 0.95
-    turn_bent = analysis.trajectory_turn(fit["project"][:30])
-    assert turn_bent["turn_deg"] > 45 and 12 <= turn_bent["turn_index"] <= 17
-    assert analysis.trajectory_turn(fit["project"][30:])["turn_deg"] < 15
+    steps = np.arange(1, 31) * 100
+    window = {"detected": True, "start_step": 1400, "end_step": 1600}
+    turn_bent = analysis.trajectory_turn(fit["project"][:30], steps, window)
+    assert turn_bent["turn_deg"] > 45
+    assert analysis.trajectory_turn(fit["project"][30:], steps, window)["turn_deg"] < 15
+    assert analysis.trajectory_turn(fit["project"][:30], steps, {"detected": False})["turn_deg"] is None
