@@ -30,13 +30,17 @@ class TrainingError(RuntimeError):
 
 # ----------------------------------------------------------------------------- optimizer
 
-def make_schedules(t):
-    """(learning-rate schedule, weight-decay schedule) of the `train` config section."""
-    warmup = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
+def make_schedules(t, lr: float | None = None):
+    """(learning-rate schedule, weight-decay schedule) of the `train` config section.
+
+    lr replaces t.lr as the peak (1.0 gives the schedule's shape).
+    """
+    peak = t.lr if lr is None else lr
+    warmup = optax.linear_schedule(0.0, peak, max(t.warmup_steps, 1))
     if t.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(t.lr, max(t.steps - t.warmup_steps, 1), alpha=0.1)
+        decay = optax.cosine_decay_schedule(peak, max(t.steps - t.warmup_steps, 1), alpha=0.1)
     else:
-        decay = optax.constant_schedule(t.lr)
+        decay = optax.constant_schedule(peak)
     lr = optax.join_schedules([warmup, decay], [t.warmup_steps]) if t.warmup_steps else decay
     if t.schedule == "paper":  # warm-up, then weight decay lowered at a given step
         wd = optax.join_schedules([optax.constant_schedule(t.weight_decay),
@@ -48,13 +52,42 @@ def make_schedules(t):
 
 
 def make_optimizer(t):
-    lr, wd = make_schedules(t)
-    adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=wd,
-                        # no decay on biases, LayerNorm and smear scalars
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    """AdamW (plus clipping) whose learning rate and weight decay are set every step.
+
+    They sit in the optimizer state (optax.inject_hyperparams) and the step writes
+    them from state["hparams"] and the schedules, so that ensemble members that
+    differ in learning rate or weight decay share one compiled, vmapped step.
+    """
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=0.0, weight_decay=0.0, b1=t.b1, b2=t.b2,
+        # no decay on biases, LayerNorm and smear scalars
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
     if t.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
     return adamw
+
+
+def hparams_of(t) -> dict:
+    """The per-run hyperparameters that ensemble members may differ in."""
+    return {"lr": jnp.float32(t.lr), "weight_decay": jnp.float32(t.weight_decay),
+            "weight_decay_after": jnp.float32(t.weight_decay_after)}
+
+
+def _with_hparams(opt_state, t, hp, step):
+    """opt_state with this step's learning rate and weight decay written in."""
+    lr_shape, _ = make_schedules(t, lr=1.0)
+    wd = hp["weight_decay"]
+    if t.schedule == "paper":
+        wd = jnp.where(step >= t.weight_decay_drop_step, hp["weight_decay_after"], wd)
+    values = {"learning_rate": hp["lr"] * lr_shape(step), "weight_decay": wd}
+
+    def put(st):
+        return st._replace(hyperparams={**st.hyperparams, **{
+            k: jnp.asarray(v, st.hyperparams[k].dtype) for k, v in values.items()}})
+
+    if isinstance(opt_state, tuple) and not hasattr(opt_state, "hyperparams"):
+        return tuple(put(x) if hasattr(x, "hyperparams") else x for x in opt_state)
+    return put(opt_state)
 
 
 # ----------------------------------------------------------------------------- step
@@ -64,12 +97,15 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def make_train_step(model, tx, mesh: Mesh, skip_nonfinite: bool = False):
+def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False):
     """jit(shard_map(per-device step)): state replicated, batch split over 'data'.
 
     A step whose loss or gradients are not finite is recorded in state["first_bad_step"];
-    with skip_nonfinite its update is dropped (and counted in state["skipped"]).
+    with t.skip_nonfinite its update is dropped (and counted in state["skipped"]).
+    ensemble: the state has a leading member axis and the batch is [member, batch, time];
+    the per-device step is vmapped over members.
     """
+    skip_nonfinite = t.skip_nonfinite
 
     def per_device_step(state, tokens_BT1):
         def loss_fn(params):
@@ -78,7 +114,8 @@ def make_train_step(model, tx, mesh: Mesh, skip_nonfinite: bool = False):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         grads = jax.lax.pmean(grads, "data")
         loss = jax.lax.pmean(loss, "data")
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        opt_state = _with_hparams(state["opt_state"], t, state["hparams"], state["step"])
+        updates, opt_state = tx.update(grads, opt_state, state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         step = state["step"] + 1
@@ -91,18 +128,22 @@ def make_train_step(model, tx, mesh: Mesh, skip_nonfinite: bool = False):
             opt_state = keep(opt_state, state["opt_state"])
             first_bad = state["first_bad_step"]
         new_state = {"step": step, "params": params, "opt_state": opt_state,
+                     "hparams": state["hparams"],
                      "skipped": state["skipped"] + (~finite).astype(jnp.int32),
                      "first_bad_step": first_bad}
         return new_state, {"train_loss": loss, "grad_norm": grad_norm, "skipped": new_state["skipped"],
                            "first_bad_step": first_bad}
 
-    sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P("data")),
-                            out_specs=(P(), P()))
+    fn, batch_spec = per_device_step, P("data")
+    if ensemble:
+        fn, batch_spec = jax.vmap(per_device_step), P(None, "data")
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P(), batch_spec), out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=0)
 
 
-def make_eval_fn(model, e):
-    """Eval metrics of one params tree: loss, ICL score, prefix matching per head."""
+def make_eval_fn(model, e, ensemble: bool = False):
+    """Eval metrics of one params tree (or, ensemble, of a stack): loss, ICL score,
+    prefix matching per head."""
 
     def evaluate(params, eval_BT1, probe_BT):
         losses_T = scores.mean_loss_by_position(model, params, eval_BT1)
@@ -112,12 +153,13 @@ def make_eval_fn(model, e):
                                                           e.icl_late_index),
                 "prefix_matching": pm_LH}
 
-    return jax.jit(evaluate)
+    return jax.jit(jax.vmap(evaluate) if ensemble else evaluate)
 
 
-def init_state(model, tx, seed: int):
+def init_state(model, tx, seed: int, t):
     params = init_params(model, jax.random.key(seed))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "hparams": hparams_of(t),
             "skipped": jnp.zeros((), jnp.int32), "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
@@ -261,66 +303,129 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     that step with a snapshot, as a preemption would (for time-boxed jobs and tests).
     Returns the last metrics record.
     """
-    config_lib.validate(config)
-    t, e, ck = config.train, config.eval, config.checkpoint
+    return _run([config], [workdir], overwrite, progress, stop_after, ensemble=False)[0]
+
+
+# Fields ensemble members may differ in; everything else must be equal.
+ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_after", "data.")
+
+
+def ensemble_mismatch(configs) -> str | None:
+    """The first field (other than ENSEMBLE_FREE) in which the configs differ, or None."""
+    flat = [_flatten(c.to_dict()) for c in configs]
+    for key in sorted(set().union(*flat)):
+        if key.startswith(ENSEMBLE_FREE) or key in ENSEMBLE_FREE:
+            continue
+        if len({json.dumps(f.get(key)) for f in flat}) > 1:
+            return key
+    return None
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def train_ensemble(configs, workdirs, *, overwrite: bool = False, progress: bool = True,
+                   stop_after: int | None = None) -> list[dict]:
+    """Trains several members in one compiled program: their states are stacked on a
+    leading axis and the per-device step is vmapped over it, each member with its own
+    seed, data stream and learning rate. Each workdir ends up exactly as if its member
+    had been trained alone. Members may differ only in seed, train.lr,
+    train.weight_decay(_after) and data fields."""
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError("train_ensemble needs one workdir per config")
+    for c in configs:
+        config_lib.validate(c)
+    bad = ensemble_mismatch(configs)
+    if bad:
+        raise config_lib.ConfigError(f"config field {bad!r} differs between ensemble members; "
+                                     f"members may differ only in {', '.join(ENSEMBLE_FREE)}")
+    return _run(configs, workdirs, overwrite, progress, stop_after, ensemble=True)
+
+
+def _run(configs, workdirs, overwrite, progress, stop_after, ensemble):
+    for c in configs:
+        config_lib.validate(c)
+    t = configs[0].train
     n_dev = jax.device_count()
     if t.batch_size % n_dev:
         raise config_lib.ConfigError(f"config field 'train.batch_size' ({t.batch_size}) must "
                                      f"be a multiple of the device count ({n_dev})")
-
-    # --- workdir and data: a bad path or vocabulary fails before anything compiles
-    lock = checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    # --- workdirs and data: a bad path or vocabulary fails before anything compiles
+    locks = []
     try:
-        source = data_lib.make_source(config, workdir)
-        prepare_workdir(config, workdir, overwrite)
-        return _train(config, workdir, source, progress, stop_after)
+        for w in workdirs:
+            if jax.process_index() == 0:
+                locks.append(checkpoints.WorkdirLock(w))
+        sources = [data_lib.make_source(c, w) for c, w in zip(configs, workdirs)]
+        for c, w in zip(configs, workdirs):
+            prepare_workdir(c, w, overwrite)
+        return _train(configs, workdirs, sources, progress, stop_after, ensemble)
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
 
 
-def _train(config, workdir, source, progress, stop_after):
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _train(configs, workdirs, sources, progress, stop_after, ensemble):
+    config = configs[0]  # everything but ENSEMBLE_FREE is shared
     t, e, ck = config.train, config.eval, config.checkpoint
+    K = len(configs)
     n_dev = jax.device_count()
     seq_len = config.model.context + 1
-    eval_BT1 = source.eval_set(e.n_examples, seq_len)
-    probe_BT = scores.make_probe(source.token_frequencies(), e.probe_tokens, e.probe_repeats,
-                                 e.probe_sequences, e.probe_exclude_frac, e.bos_token, config.seed)
+    lead = (lambda x: x) if not ensemble else _stack  # member axis, when there is one
+    member = (lambda tree, k: tree) if not ensemble else (
+        lambda tree, k: jax.tree.map(lambda a: a[k], tree))
 
     # --- model, optimizer, mesh
     model = make_model(config.model)
     tx = make_optimizer(t)
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
-    train_step = make_train_step(model, tx, mesh, t.skip_nonfinite)
-    evaluate = make_eval_fn(model, e)
-    eval_BT1 = global_array(eval_BT1, mesh, P())
-    probe_BT = global_array(probe_BT, mesh, P())
+    train_step = make_train_step(model, tx, mesh, t, ensemble)
+    evaluate = make_eval_fn(model, e, ensemble)
+    evals = [s.eval_set(e.n_examples, seq_len) for s in sources]
+    probes = [scores.make_probe(s.token_frequencies(), e.probe_tokens, e.probe_repeats,
+                                e.probe_sequences, e.probe_exclude_frac, e.bos_token, c.seed)
+              for s, c in zip(sources, configs)]
+    eval_BT1 = global_array(np.stack(evals) if ensemble else evals[0], mesh, P())
+    probe_BT = global_array(np.stack(probes) if ensemble else probes[0], mesh, P())
 
-    # --- state: restore the newest snapshot, or start fresh
-    store = checkpoints.Store(workdir, ck.max_to_keep, ck.async_save)
-    abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed))
+    # --- state: restore the newest snapshot (every member at one step), or start fresh
+    stores = [checkpoints.Store(w, ck.max_to_keep, ck.async_save) for w in workdirs]
+    abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed, t))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                             abstract)
-    try:
-        start, state = store.restore_newest(abstract)
-    except RuntimeError as err:
-        raise TrainingError(str(err)) from None
-    if state is None:
-        state = jax.jit(lambda: init_state(model, tx, config.seed), out_shardings=replicated)()
+    start, states = _restore_members(stores, abstract, workdirs)
+    if states is None:
+        init = jax.jit(lambda seed, hp: {**init_state(model, tx, seed, t), "hparams": hp},
+                       out_shardings=replicated)
+        states = [init(c.seed, hparams_of(c.train)) for c in configs]
         start = 0
     elif jax.process_index() == 0 and progress:
-        print(f"resuming {workdir} from step {start}", file=sys.stderr)
+        print(f"resuming {', '.join(workdirs)} from step {start}", file=sys.stderr)
+    state = jax.jit(lead, out_shardings=replicated)(states) if ensemble else states[0]
+    del states
     schedule = set(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
-    config_dict = config.to_dict()
+    config_dicts = [c.to_dict() for c in configs]
 
     # --- compile once, ahead of time, and say how much memory the step needs
     rows = host_rows(t.batch_size)
-    batch_spec = (t.batch_size, seq_len)
 
     def get_batch(step):
-        local = source.batch(step, t.batch_size, seq_len, rows)
-        return global_array(local, mesh, P("data"), batch_spec)
+        local = [s.batch(step, t.batch_size, seq_len, rows) for s in sources]
+        if ensemble:
+            return global_array(np.stack(local), mesh, P(None, "data"), (K, t.batch_size, seq_len))
+        return global_array(local[0], mesh, P("data"), (t.batch_size, seq_len))
 
     compiled = train_step.lower(state, get_batch(start)).compile()
     if progress and jax.process_index() == 0:
@@ -328,31 +433,38 @@ def _train(config, workdir, source, progress, stop_after):
         if mem is not None:
             total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                      + mem.temp_size_in_bytes) / 2**20
-            print(f"compiled train step: {total:.1f} MiB per device "
-                  f"({n_dev} device(s), {jax.process_count()} process(es))", file=sys.stderr)
+            print(f"compiled train step: {total:.1f} MiB per device ({n_dev} device(s), "
+                  f"{jax.process_count()} process(es){f', {K} members' if ensemble else ''})",
+                  file=sys.stderr)
 
-    log = MetricsLog(workdir, start)
+    logs = [MetricsLog(w, start) for w in workdirs]
     bar = Progress(t.steps, progress)
     tokens_per_step = t.batch_size * config.model.context
 
-    def eval_record(step, params):
+    def eval_records(params):
         out = fetch(evaluate(params, eval_BT1, probe_BT))
-        pm = out["prefix_matching"]
-        return {"eval_loss": float(out["eval_loss"]), "icl_score": float(out["icl_score"]),
-                "prefix_matching_max": float(pm.max()),
-                "prefix_matching_last_layer_max": float(pm[-1].max()),
-                "prefix_matching": pm.round(4).tolist()}
+        recs = []
+        for k in range(K):
+            o = member(out, k)
+            pm = o["prefix_matching"]
+            recs.append({"eval_loss": float(o["eval_loss"]), "icl_score": float(o["icl_score"]),
+                         "prefix_matching_max": float(pm.max()),
+                         "prefix_matching_last_layer_max": float(pm[-1].max()),
+                         "prefix_matching": pm.round(4).tolist()})
+        return recs
+
+    def save(step):
+        for k, store in enumerate(stores):
+            store.save(step, member(state, k), config_dicts[k], force=True)
 
     if start == 0:
         if 0 in schedule:
-            store.save(0, state, config_dict)
-        record = {"step": 0, "tokens": 0, "train_loss": float("nan"), "tokens_per_s": 0.0,
-                  **eval_record(0, state["params"])}
-        log.write({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                   for k, v in record.items()})
+            save(0)
+        for log, rec in zip(logs, eval_records(state["params"])):
+            log.write({"step": 0, "tokens": 0, "train_loss": None, "tokens_per_s": 0.0, **rec})
 
     # --- loop: dispatch step s+1 before reading step s's metrics, so the device never waits
-    record = {}
+    records = [{}] * K
     step = start
     pending = None
     t_last, step_last = time.perf_counter(), start
@@ -366,48 +478,74 @@ def _train(config, workdir, source, progress, stop_after):
             if stop_after is not None and step >= stop_after and step < t.steps:
                 stop.received = stop.received or f"stop_after={stop_after}"
             if pending is not None:
-                record = _finish(*pending, log, bar)
+                records = _finish(*pending, logs, bar, member)
             pending = None
             is_log = (step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps
                       or step in schedule)
             if is_log or stop.received:
                 now = time.perf_counter()
-                rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+                rate = K * (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
                 rec = {"step": step, "tokens": step * tokens_per_step, "tokens_per_s": rate}
-                if step % t.eval_every == 0 or step == t.steps:
-                    rec.update(eval_record(step, state["params"]))
-                pending = (rec, metrics)
+                evals_k = (eval_records(state["params"])
+                           if step % t.eval_every == 0 or step == t.steps else [{}] * K)
+                pending = ([{**rec, **ev} for ev in evals_k], metrics)
             if step in schedule or stop.received:
                 if pending is not None:  # a snapshot's metrics must be checked before it is kept
-                    record = _finish(*pending, log, bar)
+                    records = _finish(*pending, logs, bar, member)
                     pending = None
-                store.save(step, state, config_dict, force=True)
+                save(step)
             if stop.received:
                 break
         if pending is not None:
-            record = _finish(*pending, log, bar)
+            records = _finish(*pending, logs, bar, member)
     finally:
         stop.__exit__()
-        store.close()  # always wait for the last asynchronous save
-        log.close()
+        for store in stores:
+            store.close()  # always wait for the last asynchronous save
+        for log in logs:
+            log.close()
         bar.close()
     if stop.received and progress:
         print(f"\nreceived {stop.received} at step {step}: snapshot saved; run the same "
               f"command again to resume from step {step}", file=sys.stderr)
-    return record
+    return records
 
 
-def _finish(record, metrics, log, bar):
-    m = fetch(metrics)
-    first_bad, skipped = m["first_bad_step"], m["skipped"]
-    record = {**record, "train_loss": float(m["train_loss"]), "grad_norm": float(m["grad_norm"])}
-    if int(skipped):
-        record["skipped_steps"] = int(skipped)
-    if int(first_bad) >= 0:
-        raise TrainingError(f"training diverged at step {int(first_bad)}: the loss or the "
-                            "gradients are not finite; the snapshots before it are kept "
-                            "(--config.train.skip_nonfinite=true skips such steps instead)")
-    log.write(record)
-    bar.update(record["step"], record)
-    return record
+def _restore_members(stores, abstract, workdirs):
+    """(step, [state per member]) at the newest step every member can restore."""
+    try:
+        found = [store.restore_newest(abstract) for store in stores]
+    except RuntimeError as err:
+        raise TrainingError(str(err)) from None
+    if all(state is None for _, state in found):
+        return None, None
+    steps = [step for step, _ in found]
+    if len(set(steps)) == 1:
+        return steps[0], [state for _, state in found]
+    common = min(s if s is not None else -1 for s in steps)
+    if common < 0 or any(common not in store.steps() for store in stores):
+        raise TrainingError(f"ensemble members were saved at different steps ({steps}) with no "
+                            f"step in common; resume them one by one: {', '.join(workdirs)}")
+    return common, [store.restore(common, abstract) for store in stores]
+
+
+def _finish(records, metrics, logs, bar, member):
+    out = []
+    m_all = fetch(metrics)
+    for k, (record, log) in enumerate(zip(records, logs)):
+        m = member(m_all, k)
+        first_bad, skipped = m["first_bad_step"], m["skipped"]
+        record = {**record, "train_loss": float(m["train_loss"]),
+                  "grad_norm": float(m["grad_norm"])}
+        if int(skipped):
+            record["skipped_steps"] = int(skipped)
+        if int(first_bad) >= 0:
+            raise TrainingError(f"training diverged at step {int(first_bad)}"
+                                f"{f' (member {log.path})' if len(logs) > 1 else ''}: the loss "
+                                "or the gradients are not finite; the snapshots before it are "
+                                "kept (--config.train.skip_nonfinite=true skips such steps instead)")
+        log.write(record)
+        out.append(record)
+    bar.update(out[0]["step"], out[0])
+    return out

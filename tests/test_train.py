@@ -18,9 +18,9 @@ def _setup(cfg, devices):
     model = make_model(cfg.model)
     tx = train.make_optimizer(cfg.train)
     mesh = train.make_mesh(devices)
-    state = jax.device_put(train.init_state(model, tx, cfg.seed),
+    state = jax.device_put(train.init_state(model, tx, cfg.seed, cfg.train),
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step = train.make_train_step(model, tx, mesh)
+    step = train.make_train_step(model, tx, mesh, cfg.train)
     source = data.make_source(cfg)
     batch = source.batch(0, cfg.train.batch_size, cfg.model.context + 1)
     return mesh, state, step, batch
@@ -84,7 +84,7 @@ def test_save_restore_round_trip(tmp_path):
     cfg = tiny_config()
     model = make_model(cfg.model)
     tx = train.make_optimizer(cfg.train)
-    state = train.init_state(model, tx, 3)
+    state = train.init_state(model, tx, 3, cfg.train)
     store = checkpoints.Store(str(tmp_path))
     store.save(7, state, cfg.to_dict())
     store.close()
@@ -181,3 +181,38 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, field):
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("error:") and field in out.stderr
     assert not (tmp_path / "w" / "snapshots").exists()
+
+
+def test_ensemble_member_equals_the_same_config_trained_alone(tmp_path):
+    cfgs = [tiny_config(seed=0), tiny_config(**{"seed": 1, "train.lr": 3e-3}),
+            tiny_config(**{"seed": 2, "data.background": "markov"})]
+    works = [str(tmp_path / f"m{k}") for k in range(3)]
+    records = train.train_ensemble(cfgs, works, progress=False)
+    assert [r["step"] for r in records] == [12, 12, 12]
+    for k in (1, 2):
+        alone = str(tmp_path / f"alone{k}")
+        train.train_and_evaluate(cfgs[k], alone, progress=False)
+        a = checkpoints.Run(alone)
+        b = checkpoints.Run(works[k])
+        assert a.steps == b.steps
+        pa, pb = a.params(12), b.params(12)
+        for path, x in jax.tree_util.tree_leaves_with_path(pa):
+            y = pb
+            for key in path:
+                y = y[key.key]
+            if path[-1].key == "b_K":
+                # b_K's gradient is zero in exact arithmetic (softmax ignores a shift that
+                # is equal over keys); Adam turns its float noise into steps of ~lr.
+                assert np.abs(y).max() < 12 * 3e-3
+                continue
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5, err_msg=str(path))
+        la = [r["train_loss"] for r in a.metrics[1:]]
+        lb = [r["train_loss"] for r in b.metrics[1:]]
+        np.testing.assert_allclose(la, lb, rtol=1e-5)
+        assert json.load(open(os.path.join(works[k], "config.json")))["seed"] == k
+
+
+def test_ensemble_refuses_members_of_different_shapes(tmp_path):
+    cfgs = [tiny_config("layers=1"), tiny_config("layers=2")]
+    with pytest.raises(train.config_lib.ConfigError, match="model.n_layers"):
+        train.train_ensemble(cfgs, [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
