@@ -59,6 +59,37 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
+    p = sub.add_parser("sweep", help="train every member of a sweep, N at a time; sweep.json "
+                       "indexes them", epilog="Config overrides (--config.train.steps=...) apply "
+                       "to every member, after the sweep's own.")
+    p.add_argument("--config", required=True,
+                   help="sweep file and argument, e.g. configs/sweeps/paper_small.py:attn")
+    p.add_argument("--workdir", required=True, help="one subfolder per member, and sweep.json")
+    p.add_argument("--jobs", type=int, default=1, help="members trained at once (default 1)")
+    p.add_argument("--members", default=None, help="comma-separated subset, e.g. 1l,2l")
+    p.add_argument("--analyze", action="store_true",
+                   help="then analyse the finished members together (one shared PCA)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="train members that differ only in seed, lr, weight decay or data as "
+                        "one vmapped ensemble")
+    p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("bench", help="time training (against PyTorch and TransformerLens), "
+                       "scoring, ensembles, snapshots and data; prints a table",
+                       epilog="Config overrides (--config.train.batch_size=...) apply to every "
+                       "config benchmarked.")
+    p.add_argument("--suite", default="default",
+                   choices=("default", "train", "score", "ensemble", "checkpoint", "data", "all"))
+    p.add_argument("--config", action="append", default=None,
+                   help="config to benchmark (repeatable), e.g. configs/small.py:layers=2; "
+                        "default: the quick profile, a d_model 256 model and the paper's shape")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up")
+    p.add_argument("--json", default=None, help="also write the rows and metadata here")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="PyTorch threads (default: every core)")
+
     p = sub.add_parser("export", help="one snapshot as .npz in TransformerLens naming")
     p.add_argument("--workdir", required=True, help="a training run")
     p.add_argument("--step", type=int, default=None, help="snapshot step (default: newest)")
@@ -114,21 +145,46 @@ def cmd_reproduce(args, overrides):
     return 0
 
 
+def cmd_bench(args, overrides):
+    from icl_jax import bench
+    if args.repeats < 1:
+        print(f"error: --repeats must be at least 1, got {args.repeats}", file=sys.stderr)
+        return 2
+    bench.run(args.suite, args.config, repeats=args.repeats, json_path=args.json,
+              torch_rows=not args.no_torch, torch_threads=args.torch_threads,
+              overrides=overrides)
+    return 0
+
+
+def cmd_sweep(args, overrides):
+    from icl_jax import sweep
+    members = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
+    index = sweep.run_sweep(args.config, args.workdir, jobs=args.jobs, analyze=args.analyze,
+                            members=members, ensemble=args.ensemble, dry_run=args.dry_run,
+                            overrides=overrides, progress=not args.quiet)
+    failed = [n for n, m in index["members"].items() if m.get("status") == "failed"
+              and (members is None or n in members)]
+    return 1 if failed else 0
+
+
 COMMANDS = {"train": cmd_train, "analyze": cmd_analyze, "export": cmd_export,
-            "reproduce": cmd_reproduce}
+            "reproduce": cmd_reproduce, "sweep": cmd_sweep, "bench": cmd_bench}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
+    from icl_jax import distributed
     from icl_jax.config import ConfigError
     from icl_jax.data import DataError
     from icl_jax.train import TrainingError
     try:
+        if args.command != "sweep":  # a sweep's members join the multi-host run, not the sweep
+            distributed.maybe_initialize()
         return COMMANDS[args.command](args, overrides)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError, BlockingIOError,
-            KeyError) as e:
+    except (ConfigError, DataError, TrainingError, distributed.DistributedError,
+            FileNotFoundError, BlockingIOError, KeyError) as e:
         message = e.args[0] if e.args else str(e)
         print(f"error: {message}", file=sys.stderr)
         return 2

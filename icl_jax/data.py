@@ -19,7 +19,9 @@ EVAL_KEY, TABLE_KEY, FREQ_KEY = 2**32 - 1, 2**32 - 2, 2**32 - 3
 BIN_DTYPES = ("uint16", "uint32")
 TOKENIZERS = ("bytes", "bpe")
 NAMES = ("synthetic", "pystdlib", "files")
-BACKGROUNDS = ("uniform", "markov")
+# markov: token t depends on token t-1; lag2: on token t-2, which pays a head that
+# attends to the previous token from the next position (the first half of induction)
+BACKGROUNDS = ("uniform", "markov", "lag2")
 END_OF_TEXT = "<|endoftext|>"
 ATTEMPTS = 8  # placements tried per segment before a row goes without it
 # fields a config may omit; the values match configs/small.py
@@ -70,16 +72,16 @@ def _markov_table(vocab, branching, seed):
     return np.argsort(keys, axis=1)[:, :branching].astype(np.int32)
 
 
-def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax):
+def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1):
     """(tokens int32 [n, seq_len], bool mask of positions written by segments)."""
     if table is None:
         x = rng.integers(0, vocab, (n, seq_len), dtype=np.int32)
     else:
         choice = rng.integers(0, table.shape[1], (n, seq_len))
         x = np.empty((n, seq_len), np.int32)
-        x[:, 0] = rng.integers(0, vocab, n)
-        for t in range(1, seq_len):
-            x[:, t] = table[x[:, t - 1], choice[:, t]]
+        x[:, :lag] = rng.integers(0, vocab, (n, lag))
+        for t in range(lag, seq_len):
+            x[:, t] = table[x[:, t - lag], choice[:, t]]
     pasted = np.zeros(x.shape, bool)  # written by a segment
     used = np.zeros(x.shape, bool)  # written, or read by a copy: later segments must not write here
     count, rows, j = rng.integers(smin, smax + 1, n), np.arange(n), np.arange(lmax)
@@ -117,7 +119,7 @@ class SyntheticSource(Source):
         _need(background in BACKGROUNDS,
               f"unknown data.background {background!r}; valid: {', '.join(BACKGROUNDS)}")
         _need(vocab_size >= 2, f"model.vocab_size must be >= 2, got {vocab_size}")
-        _need(background != "markov" or 1 <= markov_branching <= vocab_size,
+        _need(background == "uniform" or 1 <= markov_branching <= vocab_size,
               f"data.markov_branching must be in 1..{vocab_size} (model.vocab_size), "
               f"got {markov_branching}")
         _need(0 <= segments_min <= segments_max, "data.segments_min and data.segments_max must "
@@ -128,7 +130,8 @@ class SyntheticSource(Source):
         self.segments = tuple(int(v) for v in (segments_min, segments_max, segment_len_min,
                                                segment_len_max))
         self.table = _markov_table(self.vocab_size, int(markov_branching), self.seed) \
-            if background == "markov" else None
+            if background != "uniform" else None
+        self.lag = 2 if background == "lag2" else 1
         self._check(self.seq_len)
 
     def _check(self, seq_len):
@@ -138,7 +141,8 @@ class SyntheticSource(Source):
 
     def _make(self, rng, n, seq_len):
         self._check(seq_len)
-        return _synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments)[0]
+        return _synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments,
+                                 lag=self.lag)[0]
 
     def batch(self, step, batch_size, seq_len, rows=None):
         x = self._make(_step_rng(self.seed, step), batch_size, seq_len)

@@ -37,6 +37,35 @@ def smear(k_BSHK, alpha_H):
     return smeared.at[:, 0].set(k_BSHK[:, 0])
 
 
+QUERY_BLOCK = 64  # queries per block of causal_attention
+
+
+def causal_attention(q_BHTK, k_BHSK, v_BHSK, block: int = QUERY_BLOCK):
+    """(z [B, H, T, K], pattern [B, H, T, S]) of causal softmax attention; q is pre-scaled.
+
+    Queries go in blocks of `block`, each against only the keys at or before its last
+    position, so the masked upper triangle is neither multiplied nor exponentiated
+    (about half the work and memory traffic of a full [T, S] score matrix at long
+    contexts). Each block's softmax is normalised after the value product, on [t, K]
+    rather than [t, S]. The pattern is assembled only if a caller uses it.
+    """
+    T = q_BHTK.shape[2]
+    zs, patterns = [], []
+    for t0 in range(0, T, block):
+        t1 = min(t0 + block, T)
+        scores = jnp.einsum("bhtk,bhsk->bhts", q_BHTK[:, :, t0:t1], k_BHSK[:, :, :t1])
+        scores = scores.astype(jnp.float32)
+        causal = jnp.arange(t0, t1)[:, None] >= jnp.arange(t1)[None, :]
+        scores = jnp.where(causal, scores, -jnp.inf)  # the diagonal keeps every row finite
+        e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        norm = e.sum(-1, keepdims=True)
+        z = jnp.einsum("bhts,bhsk->bhtk", e.astype(v_BHSK.dtype), v_BHSK[:, :, :t1])
+        zs.append(z / norm.astype(z.dtype))
+        patterns.append(jnp.pad(e / norm, ((0, 0), (0, 0), (0, 0), (0, T - t1))))
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=2)
+    return cat(zs), cat(patterns)
+
+
 class Attention(nn.Module):
     n_heads: int
     d_head: int
@@ -59,28 +88,31 @@ class Attention(nn.Module):
         b_O = self.param("b_O", nn.initializers.zeros, (D,))
         c = lambda a: a.astype(self.dtype)
 
-        q_BTHK = jnp.einsum("btd,hdk->bthk", c(qk_in_BTD), c(W_Q)) + c(b_Q)
-        k_BSHK = jnp.einsum("bsd,hdk->bshk", c(qk_in_BTD), c(W_K)) + c(b_K)
-        v_BSHK = jnp.einsum("bsd,hdk->bshk", c(x_BTD), c(W_V)) + c(b_V)
+        # One [B*T, D] x [D, 2*H*K] product for queries and keys (they read the same
+        # input), one for values, then heads moved next to batch ([B, H, T, K]) so that
+        # every attention product is a plain batched matmul.
+        B, T = x_BTD.shape[:2]
+        W_QK_D2HK = jnp.concatenate([W_Q, W_K]).transpose(1, 0, 2).reshape(D, 2 * H * K)
+        qk = c(qk_in_BTD).reshape(B * T, D) @ c(W_QK_D2HK) + c(jnp.concatenate([b_Q, b_K])).reshape(-1)
+        qk_B2HTK = qk.reshape(B, T, 2 * H, K).transpose(0, 2, 1, 3)
+        q_BHTK, k_BHSK = qk_B2HTK[:, :H], qk_B2HTK[:, H:]
+        v = c(x_BTD).reshape(B * T, D) @ c(W_V.transpose(1, 0, 2).reshape(D, H * K)) + c(b_V).reshape(-1)
+        v_BHSK = v.reshape(B, T, H, K).transpose(0, 2, 1, 3)
         if self.smear_keys:
             alpha_H = self.param("smear", nn.initializers.constant(self.smear_init), (H,))
-            k_BSHK = smear(k_BSHK, alpha_H)
+            k_BHSK = smear(k_BHSK.swapaxes(1, 2), alpha_H).swapaxes(1, 2)
 
-        T = x_BTD.shape[1]
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / math.sqrt(K)
-        causal_TS = jnp.tril(jnp.ones((T, T), bool))
-        scores_BHTS = jnp.where(causal_TS, scores_BHTS.astype(jnp.float32), -1e30)
-        computed_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-        pattern = computed_BHTS if pattern_BHTS is None else pattern_BHTS
-
-        z_BTHK = jnp.einsum("bhts,bshk->bthk", c(pattern), v_BSHK)
+        z_BHTK, computed_BHTS = causal_attention(q_BHTK / math.sqrt(K), k_BHSK, v_BHSK)
+        if pattern_BHTS is not None:
+            z_BHTK = jnp.einsum("bhts,bhsk->bhtk", c(pattern_BHTS), v_BHSK)
+        z_BTHK = z_BHTK.swapaxes(1, 2)
         if mask_H is not None:
             m_H1 = c(mask_H)[:, None]
             fill = 0.0 if fill_THK is None else c(fill_THK)
             z_used = m_H1 * z_BTHK + (1 - m_H1) * fill
+            out_BTD = jnp.einsum("bthk,hkd->btd", z_used, c(W_O)) + c(b_O)
         else:
-            z_used = z_BTHK
-        out_BTD = jnp.einsum("bthk,hkd->btd", z_used, c(W_O)) + c(b_O)
+            out_BTD = (z_BTHK.reshape(B * T, H * K) @ c(W_O).reshape(H * K, D)).reshape(B, T, D) + c(b_O)
         return out_BTD, computed_BHTS, z_BTHK
 
 
@@ -168,5 +200,6 @@ def init_params(model: Transformer, rng):
 def loss_by_position(model, params, tokens_BT1, **interventions):
     """Cross-entropy [B, T] of predicting tokens[:, 1:] from tokens[:, :-1]."""
     logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1], **interventions)
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    return -jnp.take_along_axis(logp_BTV, tokens_BT1[:, 1:, None], axis=-1)[..., 0]
+    # logsumexp minus the target's logit: no [B, T, V] log-probabilities are materialised
+    target_BT = jnp.take_along_axis(logits_BTV, tokens_BT1[:, 1:, None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT

@@ -63,11 +63,11 @@ def test_analyze_writes_scores_figures_report(tiny_run, tmp_path):
 
 def test_notebook_example_in_docs_runs(tiny_run, monkeypatch):
     root, _ = tiny_run
-    text = (ROOT / "docs" / "measure.md").read_text()
+    text = (ROOT / "README.md").read_text()
     code = re.search(r"### In a notebook.*?```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(root)  # the example reads runs/2l
     namespace = {}
-    exec(compile(code, "docs/measure.md", "exec"), namespace)
+    exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["result"]["runs"]["2l"]["steps"][-1] == 20
     assert namespace["pm"].shape == (3, 2, 4)
     assert namespace["fig"].axes

@@ -1,0 +1,594 @@
+"""icl-jax bench: how fast training, scoring, ensembles, snapshots and data are here.
+
+Every figure is measured in one process together with what it is compared against,
+the candidates interleaved repeat by repeat so that a change in the machine's load
+hits all of them alike. Each row reports the median over --repeats timed repeats
+(after warm-up) and the spread (25th-75th percentile, min-max).
+
+    icl-jax bench                                   # the default suite
+    icl-jax bench --suite train --config configs/small.py:layers=2 --json out.json
+
+Model FLOPs are counted analytically (fwd+bwd = 3 x the forward's matmul FLOPs, the
+attention's T x S products counted in full, as PaLM and nanoGPT count them) and
+divided by the peak of a large matrix product timed in the same repeats (MFU).
+The count of what our blocked causal attention actually executes is cross-checked
+against XLA's cost analysis of the compiled step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_jax import config as config_lib, data as data_lib, train
+from icl_jax.model import QUERY_BLOCK, init_params, make_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = os.path.join(ROOT, "configs", "small.py")
+
+# The sizes of the default suite: the quick profile's models, a d_model 256 model at a
+# long context, and the paper's small shape (d_model 768, 12 heads) at a CPU-sized context.
+PRESETS = {
+    "small L1": ("layers=1", {}),
+    "small L2": ("layers=2", {}),
+    "small L3": ("layers=3", {}),
+    "d256 T512 L2": ("layers=2", {"model.d_model": 256, "model.context": 512,
+                                  "train.batch_size": 16}),
+    "d768 H12 T256 L2": ("layers=2", {"model.d_model": 768, "model.n_heads": 12,
+                                      "model.context": 256, "train.batch_size": 8}),
+}
+DEFAULT_TRAIN = ("small L2", "d256 T512 L2", "d768 H12 T256 L2")
+SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "all")
+
+
+# ----------------------------------------------------------------------------- timing
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1, min_s: float = 0.2) -> dict:
+    """{name: seconds per call [repeats]}; each repeat runs every fn in turn.
+
+    A fn is called `n` times per repeat, n chosen in warm-up so a repeat takes about
+    min_s; the time per call is the repeat's time over n.
+    """
+    reps = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        reps[name] = max(1, int(math.ceil(min_s / max(time.perf_counter() - t0, 1e-6))))
+    out = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            out[name].append((time.perf_counter() - t0) / reps[name])
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _stats(x):
+    x = np.asarray(x, np.float64)
+    return {"median": float(np.median(x)), "p25": float(np.percentile(x, 25)),
+            "p75": float(np.percentile(x, 75)), "min": float(x.min()), "max": float(x.max())}
+
+
+def _row(case, metric, values, unit, note="", scale=1.0):
+    """A table row from per-repeat values (already in `unit` after `scale`)."""
+    return {"case": case, "metric": metric, **_stats(np.asarray(values) * scale), "unit": unit,
+            "note": note, "load": os.getloadavg()[0]}
+
+
+def _note(case, metric, note):
+    return {"case": case, "metric": metric, "median": None, "unit": "", "note": note,
+            "load": os.getloadavg()[0]}
+
+
+def matmul_peak_fn(n: int | None = None):
+    """(fn, flops): one n^3 matrix product, float32 on CPU, bfloat16 on accelerators."""
+    platform_ = jax.devices()[0].platform
+    dtype = jnp.float32 if platform_ == "cpu" else jnp.bfloat16
+    n = n or (2048 if platform_ == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    return (lambda: f(a).block_until_ready()), 2 * n ** 3
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def forward_flops(m, batch: int, context: int, attention: str = "full") -> int:
+    """Matmul FLOPs of one forward pass of the model config `m` on [batch, context] tokens.
+
+    attention "full": the T x S score and value products counted in full (the usual
+    MFU convention); "executed": only the query blocks x keys that
+    model.causal_attention computes.
+    """
+    B, T, D, H, V = batch, context, m.d_model, m.n_heads, m.vocab_size
+    K = m.d_head or D // H
+    if attention == "full":
+        ts = T * T
+    else:
+        ts = sum((min(t0 + QUERY_BLOCK, T) - t0) * min(t0 + QUERY_BLOCK, T)
+                 for t0 in range(0, T, QUERY_BLOCK))
+    per_layer = 2 * B * T * D * H * K * 4  # W_Q, W_K, W_V, W_O
+    per_layer += 2 * 2 * B * H * ts * K  # q.k and pattern.v
+    if m.mlp:
+        per_layer += 2 * 2 * B * T * D * m.d_mlp
+    return m.n_layers * per_layer + 2 * B * T * D * V  # + unembedding
+
+
+def train_flops(m, batch: int, context: int, attention: str = "full") -> int:
+    """fwd + bwd: the backward pass costs two forward passes' matmuls."""
+    return 3 * forward_flops(m, batch, context, attention)
+
+
+def xla_flops(compiled) -> float | None:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    return None if not ca or "flops" not in ca else float(ca["flops"])
+
+
+# ----------------------------------------------------------------------------- configs
+
+def load_config(spec: str, overrides: dict | None = None):
+    """A validated config from 'file.py:arg' (or a PRESETS name) and field overrides."""
+    if spec in PRESETS:
+        arg, preset = PRESETS[spec]
+        spec, overrides = f"{SMALL}:{arg}", {**preset, **(overrides or {})}
+    config = config_lib.load(spec)
+    config_lib.override(config, {k: str(v) for k, v in (overrides or {}).items()})
+    return config_lib.validate(config)
+
+
+def _name(config):
+    m, t = config.model, config.train
+    return f"L{m.n_layers} d{m.d_model} H{m.n_heads} T{m.context} B{t.batch_size}"
+
+
+def _batch(config, k: int | None = None, step: int = 0):
+    source = data_lib.make_source(config)
+    B, S = config.train.batch_size, config.model.context + 1
+    if k is None:
+        return source.batch(step, B, S)
+    return np.stack([source.batch(step + i, B, S) for i in range(k)])
+
+
+class JaxTrainer:
+    """Our compiled training step on a fixed batch; call() runs one step and waits."""
+
+    def __init__(self, config, ensemble: int | None = None):
+        self.config, t = config, config.train
+        self.model = make_model(config.model)
+        self.tx = train.make_optimizer(t)
+        mesh = train.make_mesh()
+        self.step = train.make_train_step(self.model, self.tx, mesh, t, ensemble=bool(ensemble))
+        if ensemble:
+            states = [train.init_state(self.model, self.tx, config.seed + i, t)
+                      for i in range(ensemble)]
+            state = jax.tree.map(lambda *a: jnp.stack(a), *states)
+            spec = jax.sharding.PartitionSpec(None, "data")
+        else:
+            state = train.init_state(self.model, self.tx, config.seed, t)
+            spec = jax.sharding.PartitionSpec("data")
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.state = jax.device_put(state, rep)
+        self.batch = jax.device_put(_batch(config, ensemble),
+                                    jax.sharding.NamedSharding(mesh, spec))
+        self.compiled = self.step.lower(self.state, self.batch).compile()
+
+    def __call__(self):
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(metrics)
+
+    def memory_bytes(self) -> int | None:
+        mem = self.compiled.memory_analysis()
+        if mem is None:
+            return None
+        return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def torch_reference_class():
+    """The same architecture as a plain PyTorch module (attention-only or with MLP, no
+    LayerNorm, no smeared keys), with our parameter names and layouts."""
+    import torch
+    import torch.nn.functional as F
+
+    class TorchTransformer(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            D, H, V = m.d_model, m.n_heads, m.vocab_size
+            K = m.d_head or D // H
+            self.m, self.H, self.K = m, H, K
+            P = lambda *shape, std=None: torch.nn.Parameter(  # noqa: E731
+                torch.randn(*shape) * std if std else torch.zeros(*shape))
+            self.W_E, self.W_pos = P(V, D, std=1.0), P(m.context, D, std=m.pos_init_std)
+            self.blocks = torch.nn.ModuleList()
+            for _ in range(m.n_layers):
+                b = torch.nn.Module()
+                for n in ("W_Q", "W_K", "W_V"):
+                    setattr(b, n, P(H, D, K, std=D ** -0.5))
+                b.W_O = P(H, K, D, std=(H * K) ** -0.5)
+                b.b_Q, b.b_K, b.b_V, b.b_O = P(H, K), P(H, K), P(H, K), P(D)
+                if m.mlp:
+                    b.W_in, b.W_out = torch.nn.Linear(D, m.d_mlp), torch.nn.Linear(m.d_mlp, D)
+                self.blocks.append(b)
+            self.W_U, self.b_U = P(D, V, std=D ** -0.5), P(V)
+
+        def forward(self, tokens_BT):
+            B, T = tokens_BT.shape
+            x = self.W_E[tokens_BT]
+            pos = self.W_pos[:T]
+            if self.m.positions == "residual":
+                x = x + pos
+            for b in self.blocks:
+                qk_in = x + pos if self.m.positions == "shortformer" else x
+                q = torch.einsum("btd,hdk->bhtk", qk_in, b.W_Q) + b.b_Q[:, None]
+                k = torch.einsum("btd,hdk->bhtk", qk_in, b.W_K) + b.b_K[:, None]
+                v = torch.einsum("btd,hdk->bhtk", x, b.W_V) + b.b_V[:, None]
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                x = x + torch.einsum("bhtk,hkd->btd", z, b.W_O) + b.b_O
+                if self.m.mlp:
+                    x = x + b.W_out(F.gelu(b.W_in(x), approximate="tanh"))
+            return x @ self.W_U + self.b_U
+
+    return TorchTransformer
+
+
+def torch_reference(m, params=None):
+    """A TorchTransformer for model config m, with our params copied in when given."""
+    import torch
+    if m.layer_norm or m.smear_keys:
+        raise NotImplementedError("the PyTorch reference has no LayerNorm and no smeared keys")
+    net = torch_reference_class()(m)
+    if params is not None:
+        with torch.no_grad():
+            t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731
+            for n in ("W_E", "W_pos", "W_U", "b_U"):
+                getattr(net, n).copy_(t(params[n]))
+            for i, b in enumerate(net.blocks):
+                p = params[f"block_{i}"]
+                for n, v in p["attn"].items():
+                    getattr(b, n).copy_(t(v))
+                if m.mlp:
+                    for n in ("W_in", "W_out"):
+                        getattr(b, n).weight.copy_(t(p["mlp"][n]["kernel"]).T)
+                        getattr(b, n).bias.copy_(t(p["mlp"][n]["bias"]))
+    return net
+
+
+def transformer_lens_model(m):
+    """TransformerLens 3.x HookedTransformer of the same shape (attention-only, no LN)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    if m.mlp or m.layer_norm or m.smear_keys:
+        raise NotImplementedError("the TransformerLens row is attention-only without LayerNorm")
+    cfg = HookedTransformerConfig(
+        n_layers=m.n_layers, d_model=m.d_model, n_ctx=m.context, n_heads=m.n_heads,
+        d_head=m.d_head or m.d_model // m.n_heads, d_vocab=m.vocab_size, attn_only=True,
+        act_fn="gelu", normalization_type=None,
+        positional_embedding_type="shortformer" if m.positions == "shortformer" else "standard",
+        device="cpu", seed=0)
+    return HookedTransformer(cfg)
+
+
+def torch_trainer(net, config, compile_: bool = False):
+    """A standard PyTorch AdamW loop (with the config's clipping) on a fixed batch."""
+    import torch
+    import torch.nn.functional as F
+    t = config.train
+    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=(t.b1, t.b2),
+                            weight_decay=t.weight_decay)
+    fwd = torch.compile(net) if compile_ else net
+    tokens = torch.from_numpy(_batch(config).astype(np.int64))
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        logits = fwd(inp)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+TORCH_THREADS = [None]  # None: every core; set by run(torch_threads=...)
+
+
+def _torch_candidates(config, rows, case):
+    """{name: step fn} of the PyTorch rows that can run here; a note row for each that can't."""
+    out = {}
+    try:
+        import torch
+    except ImportError:
+        rows.append(_note(case, "PyTorch rows", "torch not installed (pip install "
+                          "'icl_jax[bench]')"))
+        return out
+    m = config.model
+    try:
+        out["torch eager"] = torch_trainer(torch_reference(m), config)
+        out["torch.compile"] = torch_trainer(torch_reference(m), config, compile_=True)
+    except NotImplementedError as e:
+        rows.append(_note(case, "PyTorch rows", f"skipped: {e}"))
+    try:
+        out["TransformerLens"] = torch_trainer(transformer_lens_model(m), config)
+    except ImportError:
+        rows.append(_note(case, "TransformerLens", "transformer_lens not installed "
+                          "(pip install 'icl_jax[bench]')"))
+    except NotImplementedError as e:
+        rows.append(_note(case, "TransformerLens", f"skipped: {e}"))
+    # With every core busy elsewhere, OpenMP's spinning barriers can make 2 threads 10-30x
+    # slower than 1; --torch-threads picks the count.
+    torch.set_num_threads(TORCH_THREADS[0] or os.cpu_count() or 1)
+    for name, fn in list(out.items()):
+        try:
+            fn()  # torch.compile can fail without a C++ toolchain: skip, don't crash
+        except Exception as e:  # noqa: BLE001
+            rows.append(_note(case, name, f"skipped: {type(e).__name__}: {str(e)[:120]}"))
+            del out[name]
+    return out
+
+
+# ----------------------------------------------------------------------------- suites
+
+def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
+    """Tokens/s and MFU of our step; PyTorch, torch.compile and TransformerLens beside it."""
+    case, rows = _name(config), []
+    m, t = config.model, config.train
+    tokens = t.batch_size * m.context
+    ours = JaxTrainer(config)
+    peak_fn, peak_flops = matmul_peak_fn()
+    flops = train_flops(m, t.batch_size, m.context)
+    executed = train_flops(m, t.batch_size, m.context, "executed")
+    xla = xla_flops(ours.compiled)  # of the per-device program of the data-parallel step
+    xla = xla and xla * jax.device_count()
+    fns = {"peak": peak_fn, "jax": ours}
+    if torch_rows:
+        fns.update(_torch_candidates(config, rows, case))
+    times = interleaved(fns, repeats)
+    peak = peak_flops / times["peak"]
+    rows.append(_row(case, "matmul peak", peak, "GFLOP/s", "2048^3 float32 in the same repeats"
+                     if jax.devices()[0].platform == "cpu" else "bf16 matmul", 1e-9))
+    rows.append(_row(case, "jax train", tokens / times["jax"], "tok/s",
+                     f"{times['jax'].min() * 1e3:.1f} ms/step at best"))
+    rows.append(_row(case, "jax MFU", flops / times["jax"] / peak, "%",
+                     f"{flops / 1e9:.2f} GFLOP/step (full T x S)", 100))
+    if xla:
+        rows.append({**_note(case, "FLOPs check", f"executed analytic {executed / 1e9:.3f} vs "
+                             f"XLA cost analysis {xla / 1e9:.3f} GFLOP/step "
+                             f"({100 * (xla / executed - 1):+.1f}%)"),
+                     "analytic_executed": executed, "xla": xla, "analytic_full": flops})
+    for name in fns:
+        if name in ("peak", "jax"):
+            continue
+        rows.append(_row(case, f"{name} train", tokens / times[name], "tok/s"))
+        rows.append(_row(case, f"jax / {name}", times[name] / times["jax"], "x",
+                         "tokens/s ratio, per repeat"))
+    return rows
+
+
+def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
+    """All snapshots scored in one vmapped call against a Python loop over snapshots."""
+    from icl_jax import analysis, scores
+    case, rows = f"{_name(config)} x{n_snapshots} snapshots", []
+    model, e, c = make_model(config.model), config.eval, config
+    trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    source = data_lib.make_source(c)
+    inputs = (source.eval_set(e.n_examples, c.model.context + 1),
+              scores.make_probe(source.token_frequencies(), e.probe_tokens, e.probe_repeats,
+                                e.probe_sequences, e.probe_exclude_frac, e.bos_token, c.seed),
+              scores.pca_token_indices(e.n_examples, c.model.context, c.seed))
+    inputs = tuple(jnp.asarray(x) for x in inputs)
+    key = (json.dumps(model.cfg, sort_keys=True), e.icl_early_index, e.icl_late_index,
+           e.probe_tokens, "pattern")
+    vmapped, single = analysis._scorer(*key, True), analysis._scorer(*key, False)
+    times = interleaved({
+        "vmapped": lambda: jax.block_until_ready(vmapped(stacked, *inputs)),
+        "loop": lambda: [jax.block_until_ready(single(p, *inputs)) for p in trees],
+    }, repeats, min_s=0)
+    rows.append(_row(case, "score vmapped", times["vmapped"], "s"))
+    rows.append(_row(case, "score loop", times["loop"], "s"))
+    rows.append(_row(case, "loop / vmapped", times["loop"] / times["vmapped"], "x"))
+    return rows
+
+
+def bench_ensemble(config, repeats: int, sizes=(4, 8)) -> list:
+    """K members in one vmapped step against K sequential steps of one member."""
+    case, rows = _name(config), []
+    tokens = config.train.batch_size * config.model.context
+    single = JaxTrainer(config)
+    ens = {k: JaxTrainer(config, ensemble=k) for k in sizes}
+    fns = {"single": single, **{f"K={k}": e for k, e in ens.items()}}
+    times = interleaved(fns, repeats)
+    for k in sizes:
+        rows.append(_row(case, f"ensemble K={k}", k * tokens / times[f"K={k}"], "tok/s"))
+        rows.append(_row(case, f"K={k} vmapped / sequential", k * times["single"] /
+                         times[f"K={k}"], "x", "tokens/s ratio"))
+    mem = {k: e.memory_bytes() for k, e in ens.items()}
+    if all(mem.values()) and len(sizes) >= 2:
+        k0, k1 = sizes[0], sizes[-1]
+        per = (mem[k1] - mem[k0]) / (k1 - k0)
+        base = mem[k0] - k0 * per
+        avail = _available_memory()
+        if per > 0 and avail:
+            k_max = int((0.8 * avail - base) // per)
+            rows.append(_note(case, "largest ensemble", f"K <= {k_max:,} by the compiled step's "
+                              f"memory ({per / 2**20:.2f} MiB per member, 80% of "
+                              f"{avail / 2**30:.1f} GiB available)"))
+    return rows
+
+
+def _available_memory():
+    try:
+        stats = jax.devices()[0].memory_stats()
+        if stats and "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+
+
+def bench_checkpoint(config, repeats: int) -> list:
+    """Step-time overhead of asynchronous orbax snapshots at the default schedule."""
+    from icl_jax import checkpoints
+    case, rows = _name(config), []
+    t, ck = config.train, config.checkpoint
+    ours = JaxTrainer(config)
+    every = ck.every
+    tmp = tempfile.mkdtemp(prefix="icl_jax_bench_")
+    store = checkpoints.Store(tmp, 0, True)
+    config_dict = config.to_dict()
+    counter = [0]
+
+    def run(save: bool):
+        def go():
+            for _ in range(every):
+                ours()
+            if save:  # one snapshot per `every` steps, as the default schedule keeps
+                counter[0] += 1
+                store.save(counter[0], ours.state, config_dict, force=True)
+        return go
+
+    try:
+        times = interleaved({"no snapshots": run(False), "snapshots": run(True)}, repeats,
+                            min_s=0)
+        # the last asynchronous save still running is waited for, as the trainer does at exit
+        t0 = time.perf_counter()
+        store.wait()
+        tail = time.perf_counter() - t0
+    finally:
+        store.close()
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    per_save = times["snapshots"] - times["no snapshots"]
+    rows.append(_row(case, "step, no snapshots", times["no snapshots"] / every, "ms", scale=1e3))
+    rows.append(_row(case, "step, async snapshots", times["snapshots"] / every, "ms",
+                     f"one every {every} steps", 1e3))
+    n_snap = len(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
+    overhead = (n_snap * per_save + tail) / (t.steps * times["no snapshots"] / every)
+    rows.append(_row(case, "snapshot overhead", overhead, "%",
+                     f"{n_snap} snapshots in {t.steps} steps (default schedule)", 100))
+    return rows
+
+
+def bench_data(config, repeats: int) -> list:
+    """The synthetic data pipeline's tokens/s against the training step's."""
+    case, rows = _name(config), []
+    t, m = config.train, config.model
+    source = data_lib.make_source(config)
+    tokens = t.batch_size * m.context
+    ours = JaxTrainer(config)
+    step = [0]
+
+    def batch():
+        step[0] += 1
+        source.batch(step[0], t.batch_size, m.context + 1)
+
+    times = interleaved({"data": batch, "train": ours}, repeats)
+    rows.append(_row(case, f"data ({config.data.name})", tokens / times["data"], "tok/s"))
+    rows.append(_row(case, "data / train", times["train"] / times["data"], "x",
+                     "how many times faster than training consumes it"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str | None = None,
+        torch_rows: bool = True, torch_threads: int | None = None, overrides=None,
+        out=None) -> dict:
+    """Runs a suite, prints its table, writes JSON if asked; returns {"meta", "rows"}."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
+    TORCH_THREADS[0] = torch_threads
+    out = out or sys.stdout
+    specs = list(configs or [])
+    train_configs = [load_config(s, overrides) for s in (specs or DEFAULT_TRAIN)]
+    small = load_config(specs[0] if specs else "small L2", overrides)
+    meta = {"devices": [str(d) for d in jax.devices()], "platform": jax.devices()[0].platform,
+            "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
+            "loadavg_start": os.getloadavg(), "repeats": repeats, "suite": suite,
+            "command": " ".join(["icl-jax", "bench"] + sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+            else None}
+    try:
+        import torch
+        meta["torch"] = torch.__version__
+        meta["torch_threads"] = torch_threads or os.cpu_count()
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+        meta["transformer_lens"] = version("transformer_lens")
+    except Exception:  # noqa: BLE001
+        pass
+    rows = []
+    parts = {"train", "score", "ensemble", "checkpoint", "data"} if suite in ("default", "all") \
+        else {suite}
+    def emit(new):
+        rows.extend(new)
+        for r in new:
+            print(format_row(r), file=out, flush=True)
+
+    print(header(), file=out, flush=True)
+    if "train" in parts:
+        for c in train_configs:
+            emit(bench_train(c, repeats, torch_rows))
+    if "score" in parts:
+        emit(bench_score(small, repeats))
+    if "ensemble" in parts:
+        emit(bench_ensemble(small, repeats))
+    if "checkpoint" in parts:
+        emit(bench_checkpoint(small, repeats))
+    if "data" in parts:
+        emit(bench_data(small, repeats))
+    meta["loadavg_end"] = os.getloadavg()
+    print(f"\n{meta['platform']} x{len(meta['devices'])}, {meta['cpu_count']} cores, jax "
+          f"{meta['jax']}; load average {meta['loadavg_start'][0]:.2f} at start, "
+          f"{meta['loadavg_end'][0]:.2f} at end; median of {repeats} repeats", file=out)
+    result = {"meta": meta, "rows": rows}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def header():
+    return (f"| {'case':30s} | {'metric':28s} | {'median':>12s} | {'IQR':>23s} | "
+            f"{'min - max':>23s} | unit    | load | note\n|{'-' * 32}|{'-' * 30}|{'-' * 14}|"
+            f"{'-' * 25}|{'-' * 25}|---------|------|-----")
+
+
+def _fmt(x):
+    if x is None:
+        return ""
+    a = abs(x)
+    return f"{x:,.0f}" if a >= 1000 else f"{x:.1f}" if a >= 10 else f"{x:.2f}" if a >= 0.1 \
+        else f"{x:.3g}"
+
+
+def format_row(r):
+    if r.get("median") is None:
+        return (f"| {r['case']:30s} | {r['metric']:28s} | {'':>12s} | {'':>23s} | {'':>23s} | "
+                f"{'':7s} | {r['load']:4.1f} | {r['note']}")
+    iqr = f"{_fmt(r['p25'])} - {_fmt(r['p75'])}"
+    mm = f"{_fmt(r['min'])} - {_fmt(r['max'])}"
+    return (f"| {r['case']:30s} | {r['metric']:28s} | {_fmt(r['median']):>12s} | {iqr:>23s} | "
+            f"{mm:>23s} | {r['unit']:7s} | {r['load']:4.1f} | {r['note']}")

@@ -1,0 +1,513 @@
+"""icl-jax sweep: many configs, one workdir each, trained N at a time, indexed in sweep.json.
+
+A sweep file (configs/sweeps/*.py) has get_sweep(arg) returning
+  base:      a config spec, "configs/small.py:layers=2" (relative to the repo root or cwd)
+  overrides: {field: value} for every member
+  members:   {name: {"arg": config arg replacing the base's, "overrides": {field: value}}}
+             (product() below builds members from a grid).
+Every member's config is resolved and validated before anything starts. Each member
+trains in <workdir>/<name> in its own `python -m icl_jax train` process (so that N
+run at a time and one crash does not end the sweep), logging to <name>/train.log.
+Finished members are skipped, unfinished ones resume. <workdir>/sweep.json is the
+index, rewritten atomically whenever a member starts or ends.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from icl_jax import config as config_lib
+from icl_jax.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INDEX = "sweep.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+# Fields ensemble members may differ in (train.ENSEMBLE_FREE says the same); "data." is a prefix.
+ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_after", "data.")
+
+
+# ----------------------------------------------------------------------------- sweep files
+
+def _fmt(value) -> str:
+    """A value as text, for --config.x=<text> and member names: 1e-3, true, 0.5."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if value != 0 and not 1e-2 <= abs(value) < 1e4:
+            mantissa, exp = f"{value:e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+        return f"{value:g}"
+    return str(value)
+
+
+def product(grid: dict, arg: str | None = None, overrides: dict | None = None) -> dict:
+    """Members for every combination of a grid, named by its values in grid order.
+
+    product({"train.lr": [1e-3, 3e-3], "seed": [0, 1]}) ->
+      {"lr=1e-3_seed=0": {"arg": None, "overrides": {"train.lr": 0.001, "seed": 0}}, ...}
+    """
+    short = {k: k.rsplit(".", 1)[-1] for k in grid}
+    if len(set(short.values())) < len(short):  # two fields share a last name: spell them out
+        short = {k: k for k in grid}
+    members = {}
+    for values in itertools.product(*grid.values()):
+        name = "_".join(f"{short[k]}={_fmt(v)}" for k, v in zip(grid, values))
+        members[name] = {"arg": arg, "overrides": {**(overrides or {}), **dict(zip(grid, values))}}
+    return members
+
+
+def _find(path: str) -> str:
+    """A path as given if it exists here, else relative to the repo root."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    in_repo = os.path.join(REPO, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
+def load_sweep(spec: str) -> dict:
+    """'configs/sweeps/paper_small.py:attn' -> {"base", "overrides", "members"} (plain dicts)."""
+    path, _, arg = spec.partition(":")
+    path = _find(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"sweep file {path!r} does not exist")
+    mod_spec = importlib.util.spec_from_file_location("_icl_jax_sweep", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # a broken sweep file is the user's mistake
+        raise ConfigError(f"sweep file {path!r} failed to load: {e}") from None
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"sweep file {path!r} has no get_sweep(arg) function")
+    try:
+        sweep = module.get_sweep(arg or None)
+    except ValueError as e:
+        raise ConfigError(f"sweep file {path!r}: {e}") from None
+    if hasattr(sweep, "to_dict"):
+        sweep = sweep.to_dict()
+    unknown = set(sweep) - {"base", "overrides", "members"}
+    if unknown or "base" not in sweep or not sweep.get("members"):
+        raise ConfigError(f"sweep file {path!r}: get_sweep must return base, members and "
+                          f"optionally overrides" + (f"; unknown: {sorted(unknown)}" if unknown
+                                                     else ""))
+    return {"base": sweep["base"], "overrides": dict(sweep.get("overrides") or {}),
+            "members": dict(sweep["members"])}
+
+
+# ----------------------------------------------------------------------------- members
+
+class Member:
+    """One run of a sweep: its name, config spec, overrides (as text) and validated config."""
+
+    def __init__(self, name, spec, overrides, config, workdir):
+        self.name, self.spec, self.overrides = name, spec, overrides
+        self.config, self.workdir = config, workdir
+
+    def command(self) -> list[str]:
+        return ([sys.executable, "-m", "icl_jax", "train", "--config", self.spec,
+                 "--workdir", self.workdir]
+                + [f"--config.{k}={v}" for k, v in self.overrides.items()])
+
+    def __repr__(self):
+        return f"Member({self.name!r}, {self.spec!r}, {self.overrides})"
+
+
+def resolve(spec: str, workdir: str, overrides: dict | None = None,
+            members: list[str] | None = None) -> list[Member]:
+    """Every selected member with its validated config; a bad one is a ConfigError naming it.
+
+    overrides (text, from --config.x=y) apply to every member, after the sweep's own.
+    """
+    sweep = load_sweep(spec)
+    base_path, _, base_arg = sweep["base"].partition(":")
+    base_path = _find(base_path)
+    names = list(sweep["members"])
+    if members:
+        unknown = [n for n in members if n not in sweep["members"]]
+        if unknown:
+            raise ConfigError(f"unknown sweep member(s) {', '.join(map(repr, unknown))}; "
+                              f"members: {', '.join(names)}")
+        names = [n for n in names if n in members]
+    out = []
+    for name in names:
+        entry = sweep["members"][name] or {}
+        if not isinstance(name, str) or not _NAME.match(name) or name == "analysis":
+            raise ConfigError(f"sweep member name {name!r} must be a folder name of letters, "
+                              "digits and ._=+- (and not 'analysis')")
+        extra = set(entry) - {"arg", "overrides"}
+        if extra:
+            raise ConfigError(f"sweep member {name!r}: unknown key(s) {sorted(extra)}; "
+                              "valid: arg, overrides")
+        arg = entry.get("arg")
+        arg = base_arg if arg is None else arg
+        member_spec = f"{base_path}:{arg}" if arg else base_path
+        texts = {k: _fmt(v) for k, v in {**sweep["overrides"],
+                                         **(entry.get("overrides") or {})}.items()}
+        texts.update({k: str(v) for k, v in (overrides or {}).items()})
+        try:
+            config = config_lib.load(member_spec)
+            config_lib.override(config, texts)
+            config_lib.validate(config)
+        except ConfigError as e:
+            raise ConfigError(f"sweep member {name!r}: {e.args[0]}") from None
+        out.append(Member(name, member_spec, texts, config, os.path.join(workdir, name)))
+    return out
+
+
+def ensemble_key(config) -> str:
+    """Configs with equal keys can train as one vmapped ensemble: equal in everything but
+    seed, train.lr, train.weight_decay(_after) and data fields (so equal model shapes)."""
+    flat = _flatten(config.to_dict() if hasattr(config, "to_dict") else config)
+    kept = {k: v for k, v in flat.items()
+            if not (k in ENSEMBLE_FREE or k.startswith(tuple(f for f in ENSEMBLE_FREE
+                                                             if f.endswith("."))))}
+    return json.dumps(kept, sort_keys=True)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- state on disk
+
+def newest_snapshot(workdir: str) -> int | None:
+    """The newest finished snapshot step; orbax renames a save's tmp folder to <step> last."""
+    try:
+        steps = [int(n) for n in os.listdir(os.path.join(workdir, "snapshots")) if n.isdigit()]
+    except OSError:
+        return None
+    return max(steps) if steps else None
+
+
+def finished(member: Member) -> bool:
+    """Its newest snapshot is the last step and its workdir holds this very config."""
+    if newest_snapshot(member.workdir) != member.config.train.steps:
+        return False
+    try:
+        with open(os.path.join(member.workdir, "config.json")) as f:
+            return json.load(f) == json.loads(member.config.to_json())
+    except (OSError, ValueError):
+        return False
+
+
+def _now():
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+class Index:
+    """<workdir>/sweep.json, one entry per member; written by process 0 only, atomically."""
+
+    def __init__(self, workdir: str, spec: str, members: list[Member]):
+        self.path = os.path.join(workdir, INDEX)
+        self.enabled = _process_id() == 0
+        old = {}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    old = json.load(f).get("members", {})
+            except (OSError, ValueError):
+                old = {}
+        self.data = {"sweep": spec, "workdir": workdir, "members": old}
+        self.mine = [m.name for m in members]
+        for m in members:
+            entry = old.get(m.name, {})
+            entry.update({"workdir": m.workdir, "config": m.spec, "overrides": m.overrides,
+                          "command": shlex.join(m.command()), "steps": m.config.train.steps,
+                          "last_step": newest_snapshot(m.workdir)})
+            entry.setdefault("status", "pending")
+            if entry["status"] == "running":  # a sweep that was killed left it so
+                entry["status"] = "pending"
+            self.data["members"][m.name] = entry
+
+    def update(self, name: str, **fields):
+        self.data["members"][name].update(fields)
+        self.write()
+
+    def write(self):
+        """Merges this sweep's members into the file under a lock: several sweeps (a SLURM
+        array, one member each) may share one index."""
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(self.path) as f:
+                    on_disk = json.load(f)
+            except (OSError, ValueError):
+                on_disk = {}
+            merged = {**on_disk, **{k: v for k, v in self.data.items() if k != "members"}}
+            merged["members"] = {**on_disk.get("members", {}),
+                                 **{n: self.data["members"][n] for n in self.mine}}
+            merged["updated"] = _now()
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(merged, f, indent=1)
+            os.replace(tmp, self.path)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _process_id() -> int:
+    from icl_jax import distributed
+    return distributed.env_process_id()
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(os.path.getsize(path) - 4096, 0))
+            lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+        errors = [l for l in lines if l.startswith("error:")]
+        return (errors or lines or [""])[-1].strip()[:300]
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _accelerator_present() -> bool:
+    """Without importing jax (which would take the accelerator from the children)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() not in ("cpu", "")
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/kfd", "/dev/accel0"))
+
+
+def child_env(jobs: int) -> dict:
+    """The environment of one member's process when `jobs` run at once.
+
+    On CPU each child gets a single-threaded XLA (Eigen) so that N children share the
+    cores instead of fighting over them (pinning each to a core measured no better: the
+    kernel balances better than a fixed split on a shared machine); on a GPU each gets
+    1/N of its memory.
+    """
+    env = dict(os.environ)
+    if jobs > 1:
+        if _accelerator_present():
+            env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.2f}")
+        elif "xla_cpu_multi_thread_eigen" not in env.get("XLA_FLAGS", ""):
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                                + " --xla_cpu_multi_thread_eigen=false").strip()
+    return env
+
+
+class _Stop:
+    """SIGTERM / SIGINT: start nothing new, pass SIGTERM on (children snapshot), wait."""
+
+    def __init__(self):
+        self.received, self.children, self._old = None, [], {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        for p in self.children:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _run_pool(members, index, jobs, progress, say):
+    """Runs each member's train process, `jobs` at a time; updates the index as they go."""
+    env = child_env(jobs)
+    queue, running = list(members), {}
+    last_report = time.time()
+    with _Stop() as stop:
+        while queue or running:
+            while queue and len(running) < jobs and not stop.received:
+                m = queue.pop(0)
+                os.makedirs(m.workdir, exist_ok=True)
+                log = open(os.path.join(m.workdir, "train.log"), "a")
+                log.write(f"\n# {_now()} {shlex.join(m.command())}\n")
+                log.flush()
+                proc = subprocess.Popen(m.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, stdin=subprocess.DEVNULL)
+                stop.children.append(proc)
+                running[m.name] = (m, proc, time.time(), log)
+                index.update(m.name, status="running", started=_now(), pid=proc.pid,
+                             exit_code=None, error=None)
+                resume = newest_snapshot(m.workdir)
+                say(f"[{m.name}] started ({m.config.train.steps} steps"
+                    + (f", resuming at {resume}" if resume else "")
+                    + f"; log {m.workdir}/train.log)")
+            time.sleep(0.5)
+            for name in list(running):
+                m, proc, t0, log = running[name]
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                wall, step = time.time() - t0, newest_snapshot(m.workdir)
+                done = proc.returncode == 0 and finished(m)
+                status = "done" if done else ("pending" if proc.returncode == 0 else "failed")
+                error = None if proc.returncode == 0 else _last_line(log.name)
+                index.update(name, status=status, exit_code=proc.returncode, last_step=step,
+                             wall_s=round(wall, 1), ended=_now(), error=error, pid=None)
+                if done:
+                    say(f"[{name}] done in {wall:.0f} s (step {step})")
+                elif status == "pending":
+                    say(f"[{name}] stopped at step {step}; run the sweep again to resume")
+                else:
+                    say(f"[{name}] FAILED with exit code {proc.returncode} after {wall:.0f} s: "
+                        f"{error or 'see ' + log.name}")
+            if running and progress and time.time() - last_report > 60:
+                last_report = time.time()
+                say("running: " + ", ".join(
+                    f"{n} step {_metrics_step(m.workdir)}/{m.config.train.steps}"
+                    for n, (m, *_) in running.items()))
+    return stop.received
+
+
+def _metrics_step(workdir: str):
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+            f.seek(max(os.path.getsize(f.name) - 2048, 0))
+            return json.loads(f.read().decode().strip().splitlines()[-1])["step"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return "?"
+
+
+def _run_ensemble(group, index, progress, say):
+    """One group of compatible members in this process, through train.train_ensemble."""
+    from icl_jax import data, distributed, train
+    distributed.maybe_initialize()
+    names = [m.name for m in group]
+    for m in group:
+        index.update(m.name, status="running", started=_now(), exit_code=None, error=None)
+    say(f"[{', '.join(names)}] training in this process"
+        + (" as one ensemble" if len(group) > 1 else ""))
+    t0 = time.time()
+    try:
+        if len(group) == 1:
+            train.train_and_evaluate(group[0].config, group[0].workdir, progress=progress)
+        else:
+            train.train_ensemble([m.config for m in group], [m.workdir for m in group],
+                                 progress=progress)
+        error = None
+    except (ConfigError, data.DataError, train.TrainingError, OSError) as e:
+        error = e.args[0] if e.args else str(e)
+    wall = time.time() - t0
+    for m in group:
+        ok = error is None and finished(m)
+        status = "done" if ok else ("failed" if error else "pending")
+        index.update(m.name, status=status, exit_code=None if error is None else 1,
+                     last_step=newest_snapshot(m.workdir), wall_s=round(wall, 1),
+                     ended=_now(), error=error)
+    say(f"[{', '.join(names)}] " + (f"done in {wall:.0f} s" if error is None
+                                    else f"FAILED: {error}"))
+
+
+# ----------------------------------------------------------------------------- the command
+
+def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
+              members: list[str] | None = None, ensemble: bool = False, dry_run: bool = False,
+              overrides: dict | None = None, progress: bool = True) -> dict:
+    """Trains every (selected) member of the sweep `spec` in <workdir>/<name>.
+
+    Returns the index (what sweep.json holds); with dry_run, prints the commands and
+    starts nothing.
+    """
+    from icl_jax import distributed
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    multihost = distributed.requested() is not None
+    if multihost and jobs > 1:
+        raise ConfigError("--jobs must be 1 in a multi-host run: every member's processes "
+                          "join the one coordinator in turn")
+    selected = resolve(spec, workdir, overrides, members)  # every config error first
+
+    def say(text):
+        if progress and _process_id() == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    todo = [m for m in selected if not finished(m)]
+    groups, singles = [], list(todo)
+    if ensemble:
+        by_key = {}
+        for m in todo:
+            by_key.setdefault(ensemble_key(m.config), []).append(m)
+        groups = [g for g in by_key.values() if len(g) > 1]
+        singles = [m for g in by_key.values() if len(g) == 1 for m in g]
+        if groups and not _has_train_ensemble():
+            print("note: icl_jax.train has no train_ensemble; training ensemble members one "
+                  "by one", file=sys.stderr)
+            singles, groups = todo, []
+        elif multihost:  # every member runs in this (distributed) process, one at a time
+            groups += [[m] for m in singles]
+            singles = []
+
+    if dry_run:
+        for m in selected:
+            if m not in todo:
+                print(f"# {m.name}: finished (step {m.config.train.steps}), skipped")
+        for g in groups:
+            print(f"# ensemble {', '.join(m.name for m in g)}: one process, "
+                  "icl_jax.train.train_ensemble(configs, workdirs)")
+            for m in g:
+                print("#   " + shlex.join(m.command()))
+        if singles and jobs > 1:
+            print(f"# {jobs} at a time, each with: XLA_FLAGS="
+                  f"{shlex.quote(child_env(jobs).get('XLA_FLAGS', ''))}")
+        for m in singles:
+            print(shlex.join(m.command()))
+        return {"members": {m.name: {"status": "done" if m not in todo else "pending",
+                                     "command": shlex.join(m.command())} for m in selected}}
+
+    index = Index(workdir, spec, selected)
+    for m in selected:
+        if m not in todo:
+            index.data["members"][m.name].update(status="done", last_step=m.config.train.steps)
+    index.write()
+    say(f"sweep {spec}: {len(selected)} member(s), {len(selected) - len(todo)} already "
+        f"finished; {len(todo)} to train ({jobs} at a time) in {workdir}")
+    t0 = time.time()
+    for g in groups:
+        _run_ensemble(g, index, progress, say)
+    interrupted = _run_pool(singles, index, jobs, progress, say) if singles else None
+
+    states = {m.name: index.data["members"][m.name]["status"] for m in selected}
+    counts = {s: sum(v == s for v in states.values()) for s in ("done", "pending", "failed")}
+    say(f"sweep: {counts['done']} done, {counts['pending']} pending, {counts['failed']} failed "
+        f"in {time.time() - t0:.0f} s; index {index.path}"
+        + (f" (stopped by {interrupted})" if interrupted else ""))
+    if analyze and not interrupted:
+        done = [m.workdir for m in selected if states[m.name] == "done"]
+        if done:
+            from icl_jax import analysis
+            result = analysis.analyze(done, out=os.path.join(workdir, "analysis"),
+                                      progress=progress)
+            index.data["analysis"] = result["out"]
+            index.write()
+            say(f"analysis of {len(done)} member(s): {result['out']}/report.html")
+        else:
+            say("no finished member to analyse")
+    return index.data
+
+
+def _has_train_ensemble() -> bool:
+    from icl_jax import train
+    return hasattr(train, "train_ensemble")

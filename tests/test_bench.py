@@ -1,0 +1,89 @@
+"""icl-jax bench: its FLOP count, its PyTorch reference and its command line (no timings)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_jax import bench, cli, train
+from icl_jax.model import causal_attention, init_params, make_model
+from conftest import ROOT, tiny_config
+
+TINY = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.context=64",
+        "--config.model.vocab_size=32", "--config.train.batch_size=8"]
+
+
+def test_blocked_causal_attention_equals_one_block_at_a_ragged_length():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 150, 8)) for i in range(3))
+    z, pattern = causal_attention(q, k, v, block=64)
+    z_ref, pattern_ref = causal_attention(q, k, v, block=150)
+    np.testing.assert_allclose(z, z_ref, atol=1e-5)
+    np.testing.assert_allclose(pattern, pattern_ref, atol=1e-6)
+    assert np.all(np.triu(np.asarray(pattern), k=1) == 0)
+    np.testing.assert_allclose(np.asarray(pattern).sum(-1), 1.0, atol=1e-5)
+
+
+def test_analytic_flops_agree_with_xla_cost_analysis():
+    cfg = tiny_config("layers=2", **{"model.d_model": 128, "model.n_heads": 4,
+                                     "model.context": 160, "model.vocab_size": 64})
+    model, t = make_model(cfg.model), cfg.train
+    tx = train.make_optimizer(t)
+    mesh = train.make_mesh(jax.devices()[:1])
+    state = train.init_state(model, tx, 0, t)
+    batch = jnp.zeros((t.batch_size, cfg.model.context + 1), jnp.int32)
+    compiled = train.make_train_step(model, tx, mesh, t).lower(state, batch).compile()
+    xla = bench.xla_flops(compiled)
+    if xla is None:
+        pytest.skip("this backend gives no cost analysis")
+    analytic = bench.train_flops(cfg.model, t.batch_size, cfg.model.context, "executed")
+    assert xla == pytest.approx(analytic, rel=0.05)
+    # the full-attention count (the MFU convention) is larger: the masked blocks are skipped
+    assert bench.train_flops(cfg.model, t.batch_size, cfg.model.context) > analytic
+
+
+@pytest.mark.parametrize("arg", ["layers=2", "layers=1,mlp=true", "layers=2,positions=residual"])
+def test_torch_reference_computes_our_logits_from_our_weights(arg):
+    torch = pytest.importorskip("torch")
+    cfg = tiny_config(arg, **{"model.context": 80})  # longer than one attention block
+    model = make_model(cfg.model)
+    params = init_params(model, jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 80))
+    ours, _ = model.apply({"params": params}, tokens)
+    net = bench.torch_reference(cfg.model, params)
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=2e-4, rtol=2e-4)
+
+
+def test_transformer_lens_model_has_our_shapes():
+    pytest.importorskip("transformer_lens")
+    cfg = tiny_config("layers=2")
+    tl = bench.transformer_lens_model(cfg.model)
+    assert tl.cfg.positional_embedding_type == "shortformer" and tl.cfg.attn_only
+    assert tuple(tl.blocks[1].attn.W_Q.shape) == (2, 32, 16)
+
+
+def test_bench_cli_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--suite", "train", "--config",
+                   os.path.join(ROOT, "configs", "small.py") + ":layers=1", "--repeats", "1",
+                   "--no-torch", "--json", str(out)] + TINY)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| jax train" in text and "tok/s" in text and "load average" in text
+    result = json.loads(out.read_text())
+    metrics = {r["metric"] for r in result["rows"]}
+    assert {"matmul peak", "jax train", "jax MFU"} <= metrics
+    row = next(r for r in result["rows"] if r["metric"] == "jax train")
+    assert row["median"] > 0 and row["min"] <= row["median"] <= row["max"]
+    assert result["meta"]["loadavg_start"]
+
+
+def test_bench_data_and_checkpoint_suites_run(tmp_path, capsys):
+    for suite in ("data", "checkpoint"):
+        assert cli.main(["bench", "--suite", suite, "--repeats", "1",
+                         "--config.checkpoint.every=2", "--config.train.steps=20"] + TINY) == 0
+    text = capsys.readouterr().out
+    assert "data / train" in text and "snapshot overhead" in text
