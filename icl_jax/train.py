@@ -168,13 +168,6 @@ def global_array(x: np.ndarray, mesh: Mesh, spec: P, global_shape=None):
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, global_shape)
 
 
-def host_rows(batch_size: int) -> slice:
-    """This host's share of every global batch."""
-    n, i = jax.process_count(), jax.process_index()
-    per = batch_size // n
-    return slice(i * per, (i + 1) * per)
-
-
 def fetch(x):
     """A replicated jax.Array (or tree) as numpy, on any host."""
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), x)
@@ -183,8 +176,10 @@ def fetch(x):
 # ----------------------------------------------------------------------------- workdir
 
 def prepare_workdir(config, workdir: str, overwrite: bool):
-    """Writes config.json, or checks it against the saved one; refuses a different run."""
-    os.makedirs(workdir, exist_ok=True)
+    """Writes config.json, or checks it against the saved one; refuses a different run.
+
+    On several hosts only process 0 writes or deletes, and the others wait for it.
+    """
     path = os.path.join(workdir, "config.json")
     text = config.to_json(indent=2, sort_keys=True)
     if os.path.exists(path) and not overwrite:
@@ -195,15 +190,19 @@ def prepare_workdir(config, workdir: str, overwrite: bool):
             raise TrainingError(f"workdir {workdir!r} holds a run of a different config "
                                 f"({', '.join(changed[:5])}); pass --overwrite to replace it "
                                 "or choose another --workdir")
-    elif overwrite and os.path.exists(os.path.join(workdir, "snapshots")):
-        import shutil
-        shutil.rmtree(os.path.join(workdir, "snapshots"))
-        for name in ("metrics.jsonl",):
-            if os.path.exists(os.path.join(workdir, name)):
-                os.remove(os.path.join(workdir, name))
     if jax.process_index() == 0:
-        with open(path, "w") as f:
+        os.makedirs(workdir, exist_ok=True)
+        if overwrite:
+            import shutil
+            shutil.rmtree(os.path.join(workdir, "snapshots"), ignore_errors=True)
+            if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+                os.remove(os.path.join(workdir, "metrics.jsonl"))
+        with open(path + ".tmp", "w") as f:
             f.write(text)
+        os.replace(path + ".tmp", path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"prepare_workdir {workdir}")
 
 
 def _diff(a, b, prefix=""):
@@ -419,13 +418,16 @@ def _train(configs, workdirs, sources, progress, stop_after, ensemble):
     config_dicts = [c.to_dict() for c in configs]
 
     # --- compile once, ahead of time, and say how much memory the step needs
-    rows = host_rows(t.batch_size)
+    batch_sharding = NamedSharding(mesh, P(None, "data") if ensemble else P("data"))
+    batch_shape = (K, t.batch_size, seq_len) if ensemble else (t.batch_size, seq_len)
 
     def get_batch(step):
-        local = [s.batch(step, t.batch_size, seq_len, rows) for s in sources]
-        if ensemble:
-            return global_array(np.stack(local), mesh, P(None, "data"), (K, t.batch_size, seq_len))
-        return global_array(local[0], mesh, P("data"), (t.batch_size, seq_len))
+        """The global batch of `step`; each host reads only the rows its devices hold."""
+        def rows(index):
+            r = index[1] if ensemble else index[0]
+            local = [s.batch(step, t.batch_size, seq_len, r) for s in sources]
+            return np.stack(local) if ensemble else local[0]
+        return jax.make_array_from_callback(batch_shape, batch_sharding, rows)
 
     compiled = train_step.lower(state, get_batch(start)).compile()
     if progress and jax.process_index() == 0:
@@ -477,12 +479,15 @@ def _train(configs, workdirs, sources, progress, stop_after, ensemble):
             step += 1
             if stop_after is not None and step >= stop_after and step < t.steps:
                 stop.received = stop.received or f"stop_after={stop_after}"
+            stopping = stop.received
+            if jax.process_count() > 1:  # hosts stop together, at a log step
+                stopping = _agree_to_stop(stop.received) if step % t.log_every == 0 else None
             if pending is not None:
                 records = _finish(*pending, logs, bar, member)
             pending = None
             is_log = (step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps
                       or step in schedule)
-            if is_log or stop.received:
+            if is_log or stopping:
                 now = time.perf_counter()
                 rate = K * (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
@@ -490,12 +495,13 @@ def _train(configs, workdirs, sources, progress, stop_after, ensemble):
                 evals_k = (eval_records(state["params"])
                            if step % t.eval_every == 0 or step == t.steps else [{}] * K)
                 pending = ([{**rec, **ev} for ev in evals_k], metrics)
-            if step in schedule or stop.received:
+            if step in schedule or stopping:
                 if pending is not None:  # a snapshot's metrics must be checked before it is kept
                     records = _finish(*pending, logs, bar, member)
                     pending = None
                 save(step)
-            if stop.received:
+            if stopping:
+                stop.received = stopping
                 break
         if pending is not None:
             records = _finish(*pending, logs, bar, member)
@@ -510,6 +516,13 @@ def _train(configs, workdirs, sources, progress, stop_after, ensemble):
         print(f"\nreceived {stop.received} at step {step}: snapshot saved; run the same "
               f"command again to resume from step {step}", file=sys.stderr)
     return records
+
+
+def _agree_to_stop(received):
+    """On several hosts: stop if any host got a signal, so that all save the same step."""
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(received is not None))
+    return received or ("a signal on another host" if np.any(flags) else None)
 
 
 def _restore_members(stores, abstract, workdirs):
