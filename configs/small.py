@@ -56,6 +56,7 @@ def get_config(arg=None):
         segments_max=3,
         segment_len_min=6,
         segment_len_max=19,
+        fresh_fraction=0.5,  # share of segments that are new random strings, not copied text
         # text (pystdlib, files)
         path="",  # files: a text file, a glob, a .npy or a .bin of tokens
         bin_dtype="uint16",  # for raw .bin token files

@@ -134,11 +134,11 @@ def fit_pca(vectors_NX, n_components: int = 2) -> dict:
 def trajectory_turn(points_N2, steps, phase_change: dict) -> dict:
     """How the PCA trajectory turns at the phase change.
 
-    turn_deg: the angle between the trajectory's direction just before the window
-    (from the snapshot nearest start/2 to the one nearest start) and just after it
-    (from end to the one nearest 2 x end, or the last), in degrees: 0 keeps going
-    straight, 90 or more is a sharp turn. fastest_step: the snapshot where the
-    trajectory moves fastest per unit of ln(step). None without a detected window.
+    turn_deg: the angle between the trajectory's path before the window (from the
+    first snapshot to the window's start) and its path through the window (start
+    to end), in degrees: 0 keeps going the same way, 90 or more is a sharp turn.
+    fastest_step: the snapshot where the trajectory moves fastest per unit of
+    ln(step). turn_deg is None without a detected window.
     """
     P, steps = np.asarray(points_N2, np.float64), np.asarray(steps, np.float64)
     out = {"turn_deg": None, "fastest_step": None}
@@ -150,8 +150,8 @@ def trajectory_turn(points_N2, steps, phase_change: dict) -> dict:
         return out
     near = lambda s: int(np.argmin(np.abs(np.log(np.maximum(steps, 1)) - np.log(max(s, 1)))))
     start, end = phase_change["start_step"], phase_change["end_step"]
-    u = P[near(start)] - P[near(start / 2)]
-    v = P[near(min(2 * end, steps[-1]))] - P[near(end)]
+    u = P[near(start)] - P[0]
+    v = P[near(end)] - P[near(start)]
     if np.linalg.norm(u) > 1e-12 and np.linalg.norm(v) > 1e-12:
         cos = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
         out["turn_deg"] = float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))

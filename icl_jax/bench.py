@@ -457,7 +457,7 @@ def bench_checkpoint(config, repeats: int) -> list:
     tmp = tempfile.mkdtemp(prefix="icl_jax_bench_")
     store = checkpoints.Store(tmp, 0, True)
     config_dict = config.to_dict()
-    counter = [0]
+    counter, blocking = [0], []
 
     def run(save: bool):
         def go():
@@ -465,7 +465,9 @@ def bench_checkpoint(config, repeats: int) -> list:
                 ours()
             if save:  # one snapshot per `every` steps, as the default schedule keeps
                 counter[0] += 1
+                t0 = time.perf_counter()
                 store.save(counter[0], ours.state, config_dict, force=True)
+                blocking.append(time.perf_counter() - t0)
         return go
 
     try:
@@ -486,7 +488,11 @@ def bench_checkpoint(config, repeats: int) -> list:
     n_snap = len(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
     overhead = (n_snap * per_save + tail) / (t.steps * times["no snapshots"] / every)
     rows.append(_row(case, "snapshot overhead", overhead, "%",
-                     f"{n_snap} snapshots in {t.steps} steps (default schedule)", 100))
+                     f"{n_snap} snapshots in {t.steps} steps (default schedule); "
+                     "difference of the two rows above", 100))
+    share = n_snap * np.median(blocking) / (t.steps * np.median(times["no snapshots"]) / every)
+    rows.append(_row(case, "save() blocks the loop", np.asarray(blocking), "ms",
+                     f"x {n_snap} snapshots = {100 * share:.2f}% of the run's step time", 1e3))
     return rows
 
 
@@ -524,7 +530,8 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
     train_configs = [load_config(s, overrides) for s in (specs or DEFAULT_TRAIN)]
     small = load_config(specs[0] if specs else "small L2", overrides)
     meta = {"devices": [str(d) for d in jax.devices()], "platform": jax.devices()[0].platform,
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "python": platform.python_version(),
             "loadavg_start": os.getloadavg(), "repeats": repeats, "suite": suite,
             "command": " ".join(["icl-jax", "bench"] + sys.argv[2:]) if sys.argv[1:2] == ["bench"]
             else None}

@@ -90,6 +90,7 @@ SCHEMA = {
               "dtype": str},
     "data": {"name": str, "background": str, "markov_branching": int, "segments_min": int,
              "segments_max": int, "segment_len_min": int, "segment_len_max": int,
+             "fresh_fraction": float,
              "path": str, "bin_dtype": str, "tokenizer": str, "bpe_vocab_size": int,
              "holdout_fraction": float},
     "train": {"steps": int, "batch_size": int, "lr": float, "schedule": str,

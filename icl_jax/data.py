@@ -27,7 +27,7 @@ ATTEMPTS = 8  # placements tried per segment before a row goes without it
 # fields a config may omit; the values match configs/small.py
 _DEFAULTS = dict(name="synthetic", background="uniform", markov_branching=4, segments_min=1,
                  segments_max=3, segment_len_min=6, segment_len_max=19, path="", bin_dtype="uint16",
-                 tokenizer="bytes", bpe_vocab_size=512, holdout_fraction=0.1)
+                 tokenizer="bytes", bpe_vocab_size=512, holdout_fraction=0.1, fresh_fraction=0.5)
 
 
 class DataError(ValueError):
@@ -72,7 +72,8 @@ def _markov_table(vocab, branching, seed):
     return np.argsort(keys, axis=1)[:, :branching].astype(np.int32)
 
 
-def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1):
+def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1,
+                      fresh_fraction=0.5):
     """(tokens int32 [n, seq_len], bool mask of positions written by segments)."""
     if table is None:
         x = rng.integers(0, vocab, (n, seq_len), dtype=np.int32)
@@ -92,7 +93,7 @@ def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag
         dst = src + length + rng.integers(0, seq_len - src - 2 * length + 1)
         # fresh strings cannot be guessed from the background (matters for markov); copies of
         # existing text keep the background's statistics
-        fresh = rng.random((ATTEMPTS, n)) < 0.5
+        fresh = rng.random((ATTEMPTS, n)) < fresh_fraction
         new = rng.integers(0, vocab, (n, lmax), dtype=np.int32)
         # take each row's first placement that leaves earlier segments and their sources intact
         cs = np.concatenate([np.zeros((n, 1), np.int64), np.cumsum(used, 1)], 1)
@@ -115,7 +116,8 @@ class SyntheticSource(Source):
     name = "synthetic"
 
     def __init__(self, vocab_size, seed, background="uniform", markov_branching=4, segments_min=1,
-                 segments_max=3, segment_len_min=6, segment_len_max=19, seq_len=65):
+                 segments_max=3, segment_len_min=6, segment_len_max=19, seq_len=65,
+                 fresh_fraction=0.5):
         _need(background in BACKGROUNDS,
               f"unknown data.background {background!r}; valid: {', '.join(BACKGROUNDS)}")
         _need(vocab_size >= 2, f"model.vocab_size must be >= 2, got {vocab_size}")
@@ -132,6 +134,8 @@ class SyntheticSource(Source):
         self.table = _markov_table(self.vocab_size, int(markov_branching), self.seed) \
             if background != "uniform" else None
         self.lag = 2 if background == "lag2" else 1
+        _need(0 <= fresh_fraction <= 1, f"data.fresh_fraction must be in [0, 1], got {fresh_fraction}")
+        self.fresh_fraction = float(fresh_fraction)
         self._check(self.seq_len)
 
     def _check(self, seq_len):
@@ -142,7 +146,7 @@ class SyntheticSource(Source):
     def _make(self, rng, n, seq_len):
         self._check(seq_len)
         return _synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments,
-                                 lag=self.lag)[0]
+                                 lag=self.lag, fresh_fraction=self.fresh_fraction)[0]
 
     def batch(self, step, batch_size, seq_len, rows=None):
         x = self._make(_step_rng(self.seed, step), batch_size, seq_len)
@@ -356,7 +360,8 @@ def make_source(config, workdir=None):
     if f["name"] == "synthetic":
         source = SyntheticSource(
             model_vocab, seed, f["background"], int(f["markov_branching"]), int(f["segments_min"]),
-            int(f["segments_max"]), int(f["segment_len_min"]), int(f["segment_len_max"]), seq_len)
+            int(f["segments_max"]), int(f["segment_len_min"]), int(f["segment_len_max"]), seq_len,
+            float(f.get("fresh_fraction", 0.5)))
     else:
         _need(f["name"] in NAMES, f"unknown data.name {f['name']!r}; valid: {', '.join(NAMES)}")
         _need(f["tokenizer"] in TOKENIZERS,

@@ -93,11 +93,13 @@ class Attention(nn.Module):
         # every attention product is a plain batched matmul.
         B, T = x_BTD.shape[:2]
         W_QK_D2HK = jnp.concatenate([W_Q, W_K]).transpose(1, 0, 2).reshape(D, 2 * H * K)
-        qk = c(qk_in_BTD).reshape(B * T, D) @ c(W_QK_D2HK) + c(jnp.concatenate([b_Q, b_K])).reshape(-1)
-        qk_B2HTK = qk.reshape(B, T, 2 * H, K).transpose(0, 2, 1, 3)
+        b_QK = jnp.concatenate([b_Q, b_K]).reshape(-1)
+        qk_NF = c(qk_in_BTD).reshape(B * T, D) @ c(W_QK_D2HK) + c(b_QK)  # N = B*T, F = 2*H*K
+        qk_B2HTK = qk_NF.reshape(B, T, 2 * H, K).transpose(0, 2, 1, 3)
         q_BHTK, k_BHSK = qk_B2HTK[:, :H], qk_B2HTK[:, H:]
-        v = c(x_BTD).reshape(B * T, D) @ c(W_V.transpose(1, 0, 2).reshape(D, H * K)) + c(b_V).reshape(-1)
-        v_BHSK = v.reshape(B, T, H, K).transpose(0, 2, 1, 3)
+        W_V_DF = W_V.transpose(1, 0, 2).reshape(D, H * K)
+        v_NF = c(x_BTD).reshape(B * T, D) @ c(W_V_DF) + c(b_V).reshape(-1)
+        v_BHSK = v_NF.reshape(B, T, H, K).transpose(0, 2, 1, 3)
         if self.smear_keys:
             alpha_H = self.param("smear", nn.initializers.constant(self.smear_init), (H,))
             k_BHSK = smear(k_BHSK.swapaxes(1, 2), alpha_H).swapaxes(1, 2)
@@ -106,13 +108,13 @@ class Attention(nn.Module):
         if pattern_BHTS is not None:
             z_BHTK = jnp.einsum("bhts,bhsk->bhtk", c(pattern_BHTS), v_BHSK)
         z_BTHK = z_BHTK.swapaxes(1, 2)
+        z_used = z_BTHK
         if mask_H is not None:
             m_H1 = c(mask_H)[:, None]
             fill = 0.0 if fill_THK is None else c(fill_THK)
             z_used = m_H1 * z_BTHK + (1 - m_H1) * fill
-            out_BTD = jnp.einsum("bthk,hkd->btd", z_used, c(W_O)) + c(b_O)
-        else:
-            out_BTD = (z_BTHK.reshape(B * T, H * K) @ c(W_O).reshape(H * K, D)).reshape(B, T, D) + c(b_O)
+        out_ND = z_used.reshape(B * T, H * K) @ c(W_O).reshape(H * K, D)
+        out_BTD = out_ND.reshape(B, T, D) + c(b_O)
         return out_BTD, computed_BHTS, z_BTHK
 
 

@@ -73,23 +73,32 @@ def _rise_step(steps, values, frac: float = 0.5):
     return int(steps[idx])
 
 
-def _loss_bump_step(metrics, pc):
-    """Step where the training loss falls fastest after the early descent (smoothed)."""
-    recs = [(r["step"], r["train_loss"]) for r in metrics if r.get("train_loss") is not None]
-    if len(recs) < 20:
+def loss_bump(metrics, pc) -> float | None:
+    """How much faster the training loss falls inside the phase-change window than over
+    an equally long span just before it (a ratio; the paper's "bump" is a ratio > 1.5)."""
+    if not pc["detected"]:
         return None
-    s, l = map(np.asarray, zip(*recs))
-    k = max(len(l) // 50, 1)
-    smooth = np.convolve(l, np.ones(k) / k, mode="same")
-    late = s > s[-1] * 0.05  # past the initial descent from the unigram loss
-    slope = -np.gradient(smooth, s)
-    slope[~late] = -np.inf
-    slope[: k] = slope[-k:] = -np.inf
-    return int(s[int(np.argmax(slope))])
+    recs = [(r["step"], r["train_loss"]) for r in metrics if r.get("train_loss") is not None]
+    s, l = (np.asarray(v, np.float64) for v in zip(*recs))
+    start, end = pc["start_step"], pc["end_step"]
+    width = max(end - start, 1)
+
+    def mean_at(a, b):
+        m = (s >= a) & (s <= b)
+        return float(l[m].mean()) if m.any() else float("nan")
+
+    w = max(width // 4, 1)  # average the loss over a quarter-window at each edge
+    before = (mean_at(start - width - w, start - width) - mean_at(start - w, start)) / width
+    inside = (mean_at(start - w, start) - mean_at(end - w, end)) / width
+    return inside / before if before > 0 else float("inf") if inside > 0 else None
 
 
-def ablate_set_icl(workdir: str, heads, kind: str = "pattern") -> dict:
-    """ICL score at the last snapshot, clean and with every head in `heads` removed at once."""
+def ablate_set_icl(workdir: str, heads, reference: float = 0.0, kind: str = "pattern") -> dict:
+    """ICL score at the last snapshot, clean and with every head in `heads` removed at once.
+
+    share_removed: how much of the in-context learning gained since `reference` (the
+    ICL score before the phase change, or 0) the ablation takes away; 1 is all of it.
+    """
     run = checkpoints.Run(workdir)
     cfg = run.config
     from icl_jax import data as data_lib
@@ -103,7 +112,8 @@ def ablate_set_icl(workdir: str, heads, kind: str = "pattern") -> dict:
         run.model, run.params(), eval_BT1, cfg.eval.icl_early_index, cfg.eval.icl_late_index,
         mask, kind)
     return {"clean": float(clean), "ablated": float(ablated),
-            "share_removed": float((ablated - clean) / -clean) if clean < 0 else None}
+            "share_removed": (float((ablated - clean) / (reference - clean))
+                              if reference - clean > 1e-6 else None)}
 
 
 def check_claims(result: dict, workdir: str) -> tuple[list[dict], list[dict]]:
@@ -120,8 +130,9 @@ def check_claims(result: dict, workdir: str) -> tuple[list[dict], list[dict]]:
         ind = run["induction_heads"]
         others = [[a, b] for a in range(last_pm.shape[0]) for b in range(last_pm.shape[1])
                   if [a, b] not in ind]
-        abl = ablate_set_icl(wd, ind) if ind else None
-        abl_other = ablate_set_icl(wd, others) if ind and others else None
+        ref = pc["icl_before"] if pc["detected"] else 0.0
+        abl = ablate_set_icl(wd, ind, ref) if ind else None
+        abl_other = ablate_set_icl(wd, others, ref) if ind and others else None
         traj = result["pca"]["trajectories"].get(name)
         turn = traj if traj else {"turn_deg": None}
         metrics = checkpoints.read_metrics(wd)
@@ -130,7 +141,7 @@ def check_claims(result: dict, workdir: str) -> tuple[list[dict], list[dict]]:
             "pc": pc, "ind": ind, "abl": abl, "abl_other": abl_other, "turn": turn,
             "pm_rise": _rise_step(run["steps"], pm_last_layer) if pm_last_layer.max() > 0.3
             else None,
-            "loss_bump": _loss_bump_step(metrics, pc),
+            "loss_bump": loss_bump(metrics, pc),
             "best": (int(l), int(h), float(last_pm[l, h]), float(cp[-1][l, h])),
             "prev_token": np.asarray(run["previous_token"])[-1],
             "k_comp": np.asarray(run["composition"]["k"])[-1] if "composition" in run else None,
@@ -165,8 +176,10 @@ def _claims(info) -> list[dict]:
         i = info[n]
         hits = {"ICL phase change": i["pc"]["detected"],
                 "last-layer prefix matching rises in it": _window_hit(i["pm_rise"], i["pc"]),
-                "training-loss bump in it": _window_hit(i["loss_bump"], i["pc"]),
-                "PCA trajectory turns (>45 deg)": (i["turn"]["turn_deg"] or 0) > 45}
+                f"training loss falls {i['loss_bump'] or 0:.1f}x faster in it than before":
+                    (i["loss_bump"] or 0) > 1.5,
+                f"PCA trajectory turns {i['turn']['turn_deg'] or 0:.0f} deg (> 45)":
+                    (i["turn"]["turn_deg"] or 0) > 45}
         ok &= all(hits.values())
         parts.append(f"{n}: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in hits.items()))
     if has("1l"):
@@ -197,8 +210,10 @@ def _claims(info) -> list[dict]:
         other = (i["abl_other"] or {}).get("share_removed") or 0.0
         ok = share > 0.5 and other < share
         parts.append(f"2l: ablating its induction heads (pattern-preserving) removes {share:.0%} of "
-                     f"the final ICL score ({i['abl']['clean']:+.2f} -> {i['abl']['ablated']:+.2f}); "
-                     f"ablating all other heads removes {other:.0%}")
+                     f"the ICL gained since before the phase change (final ICL score "
+                     f"{i['abl']['clean']:+.2f} -> {i['abl']['ablated']:+.2f}; before the phase "
+                     f"change {i['pc']['icl_before']:+.2f}); ablating all other heads removes "
+                     f"{other:.0%}")
     else:
         parts.append("2l has no induction heads to ablate")
     claims.append({"claim": "3. Ablation", "holds": ok, "evidence": "; ".join(parts)})
