@@ -192,7 +192,7 @@ def test_pca_and_turn():
     fit = analysis.fit_pca(np.concatenate([bent, straight]))
     assert fit["explained"].sum() > 0.95
     steps = np.arange(1, 31) * 100
-    window = {"detected": True, "start_step": 1400, "end_step": 1600}
+    window = {"detected": True, "start_step": 1500, "end_step": 2500}  # the bend starts it
     turn_bent = analysis.trajectory_turn(fit["project"][:30], steps, window)
     assert turn_bent["turn_deg"] > 45
     assert analysis.trajectory_turn(fit["project"][30:], steps, window)["turn_deg"] < 15
