@@ -46,7 +46,7 @@ PRESETS = {
                                       "model.context": 256, "train.batch_size": 8}),
 }
 DEFAULT_TRAIN = ("small L2", "d256 T512 L2", "d768 H12 T256 L2")
-SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "all")
+SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -547,8 +547,7 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
     except Exception:  # noqa: BLE001
         pass
     rows = []
-    parts = {"train", "score", "ensemble", "checkpoint", "data"} if suite in ("default", "all") \
-        else {suite}
+    parts = set(SUITES[1:]) if suite == "default" else {suite}
     def emit(new):
         rows.extend(new)
         for r in new:

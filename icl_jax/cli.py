@@ -80,7 +80,7 @@ def build_parser():
                        epilog="Config overrides (--config.train.batch_size=...) apply to every "
                        "config benchmarked.")
     p.add_argument("--suite", default="default",
-                   choices=("default", "train", "score", "ensemble", "checkpoint", "data", "all"))
+                   choices=("default", "train", "score", "ensemble", "checkpoint", "data"))
     p.add_argument("--config", action="append", default=None,
                    help="config to benchmark (repeatable), e.g. configs/small.py:layers=2; "
                         "default: the quick profile, a d_model 256 model and the paper's shape")
@@ -142,6 +142,11 @@ def cmd_reproduce(args, overrides):
     out = reproduce.reproduce(args.profile, args.workdir, args.seed, overrides,
                               progress=not args.quiet)
     print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
+    if args.update_readme:
+        import os
+        root = os.path.dirname(reproduce.CONFIGS)
+        reproduce.update_readme(args.workdir, os.path.join(root, "README.md"),
+                                os.path.join(root, "docs", "results"))
     return 0
 
 

@@ -252,6 +252,58 @@ def results_markdown(rows, claims, profile, seconds) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- figures and README
+
+def plot_family(result):
+    """ICL score and best last-layer prefix matching of every member over training."""
+    plt = analysis._plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (name, run) in enumerate(result["runs"].items()):
+        steps = np.maximum(np.asarray(run["steps"]), 1)
+        a.plot(steps, run["icl_score"], color=f"C{i}", label=name)
+        b.plot(steps, np.asarray(run["prefix_matching"])[:, -1].max(-1), color=f"C{i}", label=name)
+        pc = run["phase_change"]
+        if pc["detected"]:
+            a.axvspan(pc["start_step"], pc["end_step"], color=f"C{i}", alpha=0.12)
+    a.set(xscale="log", xlabel="training step", ylabel="ICL score (nats)",
+          title="in-context learning score (shaded: phase change)")
+    b.set(xscale="log", xlabel="training step", ylabel="prefix matching",
+          title="best last-layer head's prefix matching", ylim=(0, 1))
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(workdir: str, readme: str, figures_dir: str):
+    """Copies results.md and three figures of a reproduction into the README's Results section."""
+    import shutil
+    os.makedirs(figures_dir, exist_ok=True)
+    picks = {"family.png": "family.png", "pca.png": "pca.png",
+             os.path.join("2l", "head_scores.png"): "2l_head_scores.png"}
+    for src, dst in picks.items():
+        shutil.copyfile(os.path.join(workdir, src), os.path.join(figures_dir, dst))
+    with open(os.path.join(workdir, "results.md")) as f:
+        results = f.read().split("\n", 1)[1].strip()  # without its title
+    rel = os.path.relpath(figures_dir, os.path.dirname(os.path.abspath(readme)))
+    body = "\n".join([
+        README_START, "", results.replace("## The paper's claims", "**The paper's claims**"), "",
+        f"![ICL score and prefix matching of every model]({rel}/family.png)", "",
+        f"![per-token loss PCA]({rel}/pca.png) ![2L heads]({rel}/2l_head_scores.png)", "",
+        README_END])
+    with open(readme) as f:
+        text = f.read()
+    if README_START in text:
+        a, b = text.index(README_START), text.index(README_END) + len(README_END)
+        text = text[:a] + body + text[b:]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    with open(readme, "w") as f:
+        f.write(text)
+
+
 # ----------------------------------------------------------------------------- the command
 
 def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int = 0,
@@ -278,6 +330,7 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
         f.write(text)
     with open(os.path.join(workdir, "claims.json"), "w") as f:
         json.dump({"rows": rows, "claims": claims}, f, indent=1)
+    analysis._save(plot_family(result), os.path.join(workdir, "family.png"))
     analysis.add_to_report(os.path.join(workdir, "report.html"), text)
     if progress:
         print(text)

@@ -6,13 +6,14 @@ attention-only 1l and 2l are their vanilla controls), all from configs/small.py.
 
 Usage: icl-jax sweep --config configs/sweeps/paper_small.py[:SUBSET[,steps=N]] --workdir runs/paper_small
   SUBSET: attn | mlp | smear | all (default all)
-  steps=N: train N steps instead of configs/small.py's 12,000 (a shorter run misses the
-           phase change: on the synthetic data the 2L model's comes at ~7,500-8,000 steps).
+  steps=N: train N steps instead of configs/small.py's 5,000 (on its lag2 synthetic data
+           the 2L and 3L models' phase changes come at ~1,700-2,600 steps; the 2L model with
+           MLPs had none within 4,000 steps in one try, so give the MLP family more).
 
-Expected wall time on this 2-core CPU, one member at a time, 12,000 steps: measured
-1L ~1.6 min and 2L ~2.8 min, so about 1.2 min more per layer; the 6 attention-only
-members ~25 min, the 6 with MLPs ~35-40 min (estimated), the smeared pair ~5 min:
-roughly 1.1 h for `all`. steps=N scales it linearly (compile time aside, ~10 s each).
+Expected wall time on this 2-core CPU, one member at a time, 5,000 steps: about 25 s
+for 1L plus ~25 s per further layer (MLPs add ~30%), so ~10 min for the attention-only
+members, ~13 min with MLPs, ~2 min for the smeared pair: roughly 25 min for `all`
+(estimated from the quick profile's measured steps; --jobs 2 helps a little).
 """
 FAMILIES = {
     "attn": {f"{n}l": {"arg": f"layers={n}"} for n in range(1, 7)},
