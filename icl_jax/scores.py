@@ -39,13 +39,16 @@ def make_probe(token_frequencies, n_tokens: int, repeats: int, n_sequences: int,
                exclude_frac: float, bos_token: int, seed: int) -> np.ndarray:
     """Repeated random tokens [n_sequences, 1 + n_tokens * repeats] with a start token first.
 
-    The tokens are drawn without replacement from the vocabulary less the
-    `exclude_frac` most and least frequent tokens (and the start token).
+    The tokens are drawn without replacement from the tokens seen in training less
+    the `exclude_frac` most and least frequent of them (and the start token).
     """
     freq = np.asarray(token_frequencies, np.float64)
-    V = len(freq)
-    cut = int(exclude_frac * V)
     order = np.argsort(-freq, kind="stable")  # most frequent first
+    seen = order[freq[order] > 0]
+    if len(seen) > n_tokens + 1:  # tokens never seen in training (bytes > 127) have no meaning
+        order = seen
+    V = len(order)
+    cut = int(exclude_frac * V)
     allowed = order[cut:V - cut] if cut else order
     allowed = np.sort(allowed[allowed != bos_token])
     if len(allowed) < n_tokens:
