@@ -57,6 +57,9 @@ def build_parser():
                    help="quick: synthetic data, minutes on a CPU; text: the Python standard "
                         "library; paper: the paper's shapes, for accelerators")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update-readme", action="store_true",
+                   help="copy results.md and three figures into README.md's Results section "
+                        "(and docs/results/)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("sweep", help="train every member of a sweep, N at a time; sweep.json "

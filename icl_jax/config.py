@@ -18,24 +18,48 @@ class ConfigError(ValueError):
     """A user's config mistake; the message names the field."""
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
-    """'configs/small.py:layers=2' -> the ConfigDict that file's get_config('layers=2') returns."""
-    path, _, arg = spec.partition(":")
+def call_file_function(path: str, function: str, arg, kind: str = "config"):
+    """Runs `function(arg)` from the Python file `path`; every failure is a ConfigError."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    mod_spec = importlib.util.spec_from_file_location("_icl_jax_config", path)
+        raise ConfigError(f"{kind} file {path!r} does not exist")
+    mod_spec = importlib.util.spec_from_file_location(f"_icl_jax_{kind}", path)
     module = importlib.util.module_from_spec(mod_spec)
     try:
         mod_spec.loader.exec_module(module)
-    except Exception as e:  # a broken config file is still the user's mistake
-        raise ConfigError(f"config file {path!r} failed to load: {e}") from None
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path!r} has no get_config(arg) function")
+    except Exception as e:  # a broken file is still the user's mistake
+        raise ConfigError(f"{kind} file {path!r} failed to load: {e}") from None
+    if not hasattr(module, function):
+        raise ConfigError(f"{kind} file {path!r} has no {function}(arg) function")
     try:
-        config = module.get_config(arg or None)
+        return getattr(module, function)(arg or None)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return config
+        raise ConfigError(f"{kind} file {path!r}: {e}") from None
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """'configs/small.py:layers=2' -> the ConfigDict that file's get_config('layers=2') returns."""
+    path, _, arg = spec.partition(":")
+    return call_file_function(path, "get_config", arg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# Fields in which ensemble members may differ ("data." is a prefix); all else must match.
+ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_after", "data.")
+
+
+def ensemble_free(field: str) -> bool:
+    return field in ENSEMBLE_FREE or field.startswith(
+        tuple(f for f in ENSEMBLE_FREE if f.endswith(".")))
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

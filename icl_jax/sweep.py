@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import importlib.util
 import itertools
 import json
 import os
@@ -32,8 +31,7 @@ from icl_jax.config import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INDEX = "sweep.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
-# Fields ensemble members may differ in (train.ENSEMBLE_FREE says the same); "data." is a prefix.
-ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_after", "data.")
+ENSEMBLE_FREE = config_lib.ENSEMBLE_FREE
 
 
 # ----------------------------------------------------------------------------- sweep files
@@ -78,20 +76,7 @@ def load_sweep(spec: str) -> dict:
     """'configs/sweeps/paper_small.py:attn' -> {"base", "overrides", "members"} (plain dicts)."""
     path, _, arg = spec.partition(":")
     path = _find(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"sweep file {path!r} does not exist")
-    mod_spec = importlib.util.spec_from_file_location("_icl_jax_sweep", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as e:  # a broken sweep file is the user's mistake
-        raise ConfigError(f"sweep file {path!r} failed to load: {e}") from None
-    if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"sweep file {path!r} has no get_sweep(arg) function")
-    try:
-        sweep = module.get_sweep(arg or None)
-    except ValueError as e:
-        raise ConfigError(f"sweep file {path!r}: {e}") from None
+    sweep = config_lib.call_file_function(path, "get_sweep", arg, kind="sweep")
     if hasattr(sweep, "to_dict"):
         sweep = sweep.to_dict()
     unknown = set(sweep) - {"base", "overrides", "members"}
@@ -166,21 +151,9 @@ def resolve(spec: str, workdir: str, overrides: dict | None = None,
 def ensemble_key(config) -> str:
     """Configs with equal keys can train as one vmapped ensemble: equal in everything but
     seed, train.lr, train.weight_decay(_after) and data fields (so equal model shapes)."""
-    flat = _flatten(config.to_dict() if hasattr(config, "to_dict") else config)
-    kept = {k: v for k, v in flat.items()
-            if not (k in ENSEMBLE_FREE or k.startswith(tuple(f for f in ENSEMBLE_FREE
-                                                             if f.endswith("."))))}
+    flat = config_lib.flatten(config.to_dict() if hasattr(config, "to_dict") else config)
+    kept = {k: v for k, v in flat.items() if not config_lib.ensemble_free(k)}
     return json.dumps(kept, sort_keys=True)
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- state on disk

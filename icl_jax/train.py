@@ -311,29 +311,18 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     return _run([config], [workdir], overwrite, progress, stop_after, ensemble=False)[0]
 
 
-# Fields ensemble members may differ in; everything else must be equal.
-ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_after", "data.")
+ENSEMBLE_FREE = config_lib.ENSEMBLE_FREE
 
 
 def ensemble_mismatch(configs) -> str | None:
     """The first field (other than ENSEMBLE_FREE) in which the configs differ, or None."""
-    flat = [_flatten(c.to_dict()) for c in configs]
+    flat = [config_lib.flatten(c.to_dict()) for c in configs]
     for key in sorted(set().union(*flat)):
-        if key.startswith(ENSEMBLE_FREE) or key in ENSEMBLE_FREE:
+        if config_lib.ensemble_free(key):
             continue
         if len({json.dumps(f.get(key)) for f in flat}) > 1:
             return key
     return None
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def train_ensemble(configs, workdirs, *, overwrite: bool = False, progress: bool = True,

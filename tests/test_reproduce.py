@@ -58,3 +58,10 @@ def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
     text = readme.read_text()
     assert text.count(reproduce.README_START) == 1 and "| 3l |" in text
     assert (tmp_path / "docs" / "results" / "pca.png").exists()
+
+
+def test_cli_knows_the_reproduce_options():
+    from icl_jax.cli import build_parser
+    args = build_parser().parse_args(["reproduce", "--profile", "text", "--seed", "3",
+                                      "--update-readme"])
+    assert (args.profile, args.seed, args.update_readme) == ("text", 3, True)
