@@ -245,17 +245,35 @@ def score_run(workdir: str, chunk: int = 16, ablation: str = "pattern",
     inputs = run.inputs()
     scorer = _scorer(run.model_json, e.icl_early_index, e.icl_late_index, e.probe_tokens,
                      ablation, True)
-    results, t0 = [], time.perf_counter()
-    for i in range(0, len(run.steps), chunk):
-        steps = run.steps[i:i + chunk]
-        trees = [run.params(s) for s in steps]
-        trees += [trees[-1]] * (chunk - len(trees))
+    results, t0, good = [], time.perf_counter(), []
+
+    def score(steps, trees):
+        trees = trees + [trees[-1]] * (chunk - len(trees))
         out = jax.device_get(scorer(_stack(trees), *inputs))
         results.append(jax.tree.map(lambda a: a[:len(steps)], out))
         if progress:
-            done = i + len(steps)
-            print(f"scoring {workdir}: {done}/{len(run.steps)} snapshots "
+            print(f"scoring {workdir}: {len(good)}/{len(run.steps)} snapshots "
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+    batch_steps, batch_trees = [], []
+    for step in run.steps:
+        try:
+            tree = run.params(step)
+        except Exception as e:  # a damaged snapshot costs itself, not the analysis
+            print(f"warning: skipping snapshot {step} of {workdir}: it cannot be restored "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:160]})", file=sys.stderr)
+            continue
+        good.append(step)
+        batch_steps.append(step)
+        batch_trees.append(tree)
+        if len(batch_steps) == chunk:
+            score(batch_steps, batch_trees)
+            batch_steps, batch_trees = [], []
+    if batch_steps:
+        score(batch_steps, batch_trees)
+    if not good:
+        raise FileNotFoundError(f"no snapshot of {workdir!r} can be restored")
+    run.steps = good
     per = jax.tree.map(lambda *a: np.concatenate(a), *results)
     tokens_per_step = run.config.train.batch_size * run.config.model.context
     per["steps"] = np.asarray(run.steps)

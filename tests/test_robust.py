@@ -106,3 +106,16 @@ def test_a_signal_saves_the_current_step_and_resume_continues(tmp_path, sig):
     assert f"from step {first}" in err and second > first
     steps = [r["step"] for r in checkpoints.read_metrics(work)]
     assert steps == sorted(set(steps))  # nothing logged twice across the restart
+
+
+def test_analyze_skips_a_corrupt_snapshot_with_a_warning(tmp_path, capfd):
+    from icl_jax import analysis
+    work = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(), work, progress=False)
+    os.remove(_largest_file(os.path.join(work, "snapshots", "12")))
+    result = analysis.analyze([work], out=str(tmp_path / "a"), chunk=4, progress=False,
+                              figures=False)
+    assert "skipping snapshot 12" in capfd.readouterr().err
+    steps = result["runs"]["run"]["steps"]
+    assert steps == [s for s in checkpoints.snapshot_steps(12, 4, 2) if s != 12]
+    assert os.path.isdir(os.path.join(work, "snapshots", "12"))  # nothing deleted or moved
