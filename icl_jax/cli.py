@@ -97,6 +97,9 @@ def build_parser():
     p.add_argument("--workdir", required=True, help="a training run")
     p.add_argument("--step", type=int, default=None, help="snapshot step (default: newest)")
     p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--transformer-lens", default=None, metavar="FILE.pt",
+                   help="also write a HookedTransformer config and state dict (needs torch "
+                        "and transformer_lens 3.x: pip install -e '.[bench]')")
     return parser
 
 
@@ -137,6 +140,12 @@ def cmd_analyze(args, overrides):
 def cmd_export(args, overrides):
     from icl_jax import export
     print(export.export(args.workdir, args.step, args.out))
+    if args.transformer_lens:
+        try:
+            print(export.export_hooked_transformer(args.workdir, args.step, args.transformer_lens))
+        except (ValueError, ImportError) as e:
+            print(f"error: no TransformerLens export: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

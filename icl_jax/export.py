@@ -67,3 +67,73 @@ def export(workdir: str, step: int | None = None, out: str = "model.npz") -> str
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez(out, config=np.asarray(json.dumps(config, sort_keys=True)), **arrays)
     return out
+
+
+def hooked_transformer_config(model_cfg: dict) -> dict:
+    """TransformerLens HookedTransformerConfig fields of a model, or ValueError if TL
+    cannot express it (smeared keys; LayerNorm with shortformer positions, which TL
+    normalises after adding the positions, where this model adds them after)."""
+    if model_cfg.get("smear_keys"):
+        raise ValueError("TransformerLens has no smeared keys; use the .npz export")
+    if model_cfg.get("layer_norm") and model_cfg["positions"] == "shortformer":
+        raise ValueError("TransformerLens applies LayerNorm after adding shortformer positions; "
+                         "this model adds them after LayerNorm, so the two differ")
+    return {
+        "n_layers": model_cfg["n_layers"], "d_model": model_cfg["d_model"],
+        "n_ctx": model_cfg["context"], "d_head": model_cfg["d_head"],
+        "n_heads": model_cfg["n_heads"], "d_vocab": model_cfg["vocab_size"],
+        "d_mlp": model_cfg["d_mlp"] if model_cfg.get("mlp") else None,
+        "attn_only": not model_cfg.get("mlp"),
+        "act_fn": "gelu_new",  # jax.nn.gelu is the tanh approximation
+        "normalization_type": "LN" if model_cfg.get("layer_norm") else None,
+        "eps": 1e-6,  # flax's LayerNorm
+        "positional_embedding_type": ("shortformer" if model_cfg["positions"] == "shortformer"
+                                      else "standard"),
+        "default_prepend_bos": False,
+    }
+
+
+def hooked_transformer_state_dict(arrays: dict, model_cfg: dict) -> dict:
+    """TransformerLens state-dict names for the arrays of params_to_arrays."""
+    sd = {"embed.W_E": arrays["W_E"], "pos_embed.W_pos": arrays["W_pos"],
+          "unembed.W_U": arrays["W_U"], "unembed.b_U": arrays["b_U"]}
+    for l in range(model_cfg["n_layers"]):
+        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+            sd[f"blocks.{l}.attn.{name}"] = arrays[name][l]
+        for ours, theirs in (("ln1", "ln1"), ("ln2", "ln2")):
+            if f"{ours}_w" in arrays:
+                sd[f"blocks.{l}.{theirs}.w"] = arrays[f"{ours}_w"][l]
+                sd[f"blocks.{l}.{theirs}.b"] = arrays[f"{ours}_b"][l]
+        for name in ("W_in", "b_in", "W_out", "b_out"):
+            if name in arrays:
+                sd[f"blocks.{l}.mlp.{name}"] = arrays[name][l]
+    if "ln_final_w" in arrays:
+        sd["ln_final.w"], sd["ln_final.b"] = arrays["ln_final_w"], arrays["ln_final_b"]
+    return sd
+
+
+def export_hooked_transformer(workdir: str, step: int | None, out: str) -> str:
+    """Writes a torch file {"config": HookedTransformerConfig fields, "state_dict": ...};
+    load it with load_hooked_transformer(out). Needs torch (the bench extra)."""
+    import torch
+    run = checkpoints.Run(workdir)
+    step = run.steps[-1] if step is None else step
+    cfg = hooked_transformer_config(run.model.cfg)
+    arrays = params_to_arrays(run.params(step), run.model.cfg)
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v))
+          for k, v in hooked_transformer_state_dict(arrays, run.model.cfg).items()}
+    torch.save({"config": cfg, "state_dict": sd, "step": step}, out)
+    return out
+
+
+def load_hooked_transformer(path: str):
+    """A transformer_lens HookedTransformer from export_hooked_transformer's file."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    saved = torch.load(path, weights_only=False)
+    model = HookedTransformer(HookedTransformerConfig(**saved["config"]))
+    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    learned = [k for k in missing if not k.endswith(("mask", "IGNORE"))]
+    if learned or unexpected:
+        raise ValueError(f"state dict mismatch: missing {learned}, unexpected {unexpected}")
+    return model.eval()

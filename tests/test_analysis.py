@@ -157,7 +157,17 @@ def test_export_layout_with_layer_norm_mlp_and_smear(positions):
 
 def test_hooked_transformer_loads_the_export(tiny_run, tmp_path):
     pytest.importorskip("transformer_lens")
-    pytest.skip("TODO: build a HookedTransformer from the npz and compare logits")
+    import torch
+    from icl_jax import checkpoints
+    from icl_jax import export as export_lib
+    _, workdir = tiny_run
+    path = export_lib.export_hooked_transformer(str(workdir), None, str(tmp_path / "m.pt"))
+    model = export_lib.load_hooked_transformer(path)
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 40))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(tokens)).numpy()
+    ours, _ = checkpoints.Run(str(workdir)).forward(tokens)
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=1e-4)
 
 
 def test_cli_user_mistakes(tmp_path, capsys):
