@@ -80,7 +80,7 @@ def get_config(arg=None):
         b1=0.9,
         b2=0.98,
         log_every=50,
-        eval_every=250,
+        eval_every=100,  # the held-out loss every 100 steps shows the loss bump
         skip_nonfinite=False,  # True: drop steps with a NaN/Inf loss or gradient, counted
     ))
 

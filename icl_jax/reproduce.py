@@ -74,22 +74,25 @@ def _rise_step(steps, values, frac: float = 0.5):
 
 
 def loss_bump(metrics, pc) -> float | None:
-    """How much faster the training loss falls inside the phase-change window than over
-    an equally long span just before it (a ratio; the paper's "bump" is a ratio > 1.5)."""
+    """How much faster the loss falls inside the phase-change window than over an equally
+    long span just before it (a ratio; the paper's "bump" is a ratio > 1.5).
+
+    The loss is the held-out loss logged at evaluation steps: an estimate of the training
+    loss without the noise of single batches, which swamps the slopes.
+    """
     if not pc["detected"]:
         return None
-    recs = [(r["step"], r["train_loss"]) for r in metrics if r.get("train_loss") is not None]
+    recs = [(r["step"], r["eval_loss"]) for r in metrics if r.get("eval_loss") is not None]
     s, l = (np.asarray(v, np.float64) for v in zip(*recs))
     start, end = pc["start_step"], pc["end_step"]
     width = max(end - start, 1)
 
-    def mean_at(a, b):
+    def fall_rate(a, b):  # least-squares slope: single-batch losses are noisy
         m = (s >= a) & (s <= b)
-        return float(l[m].mean()) if m.any() else float("nan")
+        return -float(np.polyfit(s[m], l[m], 1)[0]) if m.sum() >= 3 else float("nan")
 
-    w = max(width // 4, 1)  # average the loss over a quarter-window at each edge
-    before = (mean_at(start - width - w, start - width) - mean_at(start - w, start)) / width
-    inside = (mean_at(start - w, start) - mean_at(end - w, end)) / width
+    before = fall_rate(start - width, start)
+    inside = fall_rate(start, end)
     return inside / before if before > 0 else float("inf") if inside > 0 else None
 
 

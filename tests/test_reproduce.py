@@ -21,7 +21,7 @@ def test_every_profile_builds_the_paper_family():
 
 
 def _metrics(losses):
-    return [{"step": s, "train_loss": l} for s, l in enumerate(losses)]
+    return [{"step": s, "eval_loss": l} for s, l in enumerate(losses)]
 
 
 def test_loss_bump_is_a_faster_fall_inside_the_window():
