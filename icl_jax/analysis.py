@@ -50,7 +50,8 @@ def detect_phase_change(steps, icl, tokens=None, *, axis: str = "log", smooth: f
       3. rate = -d(ICL)/dx; the peak is its maximum.
       4. The window is the contiguous span around the peak where rate > frac * peak.
       5. Detected only if: the drop across the window is at least `min_drop` nats,
-         and at least `min_share` of the smoothed curve's total range (max - min);
+         and at least `min_share` of the smoothed curve's whole fall (from its highest
+         point to its lowest point after it; early training first raises the score);
          the window spans at most `max_width` in x (log axis: 1.0 = a factor e of
          steps; a smooth, slowly improving curve is spread wider); and the window
          ends before the last snapshot (the score has settled again).
@@ -91,7 +92,8 @@ def detect_phase_change(steps, icl, tokens=None, *, axis: str = "log", smooth: f
         b += 1
     to_step = (lambda v: float(np.exp(v))) if axis == "log" else float
     drop = float(yg[a] - yg[b])
-    total = float(yg.max() - yg.min())
+    top = int(np.argmax(yg))  # the score first rises from its value at initialisation
+    total = float(yg[top] - yg[top:].min())
     width = float(xg[b] - xg[a])
     out.update(start_step=round(to_step(xg[a])), end_step=round(to_step(xg[b])),
                peak_step=round(to_step(xg[p])), icl_before=float(yg[a]),
@@ -105,7 +107,7 @@ def detect_phase_change(steps, icl, tokens=None, *, axis: str = "log", smooth: f
         out["reason"] = f"the steepest drop is only {drop:.3f} nats (< {min_drop})"
     elif drop < min_share * total:
         out["reason"] = (f"the steepest drop ({drop:.3f}) is under {min_share:.0%} of the "
-                         f"score's total range ({total:.3f})")
+                         f"score's whole fall after its peak ({total:.3f})")
     elif width > max_width:
         out["reason"] = (f"the drop is spread over {width:.2f} {axis}-step units "
                          f"(> {max_width}): gradual, not abrupt")
@@ -655,5 +657,5 @@ def report_html(result, figs) -> str:
             f"<style>{style}</style></head><body><h1>In-context learning and induction heads"
             f"</h1>{table}<p>Phase change: the rule of icl_jax.analysis.detect_phase_change "
             f"(ln-step axis, smoothed; window where -dICL/d ln step exceeds 30% of its peak; "
-            f"drop &ge; 0.1 nats and &ge; half the score's range, within a factor e of steps)."
+            f"drop &ge; 0.1 nats and &ge; half the score's fall after its peak, within a factor e of steps)."
             f"</p>{''.join(imgs)}</body></html>")
