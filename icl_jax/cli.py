@@ -115,7 +115,8 @@ def cmd_train(args, overrides):
     config = load_config(args.config, overrides)
     record = train.train_and_evaluate(config, args.workdir, overwrite=args.overwrite,
                                       progress=not args.quiet)
-    if record and not args.quiet:
+    import jax
+    if record and not args.quiet and jax.process_index() == 0:
         keys = ("step", "train_loss", "eval_loss", "icl_score", "prefix_matching_max")
         print("final: " + "  ".join(f"{k} {record[k]:.4g}" if isinstance(record.get(k), float)
                                     else f"{k} {record.get(k)}" for k in keys if k in record))
