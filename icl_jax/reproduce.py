@@ -146,6 +146,7 @@ def check_claims(result: dict, workdir: str) -> tuple[list[dict], list[dict]]:
             else None,
             "loss_bump": loss_bump(metrics, pc),
             "best": (int(l), int(h), float(last_pm[l, h]), float(cp[-1][l, h])),
+            "copying_last": cp[-1],
             "prev_token": np.asarray(run["previous_token"])[-1],
             "k_comp": np.asarray(run["composition"]["k"])[-1] if "composition" in run else None,
         }
@@ -229,13 +230,14 @@ def _claims(info) -> list[dict]:
         prev = i["prev_token"][0]  # layer 0
         p_head = int(np.argmax(prev))
         k_into = i["k_comp"][0, :, l1, h1]  # every layer-0 head into the induction head
-        copying_ok = i["best"][3] > 0
+        copying = float(i["copying_last"][l1, h1])  # the induction head's own
+        copying_ok = copying > 0
         ok = (prev[p_head] > 0.5 and int(np.argmax(k_into)) == p_head and copying_ok)
         parts.append(f"2l: layer-0 previous-token head L0H{p_head} (score {prev[p_head]:.2f}); "
                      f"K-composition into L{l1}H{h1} is {'largest' if int(np.argmax(k_into)) == p_head else 'NOT largest'} "
                      f"from it ({k_into[p_head]:.2f} vs max of others "
                      f"{np.delete(k_into, p_head).max() if len(k_into) > 1 else 0:.2f}); "
-                     f"induction head copying score {i['best'][3]:+.2f}")
+                     f"induction head copying score {copying:+.2f}")
     else:
         parts.append("2l has no induction head to read the circuit from")
     claims.append({"claim": "4. Mechanism", "holds": ok, "evidence": "; ".join(parts)})
