@@ -38,7 +38,7 @@ def _gaussian_smooth(y, sigma_points):
 
 
 def detect_phase_change(steps, icl, tokens=None, *, axis: str = "log", smooth: float = 0.05,
-                        frac: float = 0.3, min_drop: float = 0.1, min_share: float = 0.5,
+                        frac: float = 0.3, min_drop: float = 0.1, min_share: float = 0.4,
                         max_width: float = 1.0, grid: int = 512) -> dict:
     """The training window in which the ICL score drops abruptly, by a stated rule.
 
@@ -657,5 +657,5 @@ def report_html(result, figs) -> str:
             f"<style>{style}</style></head><body><h1>In-context learning and induction heads"
             f"</h1>{table}<p>Phase change: the rule of icl_jax.analysis.detect_phase_change "
             f"(ln-step axis, smoothed; window where -dICL/d ln step exceeds 30% of its peak; "
-            f"drop &ge; 0.1 nats and &ge; half the score's fall after its peak, within a factor e of steps)."
+            f"drop &ge; 0.1 nats and &ge; 40% of the score's fall after its peak, within a factor e of steps)."
             f"</p>{''.join(imgs)}</body></html>")
