@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from icl_jax import analysis, checkpoints, config as config_lib, scores, train
+from icl_jax import analysis, checkpoints, config as config_lib, scores, sweep, train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -49,12 +49,6 @@ def member_configs(profile: str, seed: int = 0, overrides: dict | None = None) -
         config_lib.override(cfg, {**spec["overrides"], **(overrides or {}), "seed": str(seed)})
         out[name] = config_lib.validate(cfg)
     return out
-
-
-def _finished(workdir: str, steps: int) -> bool:
-    if not os.path.isdir(os.path.join(workdir, "snapshots")):
-        return False
-    return checkpoints.Store(workdir, read_only=True).latest() == steps
 
 
 # ----------------------------------------------------------------------------- claims
@@ -322,7 +316,7 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
             timing = json.load(f)
     for name, cfg in configs.items():
         wd = os.path.join(workdir, name)
-        if _finished(wd, cfg.train.steps):
+        if sweep.run_finished(wd, cfg):
             if progress:
                 print(f"[{name}] already trained", file=sys.stderr)
             continue

@@ -167,15 +167,19 @@ def newest_snapshot(workdir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def finished(member: Member) -> bool:
-    """Its newest snapshot is the last step and its workdir holds this very config."""
-    if newest_snapshot(member.workdir) != member.config.train.steps:
+def run_finished(workdir: str, config) -> bool:
+    """Its newest snapshot is the last step and the workdir holds this very config."""
+    if newest_snapshot(workdir) != config.train.steps:
         return False
     try:
-        with open(os.path.join(member.workdir, "config.json")) as f:
-            return json.load(f) == json.loads(member.config.to_json())
+        with open(os.path.join(workdir, "config.json")) as f:
+            return json.load(f) == json.loads(config.to_json())
     except (OSError, ValueError):
         return False
+
+
+def finished(member: Member) -> bool:
+    return run_finished(member.workdir, member.config)
 
 
 def _now():
