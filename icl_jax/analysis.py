@@ -1,7 +1,7 @@
 """From snapshots to scores, the phase change, the PCA, figures and a report.
 
 analyze(["runs/2l", "runs/1l"]) scores every snapshot of every run (in chunks,
-one vmapped jitted call per chunk), finds the phase change, fits one PCA over
+one jitted call per chunk, vmapped or mapped), finds the phase change, fits one PCA over
 all runs, and writes scores.json, PNG figures and report.html. The pure pieces
 (detect_phase_change, fit_pca, trajectory_turn, plot_*) are usable on their own.
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import checkpoints, config as config_lib, scores
-from icl_jax.model import init_params, loss_by_position, make_model
+from icl_jax.model import cross_entropy, init_params, make_model
 
 
 # ----------------------------------------------------------------------------- phase change
@@ -166,31 +166,55 @@ def _model_from_json(model_json: str):
     return make_model(json.loads(model_json))
 
 
+STACKING = ("vmap", "map")
+
+
+def default_stacking() -> str:
+    """How a chunk of snapshots is scored in one program on this backend.
+
+    XLA's CPU code runs vmapped per-snapshot products as slow batched kernels (16
+    snapshots vmapped took 1.6x as long as a loop over them); one snapshot after another
+    inside the program (lax.map) does not. Accelerators take the vmapped batch.
+    """
+    return "map" if jax.devices()[0].platform == "cpu" else "vmap"
+
+
 @functools.lru_cache(maxsize=8)
 def _scorer(model_json: str, early: int, late: int, n_tokens: int, ablation: str,
-            vmapped: bool):
-    """The jitted scorer of one snapshot (or, vmapped, of a stack); cached so that
-    analysing several runs of one architecture compiles once."""
+            stacking: str | None):
+    """The jitted scorer of one snapshot (stacking None) or of a stack of them (stacking
+    "vmap": jax.vmap; "map": jax.lax.map); cached so that analysing several runs of one
+    architecture compiles once."""
     model = _model_from_json(model_json)
 
     def score(params, eval_BT1, probe_BT, index_B):
-        losses_BT = loss_by_position(model, params, eval_BT1)
+        # one clean run on the evaluation set and one on the probe serve every score
+        logits_BTV, cache = model.apply({"params": params}, eval_BT1[:, :-1])
+        losses_BT = cross_entropy(logits_BTV, eval_BT1[:, 1:])
         losses_T = losses_BT.mean(0)
+        icl = scores.icl_score_from_losses(losses_T, early, late)
+        _, probe_cache = model.apply({"params": params}, probe_BT)
         return {
             "loss_by_position": losses_T,
-            "icl_score": scores.icl_score_from_losses(losses_T, early, late),
+            "icl_score": icl,
             "per_token_loss": jnp.take_along_axis(losses_BT, index_B[:, None], axis=1)[:, 0],
-            "prefix_matching": scores.prefix_matching(model, params, probe_BT, n_tokens),
-            "previous_token": scores.previous_token(model, params, eval_BT1[:, :-1]),
+            "prefix_matching": scores.prefix_matching_from_attention(
+                probe_cache["attention"], probe_BT, n_tokens),
+            "previous_token": scores.previous_token_from_attention(cache["attention"]),
             "copying": scores.copying(model, params),
-            "copying_empirical": scores.copying_empirical(model, params, probe_BT, n_tokens),
+            "copying_empirical": scores.copying_empirical_from_cache(
+                model, params, probe_cache, probe_BT, n_tokens),
             "ablation_icl": scores.head_ablation_icl(model, params, eval_BT1, early, late,
-                                                     ablation, head_batch=1),
+                                                     ablation, head_batch=1, clean=(cache, icl)),
             "composition": scores.composition(model, params),
         }
 
-    if vmapped:
+    if stacking == "vmap":
         return jax.jit(jax.vmap(score, in_axes=(0, None, None, None)))
+    if stacking == "map":
+        return jax.jit(lambda stacked, *inputs: jax.lax.map(lambda p: score(p, *inputs), stacked))
+    if stacking is not None:
+        raise ValueError(f"stacking must be one of {STACKING} or None, got {stacking!r}")
     return jax.jit(score)
 
 
@@ -235,18 +259,19 @@ def _stack(trees):
 
 
 def score_run(workdir: str, chunk: int = 16, ablation: str = "pattern",
-              progress: bool = True) -> dict:
+              progress: bool = True, stacking: str | None = None) -> dict:
     """Scores every snapshot of one run; the per-snapshot part of scores.json (numpy arrays).
 
     Snapshots are restored `chunk` at a time, stacked on a leading axis and scored in
-    one vmapped jitted call; the last chunk is padded to `chunk` (by repeating its
-    last snapshot) so that every call has the same shape and nothing recompiles.
+    one jitted call (vmapped, or mapped on CPU: see default_stacking); the last chunk is
+    padded to `chunk` (by repeating its last snapshot) so that every call has the same
+    shape and nothing recompiles.
     """
     run = _RunReader(workdir)
     e = run.config.eval
     inputs = run.inputs()
     scorer = _scorer(run.model_json, e.icl_early_index, e.icl_late_index, e.probe_tokens,
-                     ablation, True)
+                     ablation, stacking or default_stacking())
     results, t0, good = [], time.perf_counter(), []
 
     def score(steps, trees):

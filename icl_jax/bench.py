@@ -380,7 +380,7 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
 
 
 def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
-    """All snapshots scored in one vmapped call against a Python loop over snapshots."""
+    """All snapshots scored in one call (vmapped, and lax.map) against a Python loop over them."""
     from icl_jax import analysis, scores
     case, rows = f"{_name(config)} x{n_snapshots} snapshots", []
     model, e, c = make_model(config.model), config.eval, config
@@ -394,14 +394,19 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
     inputs = tuple(jnp.asarray(x) for x in inputs)
     key = (json.dumps(model.cfg, sort_keys=True), e.icl_early_index, e.icl_late_index,
            e.probe_tokens, "pattern")
-    vmapped, single = analysis._scorer(*key, True), analysis._scorer(*key, False)
+    vmapped, mapped = analysis._scorer(*key, "vmap"), analysis._scorer(*key, "map")
+    single = analysis._scorer(*key, None)
     times = interleaved({
         "vmapped": lambda: jax.block_until_ready(vmapped(stacked, *inputs)),
+        "mapped": lambda: jax.block_until_ready(mapped(stacked, *inputs)),
         "loop": lambda: [jax.block_until_ready(single(p, *inputs)) for p in trees],
     }, repeats, min_s=0)
     rows.append(_row(case, "score vmapped", times["vmapped"], "s"))
+    rows.append(_row(case, "score lax.map", times["mapped"], "s"))
     rows.append(_row(case, "score loop", times["loop"], "s"))
     rows.append(_row(case, "loop / vmapped", times["loop"] / times["vmapped"], "x"))
+    rows.append(_row(case, "loop / lax.map", times["loop"] / times["mapped"], "x",
+                     f"analyze uses {analysis.default_stacking()} here"))
     return rows
 
 

@@ -202,6 +202,11 @@ def init_params(model: Transformer, rng):
 def loss_by_position(model, params, tokens_BT1, **interventions):
     """Cross-entropy [B, T] of predicting tokens[:, 1:] from tokens[:, :-1]."""
     logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1], **interventions)
+    return cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+
+
+def cross_entropy(logits_BTV, targets_BT):
+    """[B, T] cross-entropy of each target under its logits."""
     # logsumexp minus the target's logit: no [B, T, V] log-probabilities are materialised
-    target_BT = jnp.take_along_axis(logits_BTV, tokens_BT1[:, 1:, None], axis=-1)[..., 0]
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT

@@ -80,7 +80,11 @@ def prefix_matching(model, params, probe_BT, n_tokens: int):
     sequences. 1 is perfect induction attention; chance is about 1/position.
     """
     _, cache = model.apply({"params": params}, probe_BT)
-    att_BLHTS = cache["attention"]
+    return prefix_matching_from_attention(cache["attention"], probe_BT, n_tokens)
+
+
+def prefix_matching_from_attention(att_BLHTS, probe_BT, n_tokens: int):
+    """prefix_matching from the probe's attention patterns, for callers that have them."""
     first_query = 1 + n_tokens
     mask_BTS = prefix_matching_mask(probe_BT, first_query)
     per_query_BLHT = jnp.einsum("blhts,bts->blht", att_BLHTS, mask_BTS.astype(att_BLHTS.dtype))
@@ -91,7 +95,11 @@ def prefix_matching(model, params, probe_BT, n_tokens: int):
 def previous_token(model, params, tokens_BT):
     """Per-head previous-token score [L, H]: mean attention from position i to i-1."""
     _, cache = model.apply({"params": params}, tokens_BT)
-    att_BLHTS = cache["attention"]
+    return previous_token_from_attention(cache["attention"])
+
+
+def previous_token_from_attention(att_BLHTS):
+    """previous_token from attention patterns [B, L, H, T, S]."""
     sub_diag = jnp.diagonal(att_BLHTS, offset=-1, axis1=-2, axis2=-1)  # [B, L, H, T-1]
     return sub_diag.mean(axis=(0, -1))
 
@@ -155,6 +163,11 @@ def copying_empirical(model, params, probe_BT, n_tokens: int):
     1 means the head raises only what it attends to.
     """
     _, cache = model.apply({"params": params}, probe_BT)
+    return copying_empirical_from_cache(model, params, cache, probe_BT, n_tokens)
+
+
+def copying_empirical_from_cache(model, params, cache, probe_BT, n_tokens: int):
+    """copying_empirical from the probe run's cache ("attention" and "z")."""
     att_BLHTS, z_BLTHK = cache["attention"], cache["z"]
     W_O = _stack_heads(model, params, "W_O")
     out_BLHTD = jnp.einsum("blthk,lhkd->blhtd", z_BLTHK, W_O)
@@ -211,7 +224,7 @@ ABLATIONS = ("pattern", "zero", "mean")
 
 
 def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: str = "pattern",
-                      head_batch: int | None = None):
+                      head_batch: int | None = None, clean=None):
     """Each head's attribution to in-context learning [L, H]: ICL(ablated) - ICL(clean).
 
     kind "pattern": pattern-preserving, as in the paper: record the clean attention
@@ -220,13 +233,16 @@ def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: st
     the evaluation examples (per position), patterns recomputed.
     Positive: removing the head makes the model worse at in-context learning.
     head_batch: heads run at once (None: all of them, vmapped; 1: one after another,
-    for bounded memory).
+    for bounded memory). clean: (cache, ICL score) of the clean run on
+    tokens_BT1[:, :-1], when the caller has them (saves a forward pass).
     """
     if kind not in ABLATIONS:
         raise ValueError(f"ablation kind must be one of {ABLATIONS}, got {kind!r}")
     L, H = model.cfg["n_layers"], model.cfg["n_heads"]
-    _, cache = model.apply({"params": params}, tokens_BT1[:, :-1])
-    clean = icl_score(model, params, tokens_BT1, early, late)
+    if clean is None:
+        _, cache = model.apply({"params": params}, tokens_BT1[:, :-1])
+        clean = (cache, icl_score(model, params, tokens_BT1, early, late))
+    cache, clean_icl = clean
     fill = cache["z"].mean(0) if kind == "mean" else jnp.zeros((L, 1, 1, 1), cache["z"].dtype)
     patterns = jax.lax.stop_gradient(cache["attention"]) if kind == "pattern" else None
     masks = 1.0 - jnp.eye(L * H).reshape(L * H, L, H)
@@ -236,7 +252,7 @@ def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: st
                          head_fill=fill, patterns=patterns)
 
     ablated = jax.lax.map(one, masks, batch_size=head_batch or L * H)
-    return ablated.reshape(L, H) - clean
+    return ablated.reshape(L, H) - clean_icl
 
 
 def icl_with_heads_removed(model, params, tokens_BT1, early: int, late: int, mask_LH,

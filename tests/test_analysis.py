@@ -188,3 +188,41 @@ def test_cli_export_and_analyze(tiny_run, tmp_path, capsys):
     assert cli.main(["analyze", "--workdir", str(workdir), "--out", str(tmp_path / "a"),
                      "--chunk", "4", "--quiet"]) == 0
     assert "phase change" in capsys.readouterr().out
+
+
+def test_scorer_stackings_agree_with_the_score_functions():
+    """The analysis scorer shares one clean run between scores; each score must equal the
+    stand-alone function in scores.py, and vmap, lax.map and one-at-a-time must agree."""
+    from icl_jax import scores
+    cfg = {"n_layers": 2, "d_model": 16, "n_heads": 2, "d_head": 8, "mlp": True, "d_mlp": 32,
+           "layer_norm": True, "positions": "shortformer", "pos_init_std": 1.0,
+           "smear_keys": False, "smear_init": 0.0, "context": 12, "vocab_size": 10,
+           "dtype": "float32"}
+    model = make_model(cfg)
+    trees = [init_params(model, jax.random.key(s)) for s in range(3)]
+    stacked = jax.tree.map(lambda *a: np.stack(a), *trees)
+    rng = np.random.default_rng(0)
+    eval_BT1 = rng.integers(0, 10, (4, 13)).astype(np.int32)
+    probe = np.concatenate([np.zeros((3, 1), np.int32),
+                            np.tile(rng.integers(1, 10, (3, 3)), 3).astype(np.int32)], 1)
+    idx = scores.pca_token_indices(4, 12, 0)
+    key = (json.dumps(cfg, sort_keys=True), 2, 9, 3, "pattern")
+    single = analysis._scorer(*key, None)
+    stacks = {s: analysis._scorer(*key, s)(stacked, eval_BT1, probe, idx)
+              for s in analysis.STACKING}
+    for i, p in enumerate(trees):
+        want = {
+            "icl_score": scores.icl_score(model, p, eval_BT1, 2, 9),
+            "per_token_loss": scores.per_token_losses(model, p, eval_BT1, idx),
+            "prefix_matching": scores.prefix_matching(model, p, probe, 3),
+            "previous_token": scores.previous_token(model, p, eval_BT1[:, :-1]),
+            "copying_empirical": scores.copying_empirical(model, p, probe, 3),
+            "ablation_icl": scores.head_ablation_icl(model, p, eval_BT1, 2, 9, "pattern"),
+        }
+        got_single = single(p, eval_BT1, probe, idx)
+        for name, w in want.items():
+            np.testing.assert_allclose(got_single[name], w, atol=1e-5, err_msg=name)
+            for s, out in stacks.items():
+                np.testing.assert_allclose(out[name][i], w, atol=1e-5, err_msg=f"{name} {s}")
+    with pytest.raises(ValueError, match="stacking"):
+        analysis._scorer(*key, "pmap")
