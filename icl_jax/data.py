@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pathlib
+import socket
 import sysconfig
 
 import numpy as np
@@ -216,8 +217,10 @@ def _bpe(docs, vocab_size, path):
     tok = tokenizers.ByteLevelBPETokenizer()
     tok.train_from_iterator((d.decode("utf-8", "replace") for d in docs), vocab_size=vocab_size,
                             min_frequency=2, special_tokens=[END_OF_TEXT], show_progress=False)
-    if path:
-        tok.save(path)
+    if path:  # every host of a pod may train and save it at once: never a half-written file
+        tmp = _tmp_name(path)
+        tok.save(tmp)
+        os.replace(tmp, path)
     return tok
 
 
@@ -236,8 +239,13 @@ def _encode(train_docs, eval_docs, f, tokenizer_path):
     return join(train_docs), join(eval_docs), tok.get_vocab_size()
 
 
+def _tmp_name(path):
+    """A temporary name beside `path`, unique across the hosts that share its folder."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
 def _write_atomic(path, save):
-    tmp = f"{path}.{os.getpid()}.tmp"  # hosts sharing a workdir must never read half a file
+    tmp = _tmp_name(path)  # hosts sharing a workdir must never read half a file
     with open(tmp, "wb") as fh:
         save(fh)
     os.replace(tmp, path)

@@ -15,8 +15,8 @@ interpretability measurements, of three optional interventions:
   ones (pattern-preserving ablation freezes them at a clean run's values).
 
 It returns (logits [B, T, V], cache) where cache holds "attention"
-[B, L, H, T, S] and "z" [B, L, T, H, K]; under jit, what is not used is not
-computed.
+[B, L, H, T, S], "z" [B, L, T, H, K] and "resid_pre" [B, L, T, D] (the residual
+stream entering each block); under jit, what is not used is not computed.
 """
 from __future__ import annotations
 
@@ -158,7 +158,10 @@ class Transformer(nn.Module):
     cfg: dict
 
     @nn.compact
-    def __call__(self, tokens_BT, head_mask=None, head_fill=None, patterns=None):
+    def __call__(self, tokens_BT, head_mask=None, head_fill=None, patterns=None,
+                 resid_BTD=None, start_layer: int = 0):
+        """resid_BTD, start_layer: run only blocks start_layer.. from this residual stream
+        (a cache's "resid_pre"[:, start_layer]); the cache then holds only those blocks."""
         cfg = self.cfg
         dtype = DTYPES[cfg["dtype"]]
         V, D, T = cfg["vocab_size"], cfg["d_model"], tokens_BT.shape[1]
@@ -169,9 +172,12 @@ class Transformer(nn.Module):
         pos_TD = W_pos[:T].astype(dtype)
         if cfg["positions"] == "residual":
             x_BTD = x_BTD + pos_TD
+        if resid_BTD is not None:
+            x_BTD = resid_BTD.astype(dtype)
 
-        patterns_out, zs = [], []
-        for layer in range(cfg["n_layers"]):
+        patterns_out, zs, resids = [], [], []
+        for layer in range(start_layer, cfg["n_layers"]):
+            resids.append(x_BTD)
             x_BTD, pattern, z = Block(cfg, name=f"block_{layer}")(
                 x_BTD, pos_TD,
                 None if head_mask is None else head_mask[layer],
@@ -184,7 +190,8 @@ class Transformer(nn.Module):
         W_U = self.param("W_U", nn.initializers.normal(1.0 / math.sqrt(D)), (D, V))
         b_U = self.param("b_U", nn.initializers.zeros, (V,))
         logits_BTV = (jnp.einsum("btd,dv->btv", x_BTD, W_U.astype(dtype)) + b_U).astype(jnp.float32)
-        cache = {"attention": jnp.stack(patterns_out, axis=1), "z": jnp.stack(zs, axis=1)}
+        cache = {"attention": jnp.stack(patterns_out, axis=1), "z": jnp.stack(zs, axis=1),
+                 "resid_pre": jnp.stack(resids, axis=1)}
         return logits_BTV, cache
 
 

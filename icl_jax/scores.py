@@ -232,8 +232,8 @@ def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: st
     "zero": z set to zero, patterns recomputed; "mean": z replaced by its mean over
     the evaluation examples (per position), patterns recomputed.
     Positive: removing the head makes the model worse at in-context learning.
-    head_batch: heads run at once (None: all of them, vmapped; 1: one after another,
-    for bounded memory). clean: (cache, ICL score) of the clean run on
+    head_batch: heads of one layer run at once (None: all of them, vmapped; 1: one after
+    another, for bounded memory). clean: (cache, ICL score) of the clean run on
     tokens_BT1[:, :-1], when the caller has them (saves a forward pass).
     """
     if kind not in ABLATIONS:
@@ -245,14 +245,15 @@ def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: st
     cache, clean_icl = clean
     fill = cache["z"].mean(0) if kind == "mean" else jnp.zeros((L, 1, 1, 1), cache["z"].dtype)
     patterns = jax.lax.stop_gradient(cache["attention"]) if kind == "pattern" else None
-    masks = 1.0 - jnp.eye(L * H).reshape(L * H, L, H)
-
-    def one(mask_LH):
-        return icl_score(model, params, tokens_BT1, early, late, head_mask=mask_LH,
-                         head_fill=fill, patterns=patterns)
-
-    ablated = jax.lax.map(one, masks, batch_size=head_batch or L * H)
-    return ablated.reshape(L, H) - clean_icl
+    masks = 1.0 - jnp.eye(L * H).reshape(L, H, L, H)
+    ablated = []
+    for layer in range(L):  # a head changes nothing before its layer: start the rerun there
+        def one(mask_LH, layer=layer):
+            return icl_score(model, params, tokens_BT1, early, late, head_mask=mask_LH,
+                             head_fill=fill, patterns=patterns,
+                             resid_BTD=cache["resid_pre"][:, layer], start_layer=layer)
+        ablated.append(jax.lax.map(one, masks[layer], batch_size=head_batch or H))
+    return jnp.stack(ablated) - clean_icl
 
 
 def icl_with_heads_removed(model, params, tokens_BT1, early: int, late: int, mask_LH,

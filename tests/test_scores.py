@@ -197,3 +197,22 @@ def test_pca_and_turn():
     assert turn_bent["turn_deg"] > 45
     assert analysis.trajectory_turn(fit["project"][30:], steps, window)["turn_deg"] < 15
     assert analysis.trajectory_turn(fit["project"][:30], steps, {"detected": False})["turn_deg"] is None
+
+
+@pytest.mark.parametrize("kind", scores.ABLATIONS)
+def test_ablation_rerun_from_the_heads_layer_equals_a_full_rerun(kind):
+    """head_ablation_icl reruns only the blocks from the ablated head's layer on; a full
+    rerun of the model with the same intervention, head by head, must give the same."""
+    model, p = _random(3, n_layers=3, layer_norm=True, mlp=True)
+    toks = np.random.default_rng(1).integers(0, 10, (5, 13)).astype(np.int32)
+    got = np.asarray(scores.head_ablation_icl(model, p, toks, 2, 9, kind))
+    _, cache = model.apply({"params": p}, toks[:, :-1])
+    clean = scores.icl_score(model, p, toks, 2, 9)
+    fill = cache["z"].mean(0) if kind == "mean" else np.zeros((3, 1, 1, 1), np.float32)
+    for l in range(3):
+        for h in range(2):
+            mask = np.ones((3, 2), np.float32)
+            mask[l, h] = 0
+            want = scores.icl_score(model, p, toks, 2, 9, head_mask=mask, head_fill=fill,
+                                    patterns=cache["attention"] if kind == "pattern" else None)
+            assert np.isclose(got[l, h], want - clean, atol=1e-5), (kind, l, h)
