@@ -1,9 +1,20 @@
 """Natural text: the Python standard library's source, as bytes (the text profile).
 
 Usage: --config configs/text.py:layers=2  (same arguments as configs/small.py)
-Positions, widths and the training recipe follow configs/small.py; what changes is
-the data and the scale it needs: a 256-byte vocabulary, a 256-byte context, and
-the ICL score at indices 20 and 200 (the paper's 1:10 ratio).
+Positions, widths and the training recipe follow configs/small.py; what changes is the
+data and the scale it needs: a 256-byte vocabulary, a 256-byte context (repeated
+identifiers within it are what induction heads can use), and the ICL score at indices
+20 and 200 (the paper's 1:10 ratio).
+
+Measured on a 2-core CPU (one core a run, ~0.17 s a step), 2 layers, this config:
+- with smeared keys (smear=true): an induction head in layer 0 (L0H3, prefix matching
+  0.26 at step 1,000, 0.41 at 1,500, 0.47 at 2,500; copying +0.99), about 4 minutes;
+- vanilla: a previous-token head forms slowly (best 0.25 at step 2,000, 0.40 at 5,450)
+  and no induction head by step 5,450 (15 minutes). On the synthetic data the induction
+  head followed the previous-token head within ~2,000 steps; whether 20,000 steps (about
+  an hour a member on one core) suffice here is not yet measured, so the whole family is
+  an accelerator's or an overnight job. A BPE-1024 vocabulary at context 128 formed none
+  by step 4,300.
 """
 import importlib.util
 import os
@@ -23,11 +34,11 @@ def get_config(arg=None):
     c.data.tokenizer = "bytes"
     c.model.vocab_size = 256
     c.model.context = 256
-    c.model.d_model = 128
+    c.model.d_model = 64  # d_model 64, 4 heads: what the measurements above used
     c.model.n_heads = 4
     c.train.steps = 20_000
     c.train.batch_size = 32
-    c.train.lr = 1e-3
+    c.train.lr = 2e-3
     c.train.warmup_steps = 500
     c.train.eval_every = 500
     c.eval.icl_early_index = 20
