@@ -373,14 +373,17 @@ def plot_loss_heatmap(run: dict):
     return fig
 
 
-def _per_head_lines(ax, steps, values_NLH, title):
+def _per_head_lines(ax, steps, values_NLH, title, legend=False):
     v = np.asarray(values_NLH)
+    labelled = v.shape[1] * v.shape[2] <= 16  # more heads than that: colour by layer only
     for l in range(v.shape[1]):
         for h in range(v.shape[2]):
             ax.plot(steps, v[:, l, h], color=f"C{l}", alpha=0.5 + 0.5 * (h == v[-1, l].argmax()),
-                    label=f"L{l}H{h}" if v.shape[1] * v.shape[2] <= 16 else None)
+                    label=f"L{l}H{h}" if labelled else None)
     _steps_axis(ax, steps)
     ax.set_title(title)
+    if legend and labelled:
+        ax.legend(fontsize=7, ncol=2)
 
 
 def plot_head_scores(run: dict):
@@ -388,8 +391,7 @@ def plot_head_scores(run: dict):
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     _per_head_lines(axes[0], run["steps"], run["prefix_matching"], "prefix matching")
-    _per_head_lines(axes[1], run["steps"], run["previous_token"], "previous token")
-    axes[1].legend(fontsize=7, ncol=2)
+    _per_head_lines(axes[1], run["steps"], run["previous_token"], "previous token", legend=True)
     fig.tight_layout()
     return fig
 
@@ -417,9 +419,9 @@ def plot_ablation(run: dict):
     """Each head's attribution to ICL (ICL ablated - ICL clean) over training."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    _per_head_lines(ax, run["steps"], run["ablation_icl"], "ablation: ICL(ablated) - ICL(clean)")
+    _per_head_lines(ax, run["steps"], run["ablation_icl"], "ablation: ICL(ablated) - ICL(clean)",
+                    legend=True)
     ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
 

@@ -10,10 +10,10 @@ Usage: icl-jax sweep --config configs/sweeps/paper_small.py[:SUBSET[,steps=N]] -
            the 2L and 3L models' phase changes come at ~1,700-2,600 steps; the 2L model with
            MLPs had none within 4,000 steps in one try, so give the MLP family more).
 
-Expected wall time on this 2-core CPU, one member at a time, 5,000 steps: about 25 s
-for 1L plus ~25 s per further layer (MLPs add ~30%), so ~10 min for the attention-only
-members, ~13 min with MLPs, ~2 min for the smeared pair: roughly 25 min for `all`
-(estimated from the quick profile's measured steps; --jobs 2 helps a little).
+Measured on this 2-core CPU, `all` with --jobs 2 --analyze: 50 min of training and 6 min
+of analysis, with two other single-core runs sharing the machine for most of it (alone,
+members should take about 25 s for 1L plus ~25 s per further layer, MLPs ~30% more,
+as estimated from the quick profile).
 """
 FAMILIES = {
     "attn": {f"{n}l": {"arg": f"layers={n}"} for n in range(1, 7)},
