@@ -37,6 +37,18 @@ def smear(k_BSHK, alpha_H):
     return smeared.at[:, 0].set(k_BSHK[:, 0])
 
 
+def add_positions(x_BTD, pos_TD):
+    """x + pos broadcast over the batch, written as an outer product with ones.
+
+    The same values as x_BTD + pos_TD (XLA folds the product into a broadcast), but the
+    gradient for pos becomes a matrix-vector product with ones instead of a reduce over
+    the leading batch axis, which XLA:CPU's YNNPACK fusion runs about 20x slower
+    (5.5 ms against 0.3 ms for [8, 256, 768] on 2 cores; 22 ms of a 335 ms step of the
+    d_model 768 model with shortformer positions).
+    """
+    return x_BTD + jnp.einsum("b,td->btd", jnp.ones(x_BTD.shape[:1], pos_TD.dtype), pos_TD)
+
+
 QUERY_BLOCK = 64  # queries per block of causal_attention
 
 
@@ -143,7 +155,7 @@ class Block(nn.Module):
             lambda name: (lambda a: a))
         h_BTD = ln("ln_attn")(x_BTD)
         # Shortformer: positions enter only the query and key inputs.
-        qk_in = h_BTD + pos_TD if cfg["positions"] == "shortformer" else h_BTD
+        qk_in = add_positions(h_BTD, pos_TD) if cfg["positions"] == "shortformer" else h_BTD
         attn_out, pattern, z = Attention(cfg["n_heads"], cfg["d_head"], cfg["smear_keys"],
                                          cfg["smear_init"], dtype, name="attn")(
             h_BTD, qk_in, mask_H, fill_THK, pattern_BHTS)
@@ -171,7 +183,7 @@ class Transformer(nn.Module):
         x_BTD = W_E[tokens_BT].astype(dtype)
         pos_TD = W_pos[:T].astype(dtype)
         if cfg["positions"] == "residual":
-            x_BTD = x_BTD + pos_TD
+            x_BTD = add_positions(x_BTD, pos_TD)
         if resid_BTD is not None:
             x_BTD = resid_BTD.astype(dtype)
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_jax.model import init_params, loss_by_position, make_model, smear
+from icl_jax.model import add_positions, init_params, loss_by_position, make_model, smear
 from conftest import tiny_config
 
 
@@ -104,3 +104,19 @@ def test_loss_by_position_is_cross_entropy_of_the_next_token():
     p = jax.nn.softmax(np.asarray(logits, np.float64), -1)
     expected = -np.log(np.take_along_axis(np.asarray(p), np.asarray(tokens[:, 1:, None]), -1)[..., 0])
     np.testing.assert_allclose(loss_by_position(model, params, tokens), expected, rtol=1e-4)
+
+
+def test_add_positions_equals_broadcasting_in_value_and_gradient():
+    # add_positions writes the broadcast as a product with ones so that the gradient is
+    # a matrix-vector product; the numbers must be those of plain broadcasting.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
+    pos = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
+    np.testing.assert_allclose(add_positions(x, pos), x + pos, rtol=1e-6)
+    ours = jax.grad(lambda x, p: (jnp.sin(add_positions(x, p)) * w).sum(), (0, 1))(x, pos)
+    plain = jax.grad(lambda x, p: (jnp.sin(x + p) * w).sum(), (0, 1))(x, pos)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # by hand: d/dpos sums the per-example gradient over the batch
+    np.testing.assert_allclose(ours[1], (jnp.cos(x + pos) * w).sum(0), rtol=1e-5, atol=1e-6)
