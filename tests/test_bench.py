@@ -87,3 +87,23 @@ def test_bench_data_and_checkpoint_suites_run(tmp_path, capsys):
                          "--config.checkpoint.every=2", "--config.train.steps=20"] + TINY) == 0
     text = capsys.readouterr().out
     assert "data / train" in text and "snapshot overhead" in text
+
+
+def test_peer_rows_share_the_faster_matmul_peak():
+    pytest.importorskip("transformer_lens")
+    config = bench.load_config(os.path.join(ROOT, "configs", "small.py") + ":layers=1",
+                               {"model.d_model": 32, "model.n_heads": 2, "model.context": 64,
+                                "train.batch_size": 4})
+    rows = {r["metric"]: r for r in bench.bench_train(config, repeats=1)}
+    assert {"torch matmul peak", "XLA / torch matmul", "torch eager MFU",
+            "TransformerLens MFU"} <= set(rows)
+    # one repeat: every MFU row has the same denominator, so two frameworks' MFUs are
+    # in the ratio of their step times
+    for peer in ("torch eager", "TransformerLens"):
+        np.testing.assert_allclose(rows["jax MFU"]["median"] / rows[f"{peer} MFU"]["median"],
+                                   rows[f"jax / {peer}"]["median"], rtol=1e-6)
+    peak = max(rows["matmul peak"]["median"], rows["torch matmul peak"]["median"])
+    flops = bench.train_flops(config.model, 4, 64)
+    tokens_per_s = rows["jax train"]["median"]
+    np.testing.assert_allclose(rows["jax MFU"]["median"] / 100,
+                               flops * tokens_per_s / (4 * 64) / (peak * 1e9), rtol=1e-6)
