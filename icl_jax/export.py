@@ -129,10 +129,23 @@ def export_hooked_transformer(workdir: str, step: int | None, out: str) -> str:
 def load_hooked_transformer(path: str):
     """A transformer_lens HookedTransformer from export_hooked_transformer's file."""
     import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
     saved = torch.load(path, weights_only=False)
-    model = HookedTransformer(HookedTransformerConfig(**saved["config"]))
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    return _hooked_transformer(saved["config"], saved["state_dict"])
+
+
+def hooked_transformer(params, model_cfg: dict):
+    """A transformer_lens HookedTransformer holding a params tree, without a file between."""
+    import torch
+    cfg = hooked_transformer_config(model_cfg)
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+          hooked_transformer_state_dict(params_to_arrays(params, model_cfg), model_cfg).items()}
+    return _hooked_transformer(cfg, sd)
+
+
+def _hooked_transformer(cfg: dict, state_dict: dict):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    model = HookedTransformer(HookedTransformerConfig(**cfg))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     learned = [k for k in missing if not k.endswith(("mask", "IGNORE"))]
     if learned or unexpected:
         raise ValueError(f"state dict mismatch: missing {learned}, unexpected {unexpected}")
