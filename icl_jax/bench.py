@@ -400,8 +400,32 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     return rows
 
 
+def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
+    """A fn scoring every snapshot with lens.score_with_hooks, its HookedTransformers built
+    here, outside the timing; None and a note row where TransformerLens can't run."""
+    try:
+        import torch
+        import transformer_lens  # noqa: F401
+        from icl_jax import lens
+    except ImportError:
+        rows.append(_note(case, "TransformerLens hooks", "transformer_lens not installed "
+                          "(pip install 'icl_jax[bench]')"))
+        return None
+    try:
+        tls = [lens.hooked_transformer(t, model.cfg) for t in trees]
+    except NotImplementedError as e:
+        rows.append(_note(case, "TransformerLens hooks", f"skipped: {e}"))
+        return None
+    torch.set_num_threads(TORCH_THREADS[0] or os.cpu_count() or 1)  # as _torch_candidates
+    _, early, late, n_tokens, ablation = key
+    tokens = tuple(torch.from_numpy(np.array(x)).long() for x in inputs)  # a writable copy
+    return lambda: [lens.score_with_hooks(tl, *tokens, early, late, n_tokens, ablation)
+                    for tl in tls]
+
+
 def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
-    """All snapshots scored in one call (vmapped, and lax.map) against a Python loop over them."""
+    """All snapshots scored in one call (vmapped, and lax.map) against a Python loop over them,
+    and against a loop scoring each with TransformerLens hooks (lens.py)."""
     from icl_jax import analysis, scores
     case, rows = f"{_name(config)} x{n_snapshots} snapshots", []
     model, e, c = make_model(config.model), config.eval, config
@@ -417,17 +441,28 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
            e.probe_tokens, "pattern")
     vmapped, mapped = analysis._scorer(*key, "vmap"), analysis._scorer(*key, "map")
     single = analysis._scorer(*key, None)
-    times = interleaved({
+    fns = {
         "vmapped": lambda: jax.block_until_ready(vmapped(stacked, *inputs)),
         "mapped": lambda: jax.block_until_ready(mapped(stacked, *inputs)),
         "loop": lambda: [jax.block_until_ready(single(p, *inputs)) for p in trees],
-    }, repeats, min_s=0)
+    }
+    tl = _tl_hooks_scorer(model, trees, inputs, key, rows, case)
+    if tl is not None:
+        fns["TL hooks"] = tl
+    times = interleaved(fns, repeats, min_s=0)
     rows.append(_row(case, "score vmapped", times["vmapped"], "s"))
     rows.append(_row(case, "score lax.map", times["mapped"], "s"))
     rows.append(_row(case, "score loop", times["loop"], "s"))
     rows.append(_row(case, "loop / vmapped", times["loop"] / times["vmapped"], "x"))
     rows.append(_row(case, "loop / lax.map", times["loop"] / times["mapped"], "x",
                      f"analyze uses {analysis.default_stacking()} here"))
+    if "TL hooks" in times:
+        rows.append(_row(case, "score TransformerLens hooks", times["TL hooks"], "s",
+                         f"loop of lens.score_with_hooks over the {n_snapshots} snapshots; "
+                         "HookedTransformers built before timing, only scoring timed"))
+        rows.append(_row(case, "TL hooks / lax.map", times["TL hooks"] / times["mapped"], "x",
+                         "TransformerLens time over the lax.map call's, per repeat "
+                         "(> 1: TransformerLens slower)"))
     return rows
 
 
