@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import config as config_lib, data as data_lib, train
-from icl_jax.model import QUERY_BLOCK, init_params, make_model
+from icl_jax.model import QUERY_BLOCK, causal_attention, init_params, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(ROOT, "configs", "small.py")
@@ -99,6 +99,33 @@ def matmul_peak_fn(n: int | None = None):
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     return (lambda: f(a).block_until_ready()), 2 * n ** 3
+
+
+def attention_fns(m, batch: int):
+    """{name: fn}: one layer's causal attention core, forward and backward, at the model's
+    [B, H, T, K]: ours (model.causal_attention) and PyTorch's fused
+    scaled_dot_product_attention, on the same random inputs."""
+    import torch
+    B, H, T = batch, m.n_heads, m.context
+    K = m.d_head or m.d_model // H
+    q, k, v, g = (np.random.default_rng(i).normal(size=(B, H, T, K)).astype(np.float32)
+                  for i in range(4))
+    g_jax = jnp.asarray(g)
+    grad = jax.jit(jax.grad(lambda q, k, v: (causal_attention(q, k, v)[0] * g_jax).sum(),
+                            argnums=(0, 1, 2)))
+    qkv = [jnp.asarray(x) for x in (q, k, v)]
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    tg = torch.from_numpy(g)
+
+    def torch_step():
+        z = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
+                                                             scale=1.0)
+        (z * tg).sum().backward()
+        for x in (tq, tk, tv):
+            x.grad = None
+
+    return {"jax attention": lambda: jax.block_until_ready(grad(*qkv)),
+            "torch attention": torch_step}
 
 
 def torch_matmul_peak_fn(n: int = 2048):
@@ -366,6 +393,7 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
         fns.update(_torch_candidates(config, rows, case))
         if len(fns) > 2 and jax.devices()[0].platform == "cpu":
             fns["torch peak"] = torch_matmul_peak_fn()[0]
+            fns.update(attention_fns(m, t.batch_size))
     times = interleaved(fns, repeats)
     # The device's peak is the faster of the two libraries' products, repeat by repeat:
     # XLA:CPU's own GEMM and PyTorch's MKL differ by up to 20% on the same core.
@@ -389,8 +417,19 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
                              f"XLA cost analysis {xla / 1e9:.3f} GFLOP/step "
                              f"({100 * (xla / executed - 1):+.1f}%)"),
                      "analytic_executed": executed, "xla": xla, "analytic_full": flops})
+    if "jax attention" in times and "torch eager" in times:
+        ja, ta = times["jax attention"], times["torch attention"]
+        rows.append(_row(case, "attention fwd+bwd, jax", ja, "ms", "one layer's causal "
+                         "attention core (model.causal_attention)", 1e3))
+        rows.append(_row(case, "attention fwd+bwd, torch", ta, "ms",
+                         "scaled_dot_product_attention(is_causal=True), same inputs", 1e3))
+        gap = times["jax"] - times["torch eager"]
+        share = m.n_layers * (ja - ta) / gap
+        rows.append(_row(case, "attention share of gap", share, "%",
+                         f"{m.n_layers} layers x (jax - torch attention) / (jax - torch eager "
+                         "step); meaningful only when the step is slower", 100))
     for name in fns:
-        if name in ("peak", "jax", "torch peak"):
+        if name in ("peak", "jax", "torch peak", "jax attention", "torch attention"):
             continue
         rows.append(_row(case, f"{name} train", tokens / times[name], "tok/s"))
         rows.append(_row(case, f"{name} MFU", flops / times[name] / peak, "%",

@@ -96,7 +96,9 @@ def test_peer_rows_share_the_faster_matmul_peak():
                                 "train.batch_size": 4})
     rows = {r["metric"]: r for r in bench.bench_train(config, repeats=1)}
     assert {"torch matmul peak", "XLA / torch matmul", "torch eager MFU",
-            "TransformerLens MFU"} <= set(rows)
+            "TransformerLens MFU", "attention fwd+bwd, jax", "attention fwd+bwd, torch",
+            "attention share of gap"} <= set(rows)
+    assert rows["attention fwd+bwd, jax"]["median"] > 0
     # one repeat: every MFU row has the same denominator, so two frameworks' MFUs are
     # in the ratio of their step times
     for peer in ("torch eager", "TransformerLens"):
@@ -107,3 +109,19 @@ def test_peer_rows_share_the_faster_matmul_peak():
     tokens_per_s = rows["jax train"]["median"]
     np.testing.assert_allclose(rows["jax MFU"]["median"] / 100,
                                flops * tokens_per_s / (4 * 64) / (peak * 1e9), rtol=1e-6)
+
+
+def test_causal_attention_gradients_equal_torch_sdpa():
+    # the attention the bench times against PyTorch's fused kernel computes the same
+    # values and gradients (two query blocks and a ragged last one)
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    q, k, v, g = (rng.normal(size=(2, 3, 150, 8)).astype(np.float32) for _ in range(4))
+    z, _ = causal_attention(q, k, v)
+    grads = jax.grad(lambda q, k, v: (causal_attention(q, k, v)[0] * g).sum(), (0, 1, 2))(q, k, v)
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    tz = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, scale=1.0)
+    (tz * torch.from_numpy(g)).sum().backward()
+    np.testing.assert_allclose(z, tz.detach().numpy(), atol=2e-5)
+    for ours, theirs in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=1e-4)
