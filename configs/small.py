@@ -45,6 +45,9 @@ def get_config(arg=None):
         context=64,
         vocab_size=64,
         dtype="float32",
+        # "auto": our blocked causal attention on CPU, jax.nn.dot_product_attention
+        # elsewhere (cuDNN flash on GPUs); or name one: "blocked", "dot_product_attention"
+        attention="auto",
     ))
 
     c.data = ml_collections.ConfigDict(dict(

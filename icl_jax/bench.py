@@ -44,8 +44,20 @@ PRESETS = {
                                   "train.batch_size": 16}),
     "d768 H12 T256 L2": ("layers=2", {"model.d_model": 768, "model.n_heads": 12,
                                       "model.context": 256, "train.batch_size": 8}),
+    # the paper's shape in bf16 through jax.nn.dot_product_attention: the accelerator row
+    "paper L2 bf16 T2048": ("layers=2", {"model.d_model": 768, "model.n_heads": 12,
+                                         "model.context": 2048, "train.batch_size": 8,
+                                         "model.dtype": "bfloat16",
+                                         "model.attention": "dot_product_attention"}),
 }
 DEFAULT_TRAIN = ("small L2", "d256 T512 L2", "d768 H12 T256 L2")
+
+
+def default_train() -> tuple:
+    """The train suite's models here: on an accelerator also the paper shape in bf16."""
+    if jax.default_backend() == "cpu":
+        return DEFAULT_TRAIN
+    return DEFAULT_TRAIN + ("paper L2 bf16 T2048",)
 SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data")
 
 
@@ -627,7 +639,7 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
     TORCH_THREADS[0] = torch_threads
     out = out or sys.stdout
     specs = list(configs or [])
-    train_configs = [load_config(s, overrides) for s in (specs or DEFAULT_TRAIN)]
+    train_configs = [load_config(s, overrides) for s in (specs or default_train())]
     small = load_config(specs[0] if specs else "small L2", overrides)
     meta = {"devices": [str(d) for d in jax.devices()], "platform": jax.devices()[0].platform,
             "cpu_count": os.cpu_count(), "jax": jax.__version__,

@@ -63,7 +63,20 @@ def ensemble_free(field: str) -> bool:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(json.loads(text))
+    return ml_collections.ConfigDict(upgrade(json.loads(text)))
+
+
+# Fields added after runs were saved without them, with the value that reproduces those
+# runs, so that a saved config.json still resumes and compares equal.
+ADDED_FIELDS = {("model", "attention"): "auto"}
+
+
+def upgrade(saved: dict) -> dict:
+    """A saved config (a dict from config.json) with the fields added since filled in."""
+    for (section, field), value in ADDED_FIELDS.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(field, value)
+    return saved
 
 
 def _parse_value(text: str, old):
@@ -106,12 +119,14 @@ def override(config: ml_collections.ConfigDict, assignments: dict[str, str]):
 
 
 # field -> (type, allowed values or None); the schema every config must follow.
+ATTENTION = ("auto", "blocked", "dot_product_attention")  # model.attention; see model.py
+
 SCHEMA = {
     "seed": int,
     "model": {"n_layers": int, "d_model": int, "n_heads": int, "d_head": int, "mlp": bool,
               "d_mlp": int, "layer_norm": bool, "positions": str, "pos_init_std": float,
               "smear_keys": bool, "smear_init": float, "context": int, "vocab_size": int,
-              "dtype": str},
+              "dtype": str, "attention": str},
     "data": {"name": str, "background": str, "markov_branching": int, "segments_min": int,
              "segments_max": int, "segment_len_min": int, "segment_len_max": int,
              "fresh_fraction": float,
@@ -171,6 +186,8 @@ def validate(config) -> ml_collections.ConfigDict:
           f"must be 'shortformer' or 'residual', got {m.positions!r}")
     _need(m.dtype in ("float32", "bfloat16"), "model.dtype",
           f"must be 'float32' or 'bfloat16', got {m.dtype!r}")
+    _need(m.attention in ATTENTION, "model.attention",
+          f"must be one of {', '.join(ATTENTION)}, got {m.attention!r}")
     _need(m.pos_init_std >= 0, "model.pos_init_std", "must be >= 0")
     _need(m.d_head >= 0, "model.d_head", "must be positive, or 0 for d_model / n_heads")
     if m.d_head == 0:  # the paper's d_head = d_model / n_heads, filled in here

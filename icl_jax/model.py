@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from icl_jax.config import ATTENTION
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -78,12 +80,25 @@ def causal_attention(q_BHTK, k_BHSK, v_BHSK, block: int = QUERY_BLOCK):
     return cat(zs), cat(patterns)
 
 
+def attention_kernel(name: str = "auto") -> str:
+    """model.attention resolved: "auto" is our blocked causal_attention on CPU, where
+    XLA's own dot_product_attention materialises every T x S score (the d_model 768
+    model's forward and backward took 1.3x as long with it), and
+    jax.nn.dot_product_attention elsewhere (cuDNN's fused flash kernel on GPUs)."""
+    if name not in ATTENTION:
+        raise ValueError(f"model.attention must be one of {ATTENTION}, got {name!r}")
+    if name == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "dot_product_attention"
+    return name
+
+
 class Attention(nn.Module):
     n_heads: int
     d_head: int
     smear_keys: bool = False
     smear_init: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    kernel: str = "blocked"  # or "dot_product_attention" (see attention_kernel)
 
     @nn.compact
     def __call__(self, x_BTD, qk_in_BTD, mask_H, fill_THK, pattern_BHTS):
@@ -117,6 +132,12 @@ class Attention(nn.Module):
             k_BHSK = smear(k_BHSK.swapaxes(1, 2), alpha_H).swapaxes(1, 2)
 
         z_BHTK, computed_BHTS = causal_attention(q_BHTK / math.sqrt(K), k_BHSK, v_BHSK)
+        if self.kernel == "dot_product_attention":
+            # z from the fused kernel; causal_attention above then only serves the pattern,
+            # which is computed only when a caller uses it (under jit, training doesn't)
+            z_BHTK = jax.nn.dot_product_attention(
+                q_BHTK.swapaxes(1, 2), k_BHSK.swapaxes(1, 2), v_BHSK.swapaxes(1, 2),
+                scale=1.0 / math.sqrt(K), is_causal=True).swapaxes(1, 2)
         if pattern_BHTS is not None:
             z_BHTK = jnp.einsum("bhts,bhsk->bhtk", c(pattern_BHTS), v_BHSK)
         z_BTHK = z_BHTK.swapaxes(1, 2)
@@ -157,7 +178,9 @@ class Block(nn.Module):
         # Shortformer: positions enter only the query and key inputs.
         qk_in = add_positions(h_BTD, pos_TD) if cfg["positions"] == "shortformer" else h_BTD
         attn_out, pattern, z = Attention(cfg["n_heads"], cfg["d_head"], cfg["smear_keys"],
-                                         cfg["smear_init"], dtype, name="attn")(
+                                         cfg["smear_init"], dtype,
+                                         attention_kernel(cfg.get("attention", "auto")),
+                                         name="attn")(
             h_BTD, qk_in, mask_H, fill_THK, pattern_BHTS)
         x_BTD = x_BTD + attn_out
         if cfg["mlp"]:

@@ -173,7 +173,7 @@ def run_finished(workdir: str, config) -> bool:
         return False
     try:
         with open(os.path.join(workdir, "config.json")) as f:
-            return json.load(f) == json.loads(config.to_json())
+            return config_lib.upgrade(json.load(f)) == json.loads(config.to_json())
     except (OSError, ValueError):
         return False
 

@@ -190,7 +190,7 @@ def prepare_workdir(config, workdir: str, overwrite: bool):
     text = config.to_json(indent=2, sort_keys=True)
     if os.path.exists(path) and not overwrite:
         with open(path) as f:
-            saved = json.load(f)
+            saved = config_lib.upgrade(json.load(f))
         if saved != json.loads(text):
             changed = _diff(saved, json.loads(text))
             raise TrainingError(f"workdir {workdir!r} holds a run of a different config "

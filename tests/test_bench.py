@@ -125,3 +125,17 @@ def test_causal_attention_gradients_equal_torch_sdpa():
     np.testing.assert_allclose(z, tz.detach().numpy(), atol=2e-5)
     for ours, theirs in zip(grads, (tq.grad, tk.grad, tv.grad)):
         np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(bench.PRESETS))
+def test_every_preset_validates_and_its_step_runs(name):
+    # every model the bench can pick (the accelerator-only bf16 one among them) is a valid
+    # config whose step compiles and trains, here at context 64 and batch 4
+    config = bench.load_config(name, {"model.context": 64, "train.batch_size": 4,
+                                      "eval.icl_late_index": 50})
+    trainer = bench.JaxTrainer(config)
+    before = jax.tree.leaves(trainer.state["params"])[0].copy()
+    trainer()
+    trainer()
+    assert int(trainer.state["step"]) == 2 and int(trainer.state["first_bad_step"]) < 0
+    assert not np.array_equal(jax.tree.leaves(trainer.state["params"])[0], before)

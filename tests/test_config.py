@@ -80,6 +80,7 @@ FIELDS = {
     "model.mlp": st.booleans(), "model.layer_norm": st.booleans(), "model.smear_keys": st.booleans(),
     "model.positions": st.sampled_from(["shortformer", "residual", "alibi"]),
     "model.dtype": st.sampled_from(["float32", "bfloat16", "float8"]),
+    "model.attention": st.sampled_from(["auto", "blocked", "dot_product_attention", "flash"]),
     "eval.icl_early_index": st.integers(-1, 30), "eval.icl_late_index": st.integers(0, 70),
     "eval.probe_tokens": st.integers(0, 20), "eval.probe_repeats": st.integers(0, 5),
     "eval.bos_token": st.integers(-1, 300), "train.steps": st.integers(-2, 3),

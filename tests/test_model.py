@@ -120,3 +120,33 @@ def test_add_positions_equals_broadcasting_in_value_and_gradient():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # by hand: d/dpos sums the per-example gradient over the batch
     np.testing.assert_allclose(ours[1], (jnp.cos(x + pos) * w).sum(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arg", ["layers=2", "layers=1,smear=true",
+                                 "layers=2,mlp=true,layer_norm=true,positions=residual"])
+def test_dot_product_attention_kernel_equals_the_blocked_one(arg):
+    # model.attention="dot_product_attention" (what "auto" picks on accelerators) must be
+    # the same model: logits, gradients and the cache's patterns. Context 80 spans two of
+    # the blocked kernel's query blocks.
+    from icl_jax.model import attention_kernel
+    assert attention_kernel("auto") == "blocked"  # on CPU
+    cfg = tiny_config(arg, **{"model.context": 80})
+    blocked = make_model(cfg.model)
+    cfg.model.attention = "dot_product_attention"
+    fused = make_model(cfg.model)
+    params = jax.tree.map(lambda p: p + 0.05, init_params(blocked, jax.random.key(3)))
+    tokens = np.random.default_rng(0).integers(0, 32, (3, 81))
+    loss = lambda model: jax.grad(lambda p: loss_by_position(model, p, tokens).mean())(params)
+    (lb, cb), (lf, cf) = (jax.jit(m.apply)({"params": params}, tokens[:, :-1])
+                          for m in (blocked, fused))
+    np.testing.assert_allclose(lf, lb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cf["attention"], cb["attention"], atol=1e-5)
+    np.testing.assert_allclose(cf["z"], cb["z"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(loss(fused)), jax.tree.leaves(loss(blocked))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_attention_kernel_is_refused_by_name():
+    from icl_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="model.attention"):
+        tiny_config("layers=1", **{"model.attention": "flash"})

@@ -137,6 +137,21 @@ def test_workdir_of_another_config_is_refused(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["train"]["lr"] == 3e-3
 
 
+def test_a_run_saved_before_model_attention_existed_still_resumes(tmp_path):
+    cfg = tiny_config()
+    train.train_and_evaluate(cfg, str(tmp_path), progress=False, stop_after=4)
+    saved = json.load(open(tmp_path / "config.json"))
+    del saved["model"]["attention"]  # as config.json was written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    train.train_and_evaluate(cfg, str(tmp_path), progress=False)
+    assert checkpoints.Run(str(tmp_path)).steps[-1] == cfg.train.steps
+    # but a saved run that named another kernel is a different run
+    saved["model"]["attention"] = "dot_product_attention"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(train.TrainingError, match="model.attention"):
+        train.train_and_evaluate(cfg, str(tmp_path), progress=False)
+
+
 def test_run_api_forward_matches_the_model(tmp_path):
     cfg = tiny_config()
     train.train_and_evaluate(cfg, str(tmp_path), progress=False)
