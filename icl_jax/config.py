@@ -118,9 +118,9 @@ def override(config: ml_collections.ConfigDict, assignments: dict[str, str]):
     return config
 
 
-# field -> (type, allowed values or None); the schema every config must follow.
 ATTENTION = ("auto", "blocked", "dot_product_attention")  # model.attention; see model.py
 
+# field -> (type, allowed values or None); the schema every config must follow.
 SCHEMA = {
     "seed": int,
     "model": {"n_layers": int, "d_model": int, "n_heads": int, "d_head": int, "mlp": bool,
