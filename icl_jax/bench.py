@@ -114,9 +114,10 @@ def matmul_peak_fn(n: int | None = None):
 
 
 def attention_fns(m, batch: int):
-    """{name: fn}: one layer's causal attention core, forward and backward, at the model's
-    [B, H, T, K]: ours (model.causal_attention) and PyTorch's fused
-    scaled_dot_product_attention, on the same random inputs."""
+    """({name: fn}, bmm FLOPs): one layer's causal attention core, forward and backward,
+    at the model's [B, H, T, K], ours (model.causal_attention) and PyTorch's fused
+    scaled_dot_product_attention, on the same random inputs; and the batched product of
+    its last query block's scores through XLA and through torch.bmm."""
     import torch
     B, H, T = batch, m.n_heads, m.context
     K = m.d_head or m.d_model // H
@@ -136,8 +137,16 @@ def attention_fns(m, batch: int):
         for x in (tq, tk, tv):
             x.grad = None
 
+    # the product XLA:CPU is slow at: the last query block's scores, [B*H] x [64 x K] x [K x T]
+    a = np.random.default_rng(5).normal(size=(B * H, min(QUERY_BLOCK, T), K)).astype(np.float32)
+    b = np.random.default_rng(6).normal(size=(B * H, K, T)).astype(np.float32)
+    bmm = jax.jit(lambda x, y: jnp.einsum("nik,nkj->nij", x, y))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     return {"jax attention": lambda: jax.block_until_ready(grad(*qkv)),
-            "torch attention": torch_step}
+            "torch attention": torch_step,
+            "jax bmm": lambda: jax.block_until_ready(bmm(ja, jb)),
+            "torch bmm": lambda: torch.bmm(ta, tb)}, 2 * a.size * T
 
 
 def torch_matmul_peak_fn(n: int = 2048):
@@ -405,7 +414,8 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
         fns.update(_torch_candidates(config, rows, case))
         if len(fns) > 2 and jax.devices()[0].platform == "cpu":
             fns["torch peak"] = torch_matmul_peak_fn()[0]
-            fns.update(attention_fns(m, t.batch_size))
+            attention, bmm_flops = attention_fns(m, t.batch_size)
+            fns.update(attention)
     times = interleaved(fns, repeats)
     # The device's peak is the faster of the two libraries' products, repeat by repeat:
     # XLA:CPU's own GEMM and PyTorch's MKL differ by up to 20% on the same core.
@@ -440,8 +450,16 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
         rows.append(_row(case, "attention share of gap", share, "%",
                          f"{m.n_layers} layers x (jax - torch attention) / (jax - torch eager "
                          "step); meaningful only when the step is slower", 100))
+        K = m.d_head or m.d_model // m.n_heads
+        q_rows = min(QUERY_BLOCK, m.context)
+        shape = f"{t.batch_size * m.n_heads} x [{q_rows} x {K}] x [{K} x {m.context}]"
+        rows.append(_row(case, "batched matmul, jax", bmm_flops / times["jax bmm"], "GFLOP/s",
+                         f"{shape}: the last query block's scores", 1e-9))
+        rows.append(_row(case, "batched matmul, torch.bmm", bmm_flops / times["torch bmm"],
+                         "GFLOP/s", "the same product", 1e-9))
     for name in fns:
-        if name in ("peak", "jax", "torch peak", "jax attention", "torch attention"):
+        if name in ("peak", "jax", "torch peak", "jax attention", "torch attention", "jax bmm",
+                    "torch bmm"):
             continue
         rows.append(_row(case, f"{name} train", tokens / times[name], "tok/s"))
         rows.append(_row(case, f"{name} MFU", flops / times[name] / peak, "%",

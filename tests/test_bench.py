@@ -97,7 +97,8 @@ def test_peer_rows_share_the_faster_matmul_peak():
     rows = {r["metric"]: r for r in bench.bench_train(config, repeats=1)}
     assert {"torch matmul peak", "XLA / torch matmul", "torch eager MFU",
             "TransformerLens MFU", "attention fwd+bwd, jax", "attention fwd+bwd, torch",
-            "attention share of gap"} <= set(rows)
+            "attention share of gap", "batched matmul, jax",
+            "batched matmul, torch.bmm"} <= set(rows)
     assert rows["attention fwd+bwd, jax"]["median"] > 0
     # one repeat: every MFU row has the same denominator, so two frameworks' MFUs are
     # in the ratio of their step times
