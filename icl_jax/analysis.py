@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import checkpoints, config as config_lib, scores
-from icl_jax.model import cross_entropy, init_params, make_model
+from icl_jax.model import init_params, make_model
 
 
 # ----------------------------------------------------------------------------- phase change
@@ -189,10 +189,8 @@ def _scorer(model_json: str, early: int, late: int, n_tokens: int, ablation: str
 
     def score(params, eval_BT1, probe_BT, index_B):
         # one clean run on the evaluation set and one on the probe serve every score
-        logits_BTV, cache = model.apply({"params": params}, eval_BT1[:, :-1])
-        losses_BT = cross_entropy(logits_BTV, eval_BT1[:, 1:])
+        losses_BT, cache, icl = scores.clean_run(model, params, eval_BT1, early, late)
         losses_T = losses_BT.mean(0)
-        icl = scores.icl_score_from_losses(losses_T, early, late)
         _, probe_cache = model.apply({"params": params}, probe_BT)
         return {
             "loss_by_position": losses_T,

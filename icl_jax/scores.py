@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_jax.model import loss_by_position
+from icl_jax.model import cross_entropy, loss_by_position
 
 
 # ----------------------------------------------------------------------------- loss
@@ -31,6 +31,14 @@ def icl_score_from_losses(losses_T, early: int, late: int):
 def icl_score(model, params, tokens_BT1, early: int, late: int, **interventions):
     return icl_score_from_losses(
         mean_loss_by_position(model, params, tokens_BT1, **interventions), early, late)
+
+
+def clean_run(model, params, tokens_BT1, early: int, late: int):
+    """(losses [B, T], cache, ICL score) of one forward pass on tokens_BT1[:, :-1]: the
+    clean run that the ablation and every other score of the evaluation set share."""
+    logits_BTV, cache = model.apply({"params": params}, tokens_BT1[:, :-1])
+    losses_BT = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+    return losses_BT, cache, icl_score_from_losses(losses_BT.mean(0), early, late)
 
 
 # ----------------------------------------------------------------------------- probe
@@ -240,8 +248,7 @@ def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: st
         raise ValueError(f"ablation kind must be one of {ABLATIONS}, got {kind!r}")
     L, H = model.cfg["n_layers"], model.cfg["n_heads"]
     if clean is None:
-        _, cache = model.apply({"params": params}, tokens_BT1[:, :-1])
-        clean = (cache, icl_score(model, params, tokens_BT1, early, late))
+        clean = clean_run(model, params, tokens_BT1, early, late)[1:]
     cache, clean_icl = clean
     fill = cache["z"].mean(0) if kind == "mean" else jnp.zeros((L, 1, 1, 1), cache["z"].dtype)
     patterns = jax.lax.stop_gradient(cache["attention"]) if kind == "pattern" else None
