@@ -362,11 +362,18 @@ def torch_trainer(net, config, compile_: bool = False):
 TORCH_THREADS = [None]  # None: every core; set by run(torch_threads=...)
 
 
+def _set_torch_threads():
+    # With every core busy elsewhere, OpenMP's spinning barriers can make 2 threads 10-30x
+    # slower than 1; --torch-threads picks the count.
+    import torch
+    torch.set_num_threads(TORCH_THREADS[0] or os.cpu_count() or 1)
+
+
 def _torch_candidates(config, rows, case):
     """{name: step fn} of the PyTorch rows that can run here; a note row for each that can't."""
     out = {}
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         rows.append(_note(case, "PyTorch rows", "torch not installed (pip install "
                           "'icl_jax[bench]')"))
@@ -384,9 +391,7 @@ def _torch_candidates(config, rows, case):
                           "(pip install 'icl_jax[bench]')"))
     except NotImplementedError as e:
         rows.append(_note(case, "TransformerLens", f"skipped: {e}"))
-    # With every core busy elsewhere, OpenMP's spinning barriers can make 2 threads 10-30x
-    # slower than 1; --torch-threads picks the count.
-    torch.set_num_threads(TORCH_THREADS[0] or os.cpu_count() or 1)
+    _set_torch_threads()
     for name, fn in list(out.items()):
         try:
             fn()  # torch.compile can fail without a C++ toolchain: skip, don't crash
@@ -410,12 +415,12 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     xla = xla_flops(ours.compiled)  # of the per-device program of the data-parallel step
     xla = xla and xla * jax.device_count()
     fns = {"peak": peak_fn, "jax": ours}
-    if torch_rows:
-        fns.update(_torch_candidates(config, rows, case))
-        if len(fns) > 2 and jax.devices()[0].platform == "cpu":
-            fns["torch peak"] = torch_matmul_peak_fn()[0]
-            attention, bmm_flops = attention_fns(m, t.batch_size)
-            fns.update(attention)
+    peers = _torch_candidates(config, rows, case) if torch_rows else {}
+    fns.update(peers)
+    if peers and jax.devices()[0].platform == "cpu":
+        fns["torch peak"] = torch_matmul_peak_fn()[0]
+        attention, bmm_flops = attention_fns(m, t.batch_size)
+        fns.update(attention)
     times = interleaved(fns, repeats)
     # The device's peak is the faster of the two libraries' products, repeat by repeat:
     # XLA:CPU's own GEMM and PyTorch's MKL differ by up to 20% on the same core.
@@ -457,10 +462,7 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
                          f"{shape}: the last query block's scores", 1e-9))
         rows.append(_row(case, "batched matmul, torch.bmm", bmm_flops / times["torch bmm"],
                          "GFLOP/s", "the same product", 1e-9))
-    for name in fns:
-        if name in ("peak", "jax", "torch peak", "jax attention", "torch attention", "jax bmm",
-                    "torch bmm"):
-            continue
+    for name in peers:
         rows.append(_row(case, f"{name} train", tokens / times[name], "tok/s"))
         rows.append(_row(case, f"{name} MFU", flops / times[name] / peak, "%",
                          f"same FLOPs, {peak_note}", 100))
@@ -485,7 +487,7 @@ def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
     except NotImplementedError as e:
         rows.append(_note(case, "TransformerLens hooks", f"skipped: {e}"))
         return None
-    torch.set_num_threads(TORCH_THREADS[0] or os.cpu_count() or 1)  # as _torch_candidates
+    _set_torch_threads()
     _, early, late, n_tokens, ablation = key
     tokens = tuple(torch.from_numpy(np.array(x)).long() for x in inputs)  # a writable copy
     return lambda: [lens.score_with_hooks(tl, *tokens, early, late, n_tokens, ablation)
