@@ -1,5 +1,12 @@
 """icl_jax: in-context learning and induction heads (Olsson et al., 2022) in JAX."""
-from icl_jax.checkpoints import Run
 
 __all__ = ["Run"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Run needs jax; importing the package (icl_jax.workdir, icl_jax.config) does not
+    if name == "Run":
+        from icl_jax.checkpoints import Run
+        return Run
+    raise AttributeError(f"module 'icl_jax' has no attribute {name!r}")
