@@ -42,6 +42,20 @@ def load(spec: str) -> ml_collections.ConfigDict:
     return call_file_function(path, "get_config", arg)
 
 
+def load_validated(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """load(spec), then override({'train.steps': 4000, ...}) (values as text or as values),
+    then validate: the one way every command turns a config file into a config."""
+    config = load(spec)
+    override(config, {k: v if isinstance(v, str) else _fmt_value(v)
+                      for k, v in (overrides or {}).items()})
+    return validate(config)
+
+
+def _fmt_value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, (list, tuple)) \
+        else str(v)
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{'train': {'lr': 1}} -> {'train.lr': 1}."""
     out = {}
