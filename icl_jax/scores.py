@@ -288,3 +288,19 @@ def per_token_losses(model, params, tokens_BT1, index_B):
     """[B] loss of each example at its own fixed index: one snapshot's vector for the PCA."""
     losses_BT = loss_by_position(model, params, tokens_BT1)
     return jnp.take_along_axis(losses_BT, index_B[:, None], axis=1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def evaluation_inputs(config, source) -> dict:
+    """The fixed inputs every measurement of a run reads, built from its config and data
+    source in one place, so that the trainer's scores and the analysis's are the same numbers:
+    eval_BT1 [n_examples, context + 1] held-out sequences, probe_BT the repeated-token probe
+    (prefix matching, empirical copying), pca_index_B one context index per example (PCA)."""
+    c, e = config, config.eval
+    return {
+        "eval_BT1": source.eval_set(e.n_examples, c.model.context + 1),
+        "probe_BT": make_probe(source.token_frequencies(), e.probe_tokens, e.probe_repeats,
+                               e.probe_sequences, e.probe_exclude_frac, e.bos_token, c.seed),
+        "pca_index_B": pca_token_indices(e.n_examples, c.model.context, c.seed),
+    }
