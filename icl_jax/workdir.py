@@ -6,13 +6,25 @@
     <workdir>/corrupt_snapshots/  snapshots that failed to restore, moved aside
     <workdir>/.lock               held by the one process that trains into it
 
-Paths are etils.epath paths, so the same code reads a local folder or a bucket.
+Paths are etils.epath paths, so the same code reads a local folder or a bucket
+(gs://, through gcsfs). Object storage has no rename, no append and no flock, so three
+things differ there, each behind the same interface:
+  - a whole-file write is one upload (an object appears whole or not at all), with no
+    tmp file and rename (_write_atomic);
+  - metrics.jsonl is kept in memory by the one writer and the object rewritten whole
+    (MetricsLog.flush: at every snapshot, at close, and at most every `flush_every_s`);
+  - the lock is an owner record (host, pid, time) created only if absent (GCS's
+    ifGenerationMatch=0); a second trainer is refused with the owner's name, and a lock
+    left by a killed process is broken with break_lock (`icl-jax unlock --workdir`).
 """
 from __future__ import annotations
 
+import datetime
 import fcntl
 import json
 import os
+import socket
+import time
 
 from etils import epath
 
@@ -26,6 +38,11 @@ class WorkdirError(ValueError):
 
 def path(workdir) -> epath.Path:
     return epath.Path(workdir)
+
+
+def is_remote(workdir) -> bool:
+    """True for object storage (gs://...), where there is no rename, append or flock."""
+    return "://" in os.fspath(workdir)
 
 
 def config_path(workdir) -> epath.Path:
@@ -53,9 +70,13 @@ def check_usable(workdir):
 
 
 def _write_atomic(p: epath.Path, text: str):
+    """A reader sees the old file or the new one, never half of one."""
+    if is_remote(p):
+        p.write_text(text)  # one upload: the object is replaced whole when it completes
+        return
     tmp = p.parent / (p.name + ".tmp")
     tmp.write_text(text)
-    tmp.replace(p)  # a reader sees the old file or the new one, never half of one
+    tmp.replace(p)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -116,20 +137,49 @@ def last_metrics_step(workdir):
 
 class MetricsLog:
     """metrics.jsonl, trimmed on resume to the records up to `resume_step`, so that no step
-    is logged twice; then appended to, one flushed line per record."""
+    is logged twice; then one record per write.
 
-    def __init__(self, workdir, resume_step: int):
+    Local: appended to, one flushed line per record. Object storage cannot append, so the
+    records are kept here and the object is rewritten whole by flush(): call it after each
+    snapshot (then every record a resume keeps is stored), and it also runs at close()
+    and, from write(), at most every `flush_every_s` seconds so that the run can be
+    followed. A crash loses at most the records after the last flush, which are all
+    after the last snapshot flushed with them, and a resume logs those steps again.
+    """
+
+    def __init__(self, workdir, resume_step: int, flush_every_s: float = 30.0):
         kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
         self.path = metrics_path(workdir)
+        self.remote = is_remote(workdir)
+        self.flush_every_s = flush_every_s
+        self.records = kept
         _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.file = self.path.open("a")
+        self._flushed = time.monotonic()
+        self.file = None if self.remote else self.path.open("a")
 
     def write(self, record: dict):
+        if self.remote:
+            self.records.append(record)
+            if time.monotonic() - self._flushed >= self.flush_every_s:
+                self.flush()
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
+    def flush(self):
+        """Stores every record written so far (object storage: one upload of the whole log)."""
+        if self.remote:
+            _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self._flushed = time.monotonic()
+        elif self.file is not None:
+            self.file.flush()
+
     def close(self):
-        self.file.close()
+        if self.remote:
+            self.flush()
+        elif self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def clear_run(workdir):
@@ -172,26 +222,164 @@ def is_finished(workdir, config) -> bool:
 
 # ----------------------------------------------------------------------------- the lock
 
+def _owner_record() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "token": f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"}
+
+
+def _describe(owner: dict | None) -> str:
+    if not owner:
+        return "owner unknown"
+    return (f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, "
+            f"since {owner.get('time', '?')}")
+
+
+def _parse_owner(text: str) -> dict | None:
+    try:
+        owner = json.loads(text)
+    except json.JSONDecodeError:
+        # locks written before owner records held only the pid
+        return {"pid": text.strip()} if text.strip() else None
+    return owner if isinstance(owner, dict) else None
+
+
+def _object_fs(p):
+    """(fsspec filesystem, path) of an object-storage path; gs:// only, the one whose
+    create-if-absent precondition is known."""
+    import fsspec  # etils' own gs:// backend; gcsfs must be installed
+    url = os.fspath(p)
+    if not url.startswith("gs://"):
+        raise WorkdirError(f"--workdir {url!r}: training into {url.split('://')[0]}:// is not "
+                           "supported (no exclusive create); use gs:// or a local path")
+    return fsspec.core.url_to_fs(url)
+
+
+class WorkdirLocked(BlockingIOError):
+    """Another train process holds the workdir; the message names it."""
+
+
+def read_lock(workdir) -> dict | None:
+    """The owner record of a workdir's lock ({host, pid, time}), or None if unlocked."""
+    p = path(workdir) / LOCK
+    if not p.exists():
+        return None
+    owner = _parse_owner(p.read_text())
+    if not is_remote(workdir):
+        # a local lock file outlives its process; only a held flock means locked
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return owner or {}
+        finally:
+            os.close(fd)
+    return owner or {}
+
+
+def break_lock(workdir) -> dict | None:
+    """Removes a lock left behind by a process that is gone (object storage keeps the owner
+    record of a killed trainer; a local flock is released by the kernel). Returns the
+    removed owner record, or None if there was none. Only for a trainer known to be dead:
+    a live one would go on writing beside the next."""
+    owner = read_lock(workdir)
+    p = path(workdir) / LOCK
+    if is_remote(workdir) and p.exists():
+        p.unlink()
+    return owner
+
+
 class Lock:
-    """An exclusive lock on a workdir, so two train processes never write to one run."""
+    """An exclusive lock on a workdir, so two train processes never write to one run.
+
+    Taken by process 0 only. Local: flock on <workdir>/.lock, released by the kernel
+    when the process dies. Object storage: the owner record created only if absent; a
+    killed process leaves it behind, and a later trainer on the same host takes it over
+    when that pid is gone; otherwise break_lock (`icl-jax unlock --workdir`) removes it.
+    """
 
     def __init__(self, workdir):
         check_usable(workdir)
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, LOCK)
+        self.workdir = workdir
+        self.path = path(workdir) / LOCK
+        self.owner = _owner_record()
+        self.fd = None
+        if is_remote(workdir):
+            self._acquire_object()
+        else:
+            self._acquire_flock()
+
+    def _refuse(self, owner):
+        hint = ("" if not is_remote(self.workdir) else
+                f"; if it is gone, `icl-jax unlock --workdir {os.fspath(self.workdir)}` "
+                "breaks the lock")
+        raise WorkdirLocked(f"workdir {os.fspath(self.workdir)!r} is being written by another "
+                            f"train process ({_describe(owner)}); wait for it or stop it{hint}")
+
+    def _acquire_flock(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            owner = _parse_owner(os.pread(self.fd, 4096, 0).decode(errors="replace"))
             os.close(self.fd)
-            raise BlockingIOError(f"workdir {workdir!r} is being written by another train "
-                                  f"process (pid {holder}); wait for it or stop it") from None
+            self.fd = None
+            self._refuse(owner)
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        os.pwrite(self.fd, json.dumps(self.owner).encode(), 0)
+
+    def _acquire_object(self):
+        fs, key = _object_fs(self.path)
+        for _ in range(2):
+            try:
+                fs.pipe_file(key, json.dumps(self.owner).encode(), mode="create")
+                return
+            except FileExistsError:
+                owner = self._existing_owner(fs, key)
+                if owner is not None and not self._owner_is_dead_here(owner):
+                    self._refuse(owner)
+                fs.rm_file(key)  # its process is gone (or it vanished): try once more
+        self._refuse(self._existing_owner(fs, key))
+
+    @staticmethod
+    def _existing_owner(fs, key):
+        try:
+            return _parse_owner(fs.cat_file(key).decode(errors="replace")) or {}
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _owner_is_dead_here(owner) -> bool:
+        """The owner ran on this host and its pid is gone: the lock is stale for certain."""
+        if owner.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(owner.get("pid")), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, TypeError, ValueError):
+            return False
+        return False
 
     def release(self):
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+        elif self.owner is not None and is_remote(self.workdir):
+            fs, key = _object_fs(self.path)
+            # delete only our own record: after a break_lock another trainer may hold it
+            if self._existing_owner(fs, key) == self.owner:
+                fs.rm_file(key)
+        self.owner = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
