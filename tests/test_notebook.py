@@ -1,0 +1,83 @@
+"""The notebook runs top to bottom, and the attention view holds what it shows."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from icl_jax import attention_view
+
+NOTEBOOK = os.path.join(ROOT, "notebooks", "induction_heads.ipynb")
+
+
+def test_notebook_is_stored_without_outputs():
+    nb = json.load(open(NOTEBOOK))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # a short run trained by the notebook itself into an empty workdir
+    monkeypatch.setenv("ICL_JAX_NOTEBOOK_STEPS", "40")
+    monkeypatch.setenv("ICL_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+    client.execute()  # raises CellExecutionError naming the cell that failed
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 6, "every figure cell draws"
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("attention-view" in h for h in html)
+    assert os.path.exists(tmp_path / "run" / "analysis" / "scores.json")
+
+
+def _payload(page):
+    m = re.search(r'<script type="application/json">(.*?)</script>', page, re.S)
+    return json.loads(m.group(1).replace("<\\/", "</"))
+
+
+def test_attention_view_holds_the_pattern_and_no_external_script():
+    rng = np.random.default_rng(0)
+    att = rng.random((2, 3, 5, 5))
+    att = np.tril(att) / np.tril(att).sum(-1, keepdims=True)
+    tokens = ["<bos>", "a", "</script>", "b", 7]
+    page = attention_view.html(tokens, att, head=(1, 2))
+    data = _payload(page)
+    assert data["heads"] == [f"L{l}H{h}" for l in range(2) for h in range(3)]
+    np.testing.assert_allclose(np.asarray(data["attention"]).reshape(att.shape), att, atol=1e-4)
+    assert data["tokens"] == ["<bos>", "a", "</script>", "b", "7"]
+    assert data["initial"] == 1 * 3 + 2
+    # works offline: every script is inline, nothing is fetched
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.I)
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    # a token that looks like markup is shown, not parsed
+    assert "&lt;/script&gt;" in page and page.count("</script>") == 2
+
+
+def test_attention_view_picks_the_head_that_looks_furthest_back():
+    T = 6
+    att = np.tile(np.eye(T), (2, 2, 1, 1))  # every head attends to itself
+    att[1, 1] = np.eye(T, k=-1)
+    att[1, 1, 0, 0] = 1.0
+    assert _payload(attention_view.html(range(T), att))["initial"] == 1 * 2 + 1
+
+
+def test_attention_view_rejects_a_pattern_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="query == key"):
+        attention_view.html(range(4), np.zeros((1, 1, 4, 3)))
+    with pytest.raises(ValueError, match="3 tokens"):
+        attention_view.html(range(3), np.zeros((1, 1, 4, 4)))
+
+
+def test_attention_view_page_is_written(tmp_path):
+    path = attention_view.write(tmp_path / "view.html", [1, 2], np.ones((1, 1, 2, 2)) / 2)
+    text = open(path).read()
+    assert text.startswith("<!doctype html>") and "L0H0" in text
