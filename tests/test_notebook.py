@@ -81,3 +81,60 @@ def test_attention_view_page_is_written(tmp_path):
     path = attention_view.write(tmp_path / "view.html", [1, 2], np.ones((1, 1, 2, 2)) / 2)
     text = open(path).read()
     assert text.startswith("<!doctype html>") and "L0H0" in text
+
+
+_FAKE_DOM = """
+const listeners = new Map();
+function el(props) {
+  const e = Object.assign({style: {}, textContent: "", children: [], value: "",
+    addEventListener(kind, f) { listeners.set(e, {...(listeners.get(e) || {}), [kind]: f}); },
+    appendChild(c) { e.children.push(c); }}, props);
+  return e;
+}
+const spans = DATA.tokens.map(() => el({}));
+const select = el({}), info = el({}), tokens = el({});
+const root = el({
+  querySelector(q) {
+    if (q.startsWith("script")) return {textContent: PAYLOAD};
+    return {"select": select, ".av-info": info, ".av-tokens": tokens}[q];
+  },
+  querySelectorAll(q) { return spans; }});
+globalThis.document = {getElementById: () => root, createElement: () => el({})};
+const fire = (e, kind) => listeners.get(e)[kind]();
+const shades = () => spans.map(s => s.style.background === "none" ? null :
+  Number(s.style.background.match(/([0-9.]+)\\)$/)[1]));
+const out = {};
+SCRIPT
+out.initial = shades();
+fire(spans[QUERY], "mouseenter");
+out.hover = shades(); out.info = info.textContent; out.options = select.children.length;
+fire(spans[QUERY], "click");        // pin, then switch head: the pinned query is redrawn
+select.value = OTHER; fire(select, "change");
+out.other = shades();
+console.log(JSON.stringify(out));
+"""
+
+
+def test_attention_view_hover_shades_keys_by_the_chosen_heads_attention(tmp_path):
+    import shutil
+    import subprocess
+    node = shutil.which("node") or pytest.skip("node is not installed")
+    rng = np.random.default_rng(1)
+    att = np.tril(rng.random((2, 2, 6, 6)))
+    att /= att.sum(-1, keepdims=True)
+    page = attention_view.html(list("abcdef"), att, head=(1, 0))
+    payload = re.search(r'<script type="application/json">(.*?)</script>', page, re.S).group(1)
+    script = re.findall(r"<script>(.*?)</script>", page, re.S)[0]
+    q = 4
+    harness = (_FAKE_DOM.replace("PAYLOAD", json.dumps(payload))
+               .replace("DATA", json.dumps(_payload(page))).replace("SCRIPT", script)
+               .replace("QUERY", str(q)).replace("OTHER", '"1"'))
+    (tmp_path / "h.js").write_text(harness)
+    out = json.loads(subprocess.run([node, str(tmp_path / "h.js")], capture_output=True,
+                                    text=True, check=True).stdout)
+    assert out["initial"] == [None] * 6 and out["options"] == 4
+    expected = np.where(np.arange(6) <= q, att[1, 0, q], 0)
+    np.testing.assert_allclose(out["hover"], expected, atol=1e-3)
+    assert f"L1H0: query {q} (e) attends most to key {np.argmax(att[1, 0, q])}" in out["info"]
+    np.testing.assert_allclose(out["other"], np.where(np.arange(6) <= q, att[0, 1, q], 0),
+                               atol=1e-3)
