@@ -195,11 +195,16 @@ def clear_run(workdir):
 # ----------------------------------------------------------------------------- snapshots
 
 def snapshot_steps(workdir) -> list[int]:
-    """Finished snapshot steps, read from the folder names (orbax renames a save's tmp
-    folder to <step> only when it is complete)."""
+    """Finished snapshot steps, read from the folder names (locally orbax renames a save's
+    tmp folder to <step> only when it is complete)."""
     s = snapshots_dir(workdir)
     if not s.is_dir():
         return []
+    if is_remote(workdir):
+        # on object storage orbax writes <step>/ in place and marks it finished last with
+        # commit_success.txt (there is no rename); one listing finds them all
+        return sorted(int(p.parent.name) for p in s.glob("*/commit_success.txt")
+                      if p.parent.name.isdigit())
     return sorted(int(p.name) for p in s.iterdir() if p.name.isdigit())
 
 

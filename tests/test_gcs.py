@@ -207,6 +207,10 @@ def test_orbax_snapshots_reach_the_bucket_through_tensorstore(run_url):
         for step in (0, 7):
             manager.save(step, args=ocp.args.StandardSave(state))
     assert workdir.snapshot_steps(run_url) == [0, 7]
+    # a save cut short on object storage leaves <step>/ without orbax's commit marker
+    (directory / "9" / "default").mkdir(parents=True)
+    (directory / "9" / "default" / "_METADATA").write_text("{}")
+    assert workdir.snapshot_steps(run_url) == [0, 7]
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             read_only=True, create=False)) as manager:
         restored = manager.restore(7, args=ocp.args.StandardRestore(state))
