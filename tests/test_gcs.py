@@ -133,6 +133,19 @@ def test_metrics_on_a_bucket_are_rewritten_whole_and_resume_logs_no_step_twice(r
     assert workdir.last_metrics_step(run_url) == 60
 
 
+def test_local_metrics_are_appended_per_record_and_trimmed_on_resume(tmp_path):
+    log = workdir.MetricsLog(tmp_path, resume_step=0)
+    for step in (0, 10, 20):
+        log.write({"step": step})
+    assert [r["step"] for r in workdir.read_metrics(tmp_path)] == [0, 10, 20]  # no flush needed
+    log.close()
+    log = workdir.MetricsLog(tmp_path, resume_step=10)
+    log.write({"step": 20, "resumed": True})
+    log.close()
+    assert workdir.read_metrics(tmp_path) == [{"step": 0}, {"step": 10},
+                                              {"step": 20, "resumed": True}]
+
+
 def test_metrics_flush_on_their_own_every_flush_every_s(run_url):
     log = workdir.MetricsLog(run_url, resume_step=0, flush_every_s=0.0)
     log.write({"step": 0})
@@ -265,6 +278,8 @@ def test_train_kill_resume_analyze_export_in_a_bucket(gcs, run_url, tmp_path):
     _cli(env, *train)  # resumes from killed_at
     steps = [r["step"] for r in workdir.read_metrics(run_url)]
     assert steps == sorted(set(steps)) and steps[-1] == 200  # no step logged twice
+    # and none lost: the records up to the snapshot resumed from were flushed with it
+    assert set(workdir.snapshot_steps(run_url)) <= set(steps)
     assert workdir.newest_snapshot(run_url) == 200 and workdir.read_lock(run_url) is None
     out = f"{run_url}/analysis"
     _cli(env, "analyze", "--workdir", run_url, "--out", out)
