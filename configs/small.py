@@ -61,7 +61,11 @@ def get_config(arg=None):
         segments_max=3,
         segment_len_min=6,
         segment_len_max=19,
-        fresh_fraction=0.5,  # share of segments that are new random strings, not copied text
+        fresh_fraction=0.5,  # placement "after": share of segments that are new random strings
+        # uniform: a fresh string written at two uniformly drawn starts, so every context index
+        # is equally likely to hold a pasted token and the ICL score starts near 0; "after":
+        # a copy pasted after its source (late indices hold far more copies: ICL starts near +1)
+        placement="uniform",
         # text (pystdlib, files)
         path="",  # files: a text file, a glob, a .npy or a .bin of tokens
         bin_dtype="uint16",  # for raw .bin token files

@@ -82,7 +82,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 # Fields added after runs were saved without them, with the value that reproduces those
 # runs, so that a saved config.json still resumes and compares equal.
-ADDED_FIELDS = {("model", "attention"): "auto"}
+ADDED_FIELDS = {("model", "attention"): "auto",
+                # runs saved before data.placement existed pasted every copy after its source
+                ("data", "placement"): "after"}
 
 
 def upgrade(saved: dict) -> dict:
@@ -143,7 +145,7 @@ SCHEMA = {
               "dtype": str, "attention": str},
     "data": {"name": str, "background": str, "markov_branching": int, "segments_min": int,
              "segments_max": int, "segment_len_min": int, "segment_len_max": int,
-             "fresh_fraction": float,
+             "fresh_fraction": float, "placement": str,
              "path": str, "bin_dtype": str, "tokenizer": str, "bpe_vocab_size": int,
              "holdout_fraction": float},
     "train": {"steps": int, "batch_size": int, "lr": float, "schedule": str,

@@ -28,7 +28,8 @@ ATTEMPTS = 8  # placements tried per segment before a row goes without it
 # fields a config may omit; the values match configs/small.py
 _DEFAULTS = dict(name="synthetic", background="uniform", markov_branching=4, segments_min=1,
                  segments_max=3, segment_len_min=6, segment_len_max=19, path="", bin_dtype="uint16",
-                 tokenizer="bytes", bpe_vocab_size=512, holdout_fraction=0.1, fresh_fraction=0.5)
+                 tokenizer="bytes", bpe_vocab_size=512, holdout_fraction=0.1, fresh_fraction=0.5,
+                 placement="after")
 
 
 class DataError(ValueError):
@@ -112,13 +113,67 @@ def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag
     return x, pasted
 
 
+def _background(rng, x, pasted, vocab, table, lag):
+    """Fills the positions not pasted, in order, with the background process, so that the
+    background's rule holds at every position whose predecessor it depends on was drawn by it
+    or pasted: only pasted tokens break it."""
+    n, seq_len = x.shape
+    if table is None:
+        return np.where(pasted, x, rng.integers(0, vocab, x.shape, dtype=np.int32))
+    choice = rng.integers(0, table.shape[1], x.shape)
+    first = rng.integers(0, vocab, (n, lag), dtype=np.int32)
+    for t in range(seq_len):
+        bg = first[:, t] if t < lag else table[x[:, t - lag], choice[:, t]]
+        x[:, t] = np.where(pasted[:, t], x[:, t], bg)
+    return x
+
+
+def _uniform_segments(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1):
+    """(tokens int32 [n, seq_len], bool mask of pasted positions): fresh random strings, each
+    written twice, at two starts drawn independently and uniformly from [-(length - 1),
+    seq_len - 1] (the earlier one is the source; either may run over an edge of the context).
+
+    min and max of two uniform draws have densities 2(1 - u) and 2u, which add up to a
+    constant: every position is equally likely to hold a pasted token, so before induction
+    exists the loss is the same at every context index (the ICL score starts near 0), and only
+    a head that copies from an earlier occurrence can lower the late indices' loss.
+    """
+    x = np.zeros((n, seq_len), np.int32)
+    pasted = np.zeros((n, seq_len), bool)
+    count, rows, j = rng.integers(smin, smax + 1, n), np.arange(n), np.arange(lmax)
+    for k in range(smax):  # draws do not depend on `count`, so every row consumes the stream alike
+        length = rng.integers(lmin, lmax + 1, (ATTEMPTS, n))
+        a, b = (rng.integers(-(length - 1), seq_len) for _ in range(2))
+        src, dst = np.minimum(a, b), np.maximum(a, b)
+        new = rng.integers(0, vocab, (n, lmax), dtype=np.int32)
+        # a placement is kept if the copy does not overlap its source and neither touches an
+        # earlier segment; each row takes its first such placement
+        cs = np.concatenate([np.zeros((n, 1), np.int64), np.cumsum(pasted, 1)], 1)
+        clip = lambda p: np.clip(p, 0, seq_len)  # noqa: E731
+        free = lambda s: cs[rows, clip(s + length)] == cs[rows, clip(s)]  # noqa: E731
+        ok = (dst - src >= length) & free(src) & free(dst)
+        first = ok.argmax(0)
+        take = ok[first, rows] & (k < count)
+        length, src, dst = (v[first, rows] for v in (length, src, dst))
+        r, jj = np.nonzero((j < length[:, None]) & take[:, None])
+        for start in (src, dst):
+            p = start[r] + jj
+            inside = (p >= 0) & (p < seq_len)
+            x[r[inside], p[inside]] = new[r[inside], jj[inside]]
+            pasted[r[inside], p[inside]] = True
+    return _background(rng, x, pasted, vocab, table, lag), pasted
+
+
+PLACEMENTS = ("uniform", "after")
+
+
 class SyntheticSource(Source):
     """A uniform or sparse-Markov background with segments pasted again later in the sequence."""
     name = "synthetic"
 
     def __init__(self, vocab_size, seed, background="uniform", markov_branching=4, segments_min=1,
                  segments_max=3, segment_len_min=6, segment_len_max=19, seq_len=65,
-                 fresh_fraction=0.5):
+                 fresh_fraction=0.5, placement="after"):
         _need(background in BACKGROUNDS,
               f"unknown data.background {background!r}; valid: {', '.join(BACKGROUNDS)}")
         _need(vocab_size >= 2, f"model.vocab_size must be >= 2, got {vocab_size}")
@@ -137,6 +192,9 @@ class SyntheticSource(Source):
         self.lag = 2 if background == "lag2" else 1
         _need(0 <= fresh_fraction <= 1, f"data.fresh_fraction must be in [0, 1], got {fresh_fraction}")
         self.fresh_fraction = float(fresh_fraction)
+        _need(placement in PLACEMENTS,
+              f"unknown data.placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
+        self.placement = placement
         self._check(self.seq_len)
 
     def _check(self, seq_len):
@@ -146,6 +204,9 @@ class SyntheticSource(Source):
 
     def _make(self, rng, n, seq_len):
         self._check(seq_len)
+        if self.placement == "uniform":
+            return _uniform_segments(rng, n, seq_len, self.vocab_size, self.table,
+                                     *self.segments, lag=self.lag)[0]
         return _synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments,
                                  lag=self.lag, fresh_fraction=self.fresh_fraction)[0]
 
@@ -369,7 +430,7 @@ def make_source(config, workdir=None):
         source = SyntheticSource(
             model_vocab, seed, f["background"], int(f["markov_branching"]), int(f["segments_min"]),
             int(f["segments_max"]), int(f["segment_len_min"]), int(f["segment_len_max"]), seq_len,
-            float(f.get("fresh_fraction", 0.5)))
+            float(f.get("fresh_fraction", 0.5)), f["placement"])
     else:
         _need(f["name"] in NAMES, f"unknown data.name {f['name']!r}; valid: {', '.join(NAMES)}")
         _need(f["tokenizer"] in TOKENIZERS,

@@ -1,0 +1,67 @@
+"""Where the synthetic data's segments land: the ICL score must measure in-context learning,
+not where copies happen to sit (issue: the ICL score started near +1 when copies crowded the
+late context indices)."""
+import json
+
+import numpy as np
+import pytest
+
+from icl_jax import config as config_lib, data
+
+EARLY, LATE, L = 5, 50, 65  # configs/small.py's ICL indices; targets sit one position later
+
+
+def _batch(placement, n=4096, background="lag2", **kw):
+    source = data.SyntheticSource(64, 0, background, 4, 1, 3, 6, 19, L, 0.5, placement, **kw)
+    rng = np.random.default_rng(1)
+    if placement == "uniform":
+        return source, data._uniform_segments(rng, n, L, 64, source.table, 1, 3, 6, 19, lag=2)
+    return source, data._synthetic_tokens(rng, n, L, 64, source.table, 1, 3, 6, 19, lag=2)
+
+
+def _breaks_lag2_rule(source, x):
+    ok = np.ones(x.shape, bool)
+    for t in range(2, x.shape[1]):
+        ok[:, t] = (source.table[x[:, t - 2]] == x[:, t][:, None]).any(1)
+    return ~ok
+
+
+@pytest.mark.parametrize("placement, equal", [("uniform", True), ("after", False)])
+def test_early_and_late_targets_are_equally_likely_pasted_only_with_uniform_placement(
+        placement, equal):
+    source, (x, pasted) = _batch(placement)
+    breaks = _breaks_lag2_rule(source, x)
+    for name, mask in (("pasted", pasted), ("breaks the background rule", breaks)):
+        early, late = mask[:, EARLY + 1].mean(), mask[:, LATE + 1].mean()
+        # 4096 rows: a share's standard error is under 0.008
+        assert (abs(early - late) < 0.04) == equal, (placement, name, early, late)
+
+
+def test_uniform_placement_only_pasted_tokens_break_the_background_rule():
+    source, (x, pasted) = _batch("uniform", n=512)
+    breaks = _breaks_lag2_rule(source, x)
+    assert not (breaks & ~pasted).any()
+    assert breaks.mean() > 0.2  # fresh strings do break it
+
+
+def test_uniform_placement_writes_each_string_twice():
+    source, (x, pasted) = _batch("uniform", n=256)
+    # every row with a pasted run holds some 4-gram of it twice (chance: ~65^2/64^4)
+    hits = 0
+    for row, mask in zip(x, pasted):
+        grams = [tuple(row[i:i + 4]) for i in range(L - 3) if mask[i:i + 4].all()]
+        hits += len(grams) != len(set(grams))
+    assert hits > 0.8 * 256
+
+
+def test_saved_configs_without_placement_keep_the_old_data():
+    cfg = config_lib.load_validated("configs/small.py:layers=2")
+    assert cfg.data.placement == "uniform"
+    saved = json.loads(cfg.to_json())
+    del saved["data"]["placement"]
+    assert config_lib.from_json(json.dumps(saved)).data.placement == "after"
+
+
+def test_unknown_placement_is_named():
+    with pytest.raises(data.DataError, match="data.placement"):
+        data.SyntheticSource(64, 0, "lag2", placement="sideways")
