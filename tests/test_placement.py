@@ -55,7 +55,7 @@ def test_uniform_placement_writes_each_string_twice():
 
 
 def test_saved_configs_without_placement_keep_the_old_data():
-    cfg = config_lib.load_validated("configs/small.py:layers=2")
+    cfg = config_lib.load_validated("configs/small.py:layers=2", {"data.placement": "uniform"})
     assert cfg.data.placement == "uniform"
     saved = json.loads(cfg.to_json())
     del saved["data"]["placement"]
