@@ -77,7 +77,12 @@ def ensemble_free(field: str) -> bool:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(upgrade(json.loads(text)))
+    return from_dict(json.loads(text))
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A saved config (config.json as a dict) as a ConfigDict, upgraded to today's fields."""
+    return ml_collections.ConfigDict(upgrade(saved))
 
 
 # Fields added after runs were saved without them, with the value that reproduces those
