@@ -66,7 +66,7 @@ class Store:
         """(step, state) of the newest snapshot that restores, or (None, None) if none exist.
 
         Snapshots newer than it that fail to restore (a truncated or missing file) are
-        moved aside to <workdir>/corrupt_snapshots/, never overwritten, with a warning.
+        moved aside to workdir.corrupt_dir, never overwritten, with a warning.
         If no snapshot restores, that is an error, not a fresh start.
         """
         failed = []

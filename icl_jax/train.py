@@ -481,7 +481,7 @@ def _print_memory(compiled, n_members):
 
 
 def _eval_record(out) -> dict:
-    """One member's evaluation (numpy) as metrics.jsonl fields."""
+    """One member's evaluation (numpy) as fields of its metrics record."""
     pm_LH = out["prefix_matching"]
     return {"eval_loss": float(out["eval_loss"]), "icl_score": float(out["icl_score"]),
             "prefix_matching_max": float(pm_LH.max()),
