@@ -198,9 +198,7 @@ def load_config(spec: str, overrides: dict | None = None):
     if spec in PRESETS:
         arg, preset = PRESETS[spec]
         spec, overrides = f"{SMALL}:{arg}", {**preset, **(overrides or {})}
-    config = config_lib.load(spec)
-    config_lib.override(config, {k: str(v) for k, v in (overrides or {}).items()})
-    return config_lib.validate(config)
+    return config_lib.load_validated(spec, overrides)
 
 
 def _name(config):
@@ -472,31 +470,31 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
 
 
 def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
-    """A fn scoring every snapshot with lens.score_with_hooks, its HookedTransformers built
+    """A fn scoring every snapshot with tl_check.score_with_hooks, its HookedTransformers built
     here, outside the timing; None and a note row where TransformerLens can't run."""
     try:
         import torch
         import transformer_lens  # noqa: F401
-        from icl_jax import lens
+        from icl_jax import tl_check
     except ImportError:
         rows.append(_note(case, "TransformerLens hooks", "transformer_lens not installed "
                           "(pip install 'icl_jax[bench]')"))
         return None
     try:
-        tls = [lens.hooked_transformer(t, model.cfg) for t in trees]
+        tls = [tl_check.hooked_transformer(t, model.cfg) for t in trees]
     except NotImplementedError as e:
         rows.append(_note(case, "TransformerLens hooks", f"skipped: {e}"))
         return None
     _set_torch_threads()
     _, early, late, n_tokens, ablation = key
     tokens = tuple(torch.from_numpy(np.array(x)).long() for x in inputs)  # a writable copy
-    return lambda: [lens.score_with_hooks(tl, *tokens, early, late, n_tokens, ablation)
+    return lambda: [tl_check.score_with_hooks(tl, *tokens, early, late, n_tokens, ablation)
                     for tl in tls]
 
 
 def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
     """All snapshots scored in one call (vmapped, and lax.map) against a Python loop over them,
-    and against a loop scoring each with TransformerLens hooks (lens.py)."""
+    and against a loop scoring each with TransformerLens hooks (tl_check.py)."""
     from icl_jax import analysis, scores
     case, rows = f"{_name(config)} x{n_snapshots} snapshots", []
     model, e, c = make_model(config.model), config.eval, config
@@ -529,7 +527,7 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
                      f"analyze uses {analysis.default_stacking()} here"))
     if "TL hooks" in times:
         rows.append(_row(case, "score TransformerLens hooks", times["TL hooks"], "s",
-                         f"loop of lens.score_with_hooks over the {n_snapshots} snapshots; "
+                         f"loop of tl_check.score_with_hooks over the {n_snapshots} snapshots; "
                          "HookedTransformers built before timing, only scoring timed"))
         rows.append(_row(case, "TL hooks / lax.map", times["TL hooks"] / times["mapped"], "x",
                          "TransformerLens time over the lax.map call's, per repeat "

@@ -1,19 +1,18 @@
-"""Snapshots: the schedule, the orbax store, and Run, the notebook view of a workdir.
+"""Snapshots: the schedule, the orbax store, and Run, the one reader of a trained run.
 
-A workdir holds config.json, metrics.jsonl and snapshots/<step>/ (orbax), each
-snapshot carrying the train state and the config that made it.
+Where a snapshot lives is workdir.py's business; each snapshot carries the train
+state and the config that made it.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
 import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from icl_jax import workdir as workdir_lib
 
 
 def snapshot_steps(total_steps: int, every: int, log_spaced: int) -> list[int]:
@@ -29,9 +28,11 @@ def snapshot_steps(total_steps: int, every: int, log_spaced: int) -> list[int]:
 class Store:
     """The orbax CheckpointManager of one workdir; async saves, every snapshot kept by default."""
 
-    def __init__(self, workdir: str, max_to_keep: int = 0, async_save: bool = True,
+    def __init__(self, workdir, max_to_keep: int = 0, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = os.path.abspath(os.path.join(workdir, "snapshots"))
+        self.workdir = workdir
+        # orbax wants an absolute path (a bucket's already is)
+        self.directory = workdir_lib.snapshots_dir(workdir).absolute()
         # orbax logs read-only mode and every save at WARNING/INFO through absl: noise here
         logging.getLogger("absl").setLevel(logging.ERROR)
         options = ocp.CheckpointManagerOptions(
@@ -65,7 +66,7 @@ class Store:
         """(step, state) of the newest snapshot that restores, or (None, None) if none exist.
 
         Snapshots newer than it that fail to restore (a truncated or missing file) are
-        moved aside to <workdir>/corrupt_snapshots/, never overwritten, with a warning.
+        moved aside to workdir.corrupt_dir, never overwritten, with a warning.
         If no snapshot restores, that is an error, not a fresh start.
         """
         failed = []
@@ -86,15 +87,15 @@ class Store:
         return None, None
 
     def quarantine(self, step: int) -> str:
-        src = os.path.join(self.directory, str(step))
-        dst_dir = os.path.join(os.path.dirname(self.directory), "corrupt_snapshots")
-        os.makedirs(dst_dir, exist_ok=True)
-        dst, n = os.path.join(dst_dir, str(step)), 1
-        while os.path.exists(dst):
-            dst, n = os.path.join(dst_dir, f"{step}.{n}"), n + 1
-        os.rename(src, dst)
+        """Moves snapshot `step` into the workdir's corrupt folder (never overwriting one)."""
+        dst_dir = workdir_lib.corrupt_dir(self.workdir)
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        dst, n = dst_dir / str(step), 1
+        while dst.exists():
+            dst, n = dst_dir / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(dst)
         self.manager.reload()
-        return dst
+        return str(dst)
 
     def restore_params(self, step: int, abstract_params):
         """Only the params of a snapshot (no optimizer state), e.g. for scoring."""
@@ -113,84 +114,58 @@ class Store:
         self.manager.close()
 
 
-class WorkdirLock:
-    """An exclusive lock on a workdir, so two train processes never write to one run."""
 
-    def __init__(self, workdir: str):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, ".lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise BlockingIOError(f"workdir {workdir!r} is being written by another train "
-                                  f"process (pid {holder}); wait for it or stop it") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+# ----------------------------------------------------------------------------- Run
 
-    def release(self):
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """metrics.jsonl as a list; a last line cut short by a crash is ignored."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise
-    return records
+read_metrics = workdir_lib.read_metrics  # reproduce.py reads metrics through here, for now
 
 
 class Run:
-    """A trained run, for notebooks: Run('runs/2l').forward(tokens, step=None)."""
+    """A trained run, for notebooks and the analysis: its config, model, snapshot steps and
+    metrics; params(step) restores one snapshot's params, forward(tokens, step) runs it.
 
-    def __init__(self, workdir: str):
+        run = Run("runs/2l"); logits_BTV, attention_BLHTS = run.forward(tokens, step=None)
+
+    The last restored snapshot is kept, so repeated calls on one step restore it once, while
+    a pass over every snapshot holds one at a time.
+    """
+
+    def __init__(self, workdir):
         from icl_jax import config as config_lib
         from icl_jax.model import init_params, make_model
 
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{workdir!r} holds no run (no config.json)")
         self.workdir = workdir
-        with open(path) as f:
-            self.config = config_lib.from_json(f.read())
+        # FileNotFoundError naming the workdir when it holds no run or no snapshot
+        self.config = config_lib.from_dict(workdir_lib.read_config_dict(workdir))
+        if not workdir_lib.snapshot_steps(workdir):
+            raise FileNotFoundError(f"{str(workdir)!r} has no snapshots yet")
         self.model = make_model(self.config.model)
-        self._abstract = jax.eval_shape(lambda: init_params(self.model, jax.random.key(0)))
+        self.abstract_params = jax.eval_shape(lambda: init_params(self.model, jax.random.key(0)))
         self._store = Store(workdir, read_only=True)
-        self._cache = {}
+        self._last = (None, None)  # (step, params)
         self._forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
 
     @property
     def steps(self) -> list[int]:
-        return self._store.steps()
+        return workdir_lib.snapshot_steps(self.workdir)
 
     @property
     def metrics(self) -> list[dict]:
-        return read_metrics(self.workdir)
+        return workdir_lib.read_metrics(self.workdir)
 
     def params(self, step: int | None = None):
+        """The params of snapshot `step` (default: the newest), as numpy arrays."""
         steps = self.steps
-        if not steps:
-            raise FileNotFoundError(f"{self.workdir!r} has no snapshots yet")
         step = steps[-1] if step is None else step
         if step not in steps:
-            raise KeyError(f"no snapshot at step {step}; saved steps: {steps}")
-        if step not in self._cache:
-            self._cache[step] = self._store.restore_params(step, self._abstract)
-        return self._cache[step]
+            raise FileNotFoundError(f"{str(self.workdir)!r} has no snapshot at step {step}; saved "
+                                    f"steps: {steps[0]}..{steps[-1]} ({len(steps)} in all)")
+        if self._last[0] != step:
+            self._last = (None, None)  # let the previous snapshot go before the next arrives
+            if step not in self._store.steps():  # saved since the store was opened
+                self._store.manager.reload()
+            self._last = (step, self._store.restore_params(step, self.abstract_params))
+        return self._last[1]
 
     def forward(self, tokens, step: int | None = None):
         """Numpy (logits [B, T, V], attention [B, L, H, T, S]) of `tokens` [B, T] or [T]."""

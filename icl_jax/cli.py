@@ -4,9 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-USER_ERRORS = ()  # filled lazily so that `icl-jax --help` does not import jax
-
-
 def _split_overrides(argv):
     """Pulls '--config.a.b=v' and '--config.a.b v' out of argv."""
     rest, overrides = [], {}
@@ -24,6 +21,13 @@ def _split_overrides(argv):
             rest.append(arg)
         i += 1
     return rest, overrides
+
+
+def _ablation(kind: str) -> str:
+    from icl_jax.scores import ABLATIONS  # imports jax: only when --ablation is given
+    if kind not in ABLATIONS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(ABLATIONS)}, got {kind!r}")
+    return kind
 
 
 def build_parser():
@@ -46,8 +50,9 @@ def build_parser():
     p.add_argument("--out", default=None,
                    help="output folder (default: <workdir>/analysis, or <common parent>/analysis)")
     p.add_argument("--chunk", type=int, default=16, help="snapshots scored at once")
-    p.add_argument("--ablation", default="pattern", choices=("pattern", "zero", "mean"),
-                   help="how heads are ablated for their ICL attribution")
+    p.add_argument("--ablation", default="pattern", type=_ablation,
+                   help="how heads are ablated for their ICL attribution: pattern (patterns "
+                        "frozen; default), zero or mean")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("reproduce", help="train the paper's family, analyse it, check the claims",
@@ -105,13 +110,12 @@ def build_parser():
 
 def load_config(spec, overrides):
     from icl_jax import config as config_lib
-    config = config_lib.load(spec)
-    config_lib.override(config, overrides)
-    return config_lib.validate(config)
+    return config_lib.load_validated(spec, overrides)
 
 
 def cmd_train(args, overrides):
-    from icl_jax import train
+    from icl_jax import train, workdir
+    workdir.check_usable(args.workdir)
     config = load_config(args.config, overrides)
     record = train.train_and_evaluate(config, args.workdir, overwrite=args.overwrite,
                                       progress=not args.quiet)
@@ -197,12 +201,15 @@ def main(argv=None):
     from icl_jax.config import ConfigError
     from icl_jax.data import DataError
     from icl_jax.train import TrainingError
+    from icl_jax.workdir import WorkdirError
+    # a user's mistake is one line; anything else (a KeyError from a bug) keeps its traceback
+    user_errors = (ConfigError, DataError, WorkdirError, TrainingError,
+                   distributed.DistributedError, FileNotFoundError, BlockingIOError)
     try:
         if args.command != "sweep":  # a sweep's members join the multi-host run, not the sweep
             distributed.maybe_initialize()
         return COMMANDS[args.command](args, overrides)
-    except (ConfigError, DataError, TrainingError, distributed.DistributedError,
-            FileNotFoundError, BlockingIOError, KeyError) as e:
+    except user_errors as e:
         message = e.args[0] if e.args else str(e)
         print(f"error: {message}", file=sys.stderr)
         return 2

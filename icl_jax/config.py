@@ -77,18 +77,23 @@ def ensemble_free(field: str) -> bool:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(upgrade(json.loads(text)))
+    return from_dict(json.loads(text))
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A saved config (as a dict) as a ConfigDict, upgraded to today's fields."""
+    return ml_collections.ConfigDict(upgrade(saved))
 
 
 # Fields added after runs were saved without them, with the value that reproduces those
-# runs, so that a saved config.json still resumes and compares equal.
+# runs, so that a saved config still resumes and compares equal.
 ADDED_FIELDS = {("model", "attention"): "auto",
                 # runs saved before data.placement existed pasted every copy after its source
                 ("data", "placement"): "after"}
 
 
 def upgrade(saved: dict) -> dict:
-    """A saved config (a dict from config.json) with the fields added since filled in."""
+    """A saved config (a dict, as a workdir holds it) with the fields added since filled in."""
     for (section, field), value in ADDED_FIELDS.items():
         if isinstance(saved.get(section), dict):
             saved[section].setdefault(field, value)

@@ -48,19 +48,12 @@ def params_to_arrays(params, model_cfg: dict) -> dict[str, np.ndarray]:
 
 
 def export(workdir: str, step: int | None = None, out: str = "model.npz") -> str:
-    """Writes snapshot `step` (default: the newest) of `workdir` to `out`; returns the path."""
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        raise FileNotFoundError(f"{workdir!r} holds no run (no config.json)")
-    if not os.path.isdir(os.path.join(workdir, "snapshots")):
-        raise FileNotFoundError(f"{workdir!r} has no snapshots yet")
+    """Writes snapshot `step` (default: the newest) of `workdir` to `out`; returns the path.
+
+    FileNotFoundError, naming the workdir, if it holds no run, no snapshot or no snapshot
+    at `step`."""
     run = checkpoints.Run(workdir)
-    steps = run.steps
-    if not steps:
-        raise FileNotFoundError(f"{workdir!r} has no snapshots yet")
-    if step is not None and step not in steps:
-        raise FileNotFoundError(f"{workdir!r} has no snapshot at step {step}; saved steps: "
-                                f"{steps[0]}..{steps[-1]} ({len(steps)} in all)")
-    step = steps[-1] if step is None else step
+    step = run.steps[-1] if step is None else step
     arrays = params_to_arrays(run.params(step), run.model.cfg)
     config = run.config.to_dict()
     config["step"] = step

@@ -25,13 +25,12 @@ import subprocess
 import sys
 import time
 
-from icl_jax import config as config_lib
+from icl_jax import config as config_lib, workdir as workdir_lib
 from icl_jax.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INDEX = "sweep.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
-ENSEMBLE_FREE = config_lib.ENSEMBLE_FREE
 
 
 # ----------------------------------------------------------------------------- sweep files
@@ -139,9 +138,7 @@ def resolve(spec: str, workdir: str, overrides: dict | None = None,
                                          **(entry.get("overrides") or {})}.items()}
         texts.update({k: str(v) for k, v in (overrides or {}).items()})
         try:
-            config = config_lib.load(member_spec)
-            config_lib.override(config, texts)
-            config_lib.validate(config)
+            config = config_lib.load_validated(member_spec, texts)
         except ConfigError as e:
             raise ConfigError(f"sweep member {name!r}: {e.args[0]}") from None
         out.append(Member(name, member_spec, texts, config, os.path.join(workdir, name)))
@@ -158,28 +155,11 @@ def ensemble_key(config) -> str:
 
 # ----------------------------------------------------------------------------- state on disk
 
-def newest_snapshot(workdir: str) -> int | None:
-    """The newest finished snapshot step; orbax renames a save's tmp folder to <step> last."""
-    try:
-        steps = [int(n) for n in os.listdir(os.path.join(workdir, "snapshots")) if n.isdigit()]
-    except OSError:
-        return None
-    return max(steps) if steps else None
-
-
-def run_finished(workdir: str, config) -> bool:
-    """Its newest snapshot is the last step and the workdir holds this very config."""
-    if newest_snapshot(workdir) != config.train.steps:
-        return False
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            return config_lib.upgrade(json.load(f)) == json.loads(config.to_json())
-    except (OSError, ValueError):
-        return False
+run_finished = workdir_lib.is_finished  # reproduce.py asks through here, for now
 
 
 def finished(member: Member) -> bool:
-    return run_finished(member.workdir, member.config)
+    return workdir_lib.is_finished(member.workdir, member.config)
 
 
 def _now():
@@ -205,7 +185,7 @@ class Index:
             entry = old.get(m.name, {})
             entry.update({"workdir": m.workdir, "config": m.spec, "overrides": m.overrides,
                           "command": shlex.join(m.command()), "steps": m.config.train.steps,
-                          "last_step": newest_snapshot(m.workdir)})
+                          "last_step": workdir_lib.newest_snapshot(m.workdir)})
             entry.setdefault("status", "pending")
             if entry["status"] == "running":  # a sweep that was killed left it so
                 entry["status"] = "pending"
@@ -327,7 +307,7 @@ def _run_pool(members, index, jobs, progress, say):
                 running[m.name] = (m, proc, time.time(), log)
                 index.update(m.name, status="running", started=_now(), pid=proc.pid,
                              exit_code=None, error=None)
-                resume = newest_snapshot(m.workdir)
+                resume = workdir_lib.newest_snapshot(m.workdir)
                 say(f"[{m.name}] started ({m.config.train.steps} steps"
                     + (f", resuming at {resume}" if resume else "")
                     + f"; log {m.workdir}/train.log)")
@@ -338,7 +318,7 @@ def _run_pool(members, index, jobs, progress, say):
                     continue
                 log.close()
                 del running[name]
-                wall, step = time.time() - t0, newest_snapshot(m.workdir)
+                wall, step = time.time() - t0, workdir_lib.newest_snapshot(m.workdir)
                 done = proc.returncode == 0 and finished(m)
                 status = "done" if done else ("pending" if proc.returncode == 0 else "failed")
                 error = None if proc.returncode == 0 else _last_line(log.name)
@@ -354,18 +334,9 @@ def _run_pool(members, index, jobs, progress, say):
             if running and progress and time.time() - last_report > 60:
                 last_report = time.time()
                 say("running: " + ", ".join(
-                    f"{n} step {_metrics_step(m.workdir)}/{m.config.train.steps}"
+                    f"{n} step {workdir_lib.last_metrics_step(m.workdir) or 0}/{m.config.train.steps}"
                     for n, (m, *_) in running.items()))
     return stop.received
-
-
-def _metrics_step(workdir: str):
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
-            f.seek(max(os.path.getsize(f.name) - 2048, 0))
-            return json.loads(f.read().decode().strip().splitlines()[-1])["step"]
-    except (OSError, ValueError, IndexError, KeyError):
-        return "?"
 
 
 def _run_ensemble(group, index, progress, say):
@@ -392,7 +363,7 @@ def _run_ensemble(group, index, progress, say):
         ok = error is None and finished(m)
         status = "done" if ok else ("failed" if error else "pending")
         index.update(m.name, status=status, exit_code=None if error is None else 1,
-                     last_step=newest_snapshot(m.workdir), wall_s=round(wall, 1),
+                     last_step=workdir_lib.newest_snapshot(m.workdir), wall_s=round(wall, 1),
                      ended=_now(), error=error)
     say(f"[{', '.join(names)}] " + (f"done in {wall:.0f} s" if error is None
                                     else f"FAILED: {error}"))
@@ -429,11 +400,7 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
             by_key.setdefault(ensemble_key(m.config), []).append(m)
         groups = [g for g in by_key.values() if len(g) > 1]
         singles = [m for g in by_key.values() if len(g) == 1 for m in g]
-        if groups and not _has_train_ensemble():
-            print("note: icl_jax.train has no train_ensemble; training ensemble members one "
-                  "by one", file=sys.stderr)
-            singles, groups = todo, []
-        elif multihost:  # every member runs in this (distributed) process, one at a time
+        if multihost:  # every member runs in this (distributed) process, one at a time
             groups += [[m] for m in singles]
             singles = []
 
@@ -484,7 +451,3 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
             say("no finished member to analyse")
     return index.data
 
-
-def _has_train_ensemble() -> bool:
-    from icl_jax import train
-    return hasattr(train, "train_ensemble")

@@ -8,8 +8,6 @@ so a resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import sys
 import time
@@ -21,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from icl_jax import checkpoints, config as config_lib, data as data_lib, scores
+from icl_jax import flops as flops_lib, workdir as workdir_lib
 from icl_jax.model import init_params, loss_by_position, make_model
 
 
@@ -181,74 +180,35 @@ def fetch(x):
 
 # ----------------------------------------------------------------------------- workdir
 
-def prepare_workdir(config, workdir: str, overwrite: bool):
-    """Writes config.json, or checks it against the saved one; refuses a different run.
+def prepare_workdir(config, workdir, overwrite: bool):
+    """Writes the config into `workdir`, or checks it against the saved one; refuses a
+    different run unless `overwrite`, which clears the old run's snapshots and metrics.
 
     On several hosts only process 0 writes or deletes, and the others wait for it.
     """
-    path = os.path.join(workdir, "config.json")
     text = config.to_json(indent=2, sort_keys=True)
-    if os.path.exists(path) and not overwrite:
-        with open(path) as f:
-            saved = config_lib.upgrade(json.load(f))
-        if saved != json.loads(text):
-            changed = _diff(saved, json.loads(text))
-            raise TrainingError(f"workdir {workdir!r} holds a run of a different config "
+    if workdir_lib.has_run(workdir) and not overwrite:
+        saved = config_lib.upgrade(workdir_lib.read_config_dict(workdir))
+        changed = workdir_lib.config_diff(saved, json.loads(text))
+        if changed:
+            raise TrainingError(f"workdir {str(workdir)!r} holds a run of a different config "
                                 f"({', '.join(changed[:5])}); pass --overwrite to replace it "
                                 "or choose another --workdir")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
         if overwrite:
-            import shutil
-            shutil.rmtree(os.path.join(workdir, "snapshots"), ignore_errors=True)
-            if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-                os.remove(os.path.join(workdir, "metrics.jsonl"))
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+            workdir_lib.clear_run(workdir)
+        workdir_lib.write_config(workdir, text)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"prepare_workdir {workdir}")
 
 
-def _diff(a, b, prefix=""):
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff(a[k], b[k], prefix + k + ".")
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
-    return out
-
-
-class MetricsLog:
-    """metrics.jsonl, trimmed on resume so no step appears twice."""
-
-    def __init__(self, workdir: str, resume_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        kept = [r for r in checkpoints.read_metrics(workdir) if r["step"] <= resume_step]
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(self.path + ".tmp", self.path)
-            self.file = open(self.path, "a")
-
-    def write(self, record: dict):
-        if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.enabled:
-            self.file.close()
-
-
 class Progress:
     """One line redrawn in place on a terminal; a log line every so often otherwise."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, peak_label: str = ""):
         self.total, self.enabled = total, enabled and jax.process_index() == 0
+        self.peak_label = peak_label
         self.tty = sys.stderr.isatty()
         self.last_print = 0.0
 
@@ -257,6 +217,8 @@ class Progress:
             return
         parts = [f"step {step}/{self.total}", f"loss {record['train_loss']:.3f}",
                  f"{record['tokens_per_s']:,.0f} tok/s"]
+        if "mfu" in record:
+            parts.append(f"MFU {record['mfu']:.1%} of {self.peak_label}")
         if "icl_score" in record:
             parts += [f"icl {record['icl_score']:+.3f}",
                       f"prefix-match {record['prefix_matching_max']:.2f}"]
@@ -298,9 +260,44 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
+# ----------------------------------------------------------------------------- members
+
+class Members:
+    """The runs one call trains together, each with its own config, workdir and data.
+
+    One run is the plain case: its arrays are the model's own. An ensemble (stacked)
+    holds its members' arrays on a leading axis [K, ...], and the step is mapped over it.
+    """
+
+    def __init__(self, configs, workdirs, stacked: bool):
+        self.configs, self.workdirs, self.stacked = list(configs), list(workdirs), stacked
+        self.batch_spec = P(None, "data") if stacked else P("data")
+
+    def __len__(self):
+        return len(self.configs)
+
+    def shape(self, *shape) -> tuple:
+        return (len(self), *shape) if self.stacked else shape
+
+    def stack(self, trees, sharding=None):
+        """One tree of the members' trees: numpy, or jax.Arrays placed with `sharding`."""
+        if not self.stacked:
+            return trees[0]
+        if sharding is None:
+            return jax.tree.map(lambda *a: np.stack(a), *trees)
+        return jax.jit(lambda ts: jax.tree.map(lambda *a: jnp.stack(a), *ts),
+                       out_shardings=sharding)(trees)
+
+    def split(self, tree) -> list:
+        """The members' trees of one tree."""
+        if not self.stacked:
+            return [tree]
+        return [jax.tree.map(lambda a: a[k], tree) for k in range(len(self))]
+
+
 # ----------------------------------------------------------------------------- the loop
 
-def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
+def train_and_evaluate(config, workdir, *, overwrite: bool = False,
                        progress: bool = True, stop_after: int | None = None) -> dict:
     """Trains the model `config` describes, writing snapshots and metrics to `workdir`.
 
@@ -308,10 +305,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     that step with a snapshot, as a preemption would (for time-boxed jobs and tests).
     Returns the last metrics record.
     """
-    return _run([config], [workdir], overwrite, progress, stop_after, ensemble=False)[0]
-
-
-ENSEMBLE_FREE = config_lib.ENSEMBLE_FREE
+    return _run(Members([config], [workdir], stacked=False), overwrite, progress,
+                stop_after)[0]
 
 
 def ensemble_mismatch(configs) -> str | None:
@@ -339,178 +334,210 @@ def train_ensemble(configs, workdirs, *, overwrite: bool = False, progress: bool
     bad = ensemble_mismatch(configs)
     if bad:
         raise config_lib.ConfigError(f"config field {bad!r} differs between ensemble members; "
-                                     f"members may differ only in {', '.join(ENSEMBLE_FREE)}")
-    return _run(configs, workdirs, overwrite, progress, stop_after, ensemble=True)
+                                     "members may differ only in "
+                                     f"{', '.join(config_lib.ENSEMBLE_FREE)}")
+    return _run(Members(configs, workdirs, stacked=True), overwrite, progress, stop_after)
 
 
-def _run(configs, workdirs, overwrite, progress, stop_after, ensemble):
-    for c in configs:
+def _run(members, overwrite, progress, stop_after):
+    """Checks, locks and prepares the workdirs, then trains; a bad path, vocabulary or
+    batch size fails here, before anything compiles."""
+    for c in members.configs:
         config_lib.validate(c)
-    t = configs[0].train
+    t = members.configs[0].train
     n_dev = jax.device_count()
     if t.batch_size % n_dev:
         raise config_lib.ConfigError(f"config field 'train.batch_size' ({t.batch_size}) must "
                                      f"be a multiple of the device count ({n_dev})")
-    # --- workdirs and data: a bad path or vocabulary fails before anything compiles
+    for w in members.workdirs:
+        workdir_lib.check_usable(w)
     locks = []
     try:
-        for w in workdirs:
-            if jax.process_index() == 0:
-                locks.append(checkpoints.WorkdirLock(w))
-        sources = [data_lib.make_source(c, w) for c, w in zip(configs, workdirs)]
-        for c, w in zip(configs, workdirs):
+        if jax.process_index() == 0:
+            locks = [workdir_lib.Lock(w) for w in members.workdirs]
+        sources = [data_lib.make_source(c, w) for c, w in zip(members.configs, members.workdirs)]
+        for c, w in zip(members.configs, members.workdirs):
             prepare_workdir(c, w, overwrite)
-        return _train(configs, workdirs, sources, progress, stop_after, ensemble)
+        return _train(members, sources, progress, stop_after)
     finally:
         for lock in locks:
             lock.release()
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
-
-
-def _train(configs, workdirs, sources, progress, stop_after, ensemble):
-    config = configs[0]  # everything but ENSEMBLE_FREE is shared
+def _train(members, sources, progress, stop_after):
+    config = members.configs[0]  # everything but ENSEMBLE_FREE is shared
     t, e, ck = config.train, config.eval, config.checkpoint
-    K = len(configs)
-    n_dev = jax.device_count()
     seq_len = config.model.context + 1
-    lead = (lambda x: x) if not ensemble else _stack  # member axis, when there is one
-    member = (lambda tree, k: tree) if not ensemble else (
-        lambda tree, k: jax.tree.map(lambda a: a[k], tree))
-
-    # --- model, optimizer, mesh
-    model = make_model(config.model)
-    tx = make_optimizer(t)
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
-    train_step = make_train_step(model, tx, mesh, t, ensemble)
-    evaluate = make_eval_fn(model, e, ensemble)
-    evals = [s.eval_set(e.n_examples, seq_len) for s in sources]
-    probes = [scores.make_probe(s.token_frequencies(), e.probe_tokens, e.probe_repeats,
-                                e.probe_sequences, e.probe_exclude_frac, e.bos_token, c.seed)
-              for s, c in zip(sources, configs)]
-    eval_BT1 = global_array(np.stack(evals) if ensemble else evals[0], mesh, P())
-    probe_BT = global_array(np.stack(probes) if ensemble else probes[0], mesh, P())
 
-    # --- state: restore the newest snapshot (every member at one step), or start fresh
-    stores = [checkpoints.Store(w, ck.max_to_keep, ck.async_save) for w in workdirs]
+    # --- data: a batch is a pure function of (seed, step); each host reads only its rows
+    batch_sharding = NamedSharding(mesh, members.batch_spec)
+    batch_shape = members.shape(t.batch_size, seq_len)
+
+    def get_batch(step):
+        def rows(index):  # index[-2]: the batch rows of one device
+            return members.stack([s.batch(step, t.batch_size, seq_len, index[-2])
+                                  for s in sources])
+        return jax.make_array_from_callback(batch_shape, batch_sharding, rows)
+
+    inputs = [scores.evaluation_inputs(c, s) for c, s in zip(members.configs, sources)]
+    eval_BT1 = global_array(members.stack([i["eval_BT1"] for i in inputs]), mesh, P())
+    probe_BT = global_array(members.stack([i["probe_BT"] for i in inputs]), mesh, P())
+
+    # --- model and optimizer
+    model = make_model(config.model)
+    tx = make_optimizer(t)
+
+    # --- state: the newest snapshot every member can restore, or a fresh start
+    stores = [checkpoints.Store(w, ck.max_to_keep, ck.async_save) for w in members.workdirs]
     abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed, t))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                             abstract)
-    start, states = _restore_members(stores, abstract, workdirs)
+    start, states = _restore_members(stores, abstract, members.workdirs)
     if states is None:
         init = jax.jit(lambda seed, hp: {**init_state(model, tx, seed, t), "hparams": hp},
                        out_shardings=replicated)
-        states = [init(c.seed, hparams_of(c.train)) for c in configs]
-        start = 0
+        start, states = 0, [init(c.seed, hparams_of(c.train)) for c in members.configs]
     elif jax.process_index() == 0 and progress:
-        print(f"resuming {', '.join(workdirs)} from step {start}", file=sys.stderr)
-    state = jax.jit(lead, out_shardings=replicated)(states) if ensemble else states[0]
+        print(f"resuming {', '.join(map(str, members.workdirs))} from step {start}",
+              file=sys.stderr)
+    state = members.stack(states, sharding=replicated)
     del states
-    schedule = set(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
-    config_dicts = [c.to_dict() for c in configs]
 
     # --- compile once, ahead of time, and say how much memory the step needs
-    batch_sharding = NamedSharding(mesh, P(None, "data") if ensemble else P("data"))
-    batch_shape = (K, t.batch_size, seq_len) if ensemble else (t.batch_size, seq_len)
-
-    def get_batch(step):
-        """The global batch of `step`; each host reads only the rows its devices hold."""
-        def rows(index):
-            r = index[1] if ensemble else index[0]
-            local = [s.batch(step, t.batch_size, seq_len, r) for s in sources]
-            return np.stack(local) if ensemble else local[0]
-        return jax.make_array_from_callback(batch_shape, batch_sharding, rows)
-
-    compiled = train_step.lower(state, get_batch(start)).compile()
+    peak = flops_lib.peak(config.model.dtype)  # measured before the step competes for cores
+    compiled = make_train_step(model, tx, mesh, t, members.stacked).lower(
+        state, get_batch(start)).compile()
     if progress and jax.process_index() == 0:
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                     + mem.temp_size_in_bytes) / 2**20
-            print(f"compiled train step: {total:.1f} MiB per device ({n_dev} device(s), "
-                  f"{jax.process_count()} process(es){f', {K} members' if ensemble else ''})",
-                  file=sys.stderr)
-
-    logs = [MetricsLog(w, start) for w in workdirs]
-    bar = Progress(t.steps, progress)
-    tokens_per_step = t.batch_size * config.model.context
+        _print_memory(compiled, len(members))
+    evaluate = make_eval_fn(model, e, members.stacked)
 
     def eval_records(params):
-        out = fetch(evaluate(params, eval_BT1, probe_BT))
-        recs = []
-        for k in range(K):
-            o = member(out, k)
-            pm = o["prefix_matching"]
-            recs.append({"eval_loss": float(o["eval_loss"]), "icl_score": float(o["icl_score"]),
-                         "prefix_matching_max": float(pm.max()),
-                         "prefix_matching_last_layer_max": float(pm[-1].max()),
-                         "prefix_matching": pm.round(4).tolist()})
-        return recs
+        return [_eval_record(o) for o in members.split(fetch(evaluate(params, eval_BT1,
+                                                                      probe_BT)))]
+
+    # --- snapshots and metrics: step 0 of a fresh run is saved and evaluated
+    schedule = set(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
+    config_dicts = [c.to_dict() for c in members.configs]
 
     def save(step):
-        for k, store in enumerate(stores):
-            store.save(step, member(state, k), config_dicts[k], force=True)
+        for store, member_state, config_dict in zip(stores, members.split(state), config_dicts):
+            store.save(step, member_state, config_dict, force=True)
 
+    logs = ([workdir_lib.MetricsLog(w, start) for w in members.workdirs]
+            if jax.process_index() == 0 else [])
     if start == 0:
         if 0 in schedule:
             save(0)
         for log, rec in zip(logs, eval_records(state["params"])):
             log.write({"step": 0, "tokens": 0, "train_loss": None, "tokens_per_s": 0.0, **rec})
+    metrics_log = _MetricsQueue(members, logs, Progress(t.steps, progress, peak.label), start,
+                                t.batch_size * config.model.context,
+                                flops_lib.train_flops_per_token(config.model), peak)
 
     # --- loop: dispatch step s+1 before reading step s's metrics, so the device never waits
-    records = [{}] * K
     step = start
-    pending = None
-    t_last, step_last = time.perf_counter(), start
-    stop = _StopSignal()
-    try:
-        stop.__enter__()
-        while step < t.steps:
-            batch = get_batch(step)
-            state, metrics = compiled(state, batch)
-            step += 1
-            if stop_after is not None and step >= stop_after and step < t.steps:
-                stop.received = stop.received or f"stop_after={stop_after}"
-            stopping = stop.received
-            if jax.process_count() > 1:  # hosts stop together, at a log step
-                stopping = _agree_to_stop(stop.received) if step % t.log_every == 0 else None
-            if pending is not None:
-                records = _finish(*pending, logs, bar, member)
-            pending = None
-            is_log = (step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps
-                      or step in schedule)
-            if is_log or stopping:
-                now = time.perf_counter()
-                rate = K * (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                rec = {"step": step, "tokens": step * tokens_per_step, "tokens_per_s": rate}
-                evals_k = (eval_records(state["params"])
-                           if step % t.eval_every == 0 or step == t.steps else [{}] * K)
-                pending = ([{**rec, **ev} for ev in evals_k], metrics)
-            if step in schedule or stopping:
-                if pending is not None:  # a snapshot's metrics must be checked before it is kept
-                    records = _finish(*pending, logs, bar, member)
-                    pending = None
-                save(step)
-            if stopping:
-                stop.received = stopping
-                break
-        if pending is not None:
-            records = _finish(*pending, logs, bar, member)
-    finally:
-        stop.__exit__()
-        for store in stores:
-            store.close()  # always wait for the last asynchronous save
-        for log in logs:
-            log.close()
-        bar.close()
+    with _StopSignal() as stop:
+        try:
+            while step < t.steps:
+                state, metrics = compiled(state, get_batch(step))
+                step += 1
+                if stop_after is not None and step >= stop_after and step < t.steps:
+                    stop.received = stop.received or f"stop_after={stop_after}"
+                stopping = stop.received
+                if jax.process_count() > 1:  # hosts stop together, at a log step
+                    stopping = _agree_to_stop(stop.received) if step % t.log_every == 0 else None
+                metrics_log.flush()  # the previous step's, now that this one runs
+                is_eval = step % t.eval_every == 0 or step == t.steps
+                if is_eval or step % t.log_every == 0 or step in schedule or stopping:
+                    metrics_log.queue(step, metrics,
+                                      eval_records(state["params"]) if is_eval else None)
+                if step in schedule or stopping:
+                    metrics_log.flush()  # a snapshot's metrics are checked before it is kept
+                    save(step)
+                if stopping:
+                    stop.received = stopping
+                    break
+            metrics_log.flush()
+        finally:
+            for store in stores:
+                store.close()  # always wait for the last asynchronous save
+            metrics_log.close()
     if stop.received and progress:
         print(f"\nreceived {stop.received} at step {step}: snapshot saved; run the same "
               f"command again to resume from step {step}", file=sys.stderr)
-    return records
+    return metrics_log.records
+
+
+def _print_memory(compiled, n_members):
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                 + mem.temp_size_in_bytes) / 2**20
+        print(f"compiled train step: {total:.1f} MiB per device ({jax.device_count()} "
+              f"device(s), {jax.process_count()} process(es)"
+              f"{f', {n_members} members' if n_members > 1 else ''})", file=sys.stderr)
+
+
+def _eval_record(out) -> dict:
+    """One member's evaluation (numpy) as fields of its metrics record."""
+    pm_LH = out["prefix_matching"]
+    return {"eval_loss": float(out["eval_loss"]), "icl_score": float(out["icl_score"]),
+            "prefix_matching_max": float(pm_LH.max()),
+            "prefix_matching_last_layer_max": float(pm_LH[-1].max()),
+            "prefix_matching": pm_LH.round(4).tolist()}
+
+
+class _MetricsQueue:
+    """The records of logged steps: queued when their step is dispatched, completed with
+    the step's loss once the device has it (checked for divergence), then written."""
+
+    def __init__(self, members, logs, bar, start, tokens_per_step, flops_per_token, peak):
+        self.members, self.logs, self.bar = members, logs, bar
+        self.tokens_per_step, self.flops_per_token, self.peak = (tokens_per_step,
+                                                                 flops_per_token, peak)
+        self.t_last, self.step_last = time.perf_counter(), start
+        self.pending, self.records = None, [{}] * len(members)
+
+    def queue(self, step, metrics, evals):
+        """A logged step: its throughput now, its evaluation (or None), its step metrics."""
+        now = time.perf_counter()
+        rate = (len(self.members) * (step - self.step_last) * self.tokens_per_step
+                / max(now - self.t_last, 1e-9))
+        self.t_last, self.step_last = now, step
+        rec = {"step": step, "tokens": step * self.tokens_per_step, "tokens_per_s": rate,
+               "mfu": self.peak.mfu(self.flops_per_token, rate)}
+        self.pending = ([{**rec, **ev} for ev in evals or [{}] * len(self.members)], metrics)
+
+    def flush(self):
+        if self.pending is None:
+            return
+        records, metrics = self.pending
+        self.pending = None
+        out = []
+        for k, (record, m) in enumerate(zip(records, self.members.split(fetch(metrics)))):
+            first_bad, skipped = int(m["first_bad_step"]), int(m["skipped"])
+            if first_bad >= 0:
+                which = f" (member {self.members.workdirs[k]})" if len(records) > 1 else ""
+                raise TrainingError(f"training diverged at step {first_bad}{which}: the loss "
+                                    "or the gradients are not finite; the snapshots before it "
+                                    "are kept (--config.train.skip_nonfinite=true skips such "
+                                    "steps instead)")
+            record = {**record, "train_loss": float(m["train_loss"]),
+                      "grad_norm": float(m["grad_norm"])}
+            if skipped:
+                record["skipped_steps"] = skipped
+            if self.logs:
+                self.logs[k].write(record)
+            out.append(record)
+        self.records = out
+        self.bar.update(out[0]["step"], out[0])
+
+    def close(self):
+        for log in self.logs:
+            log.close()
+        self.bar.close()
 
 
 def _agree_to_stop(received):
@@ -534,26 +561,6 @@ def _restore_members(stores, abstract, workdirs):
     common = min(s if s is not None else -1 for s in steps)
     if common < 0 or any(common not in store.steps() for store in stores):
         raise TrainingError(f"ensemble members were saved at different steps ({steps}) with no "
-                            f"step in common; resume them one by one: {', '.join(workdirs)}")
+                            f"step in common; resume them one by one: "
+                            f"{', '.join(map(str, workdirs))}")
     return common, [store.restore(common, abstract) for store in stores]
-
-
-def _finish(records, metrics, logs, bar, member):
-    out = []
-    m_all = fetch(metrics)
-    for k, (record, log) in enumerate(zip(records, logs)):
-        m = member(m_all, k)
-        first_bad, skipped = m["first_bad_step"], m["skipped"]
-        record = {**record, "train_loss": float(m["train_loss"]),
-                  "grad_norm": float(m["grad_norm"])}
-        if int(skipped):
-            record["skipped_steps"] = int(skipped)
-        if int(first_bad) >= 0:
-            raise TrainingError(f"training diverged at step {int(first_bad)}"
-                                f"{f' (member {log.path})' if len(logs) > 1 else ''}: the loss "
-                                "or the gradients are not finite; the snapshots before it are "
-                                "kept (--config.train.skip_nonfinite=true skips such steps instead)")
-        log.write(record)
-        out.append(record)
-    bar.update(out[0]["step"], out[0])
-    return out

@@ -107,3 +107,15 @@ def test_every_config_either_runs_or_is_rejected_naming_a_field(values):
                                 jnp.zeros((1, cfg.model.context), jnp.int32))
     assert logits.shape == (1, cfg.model.context, cfg.model.vocab_size)
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_load_validated_takes_overrides_as_text_or_values_and_validates():
+    text = config_lib.load_validated(SMALL + ":layers=2", {"train.steps": "40", "model.mlp":
+                                                           "true", "train.lr": "3e-4"})
+    values = config_lib.load_validated(SMALL + ":layers=2", {"train.steps": 40, "model.mlp": True,
+                                                             "train.lr": 3e-4})
+    assert text.to_dict() == values.to_dict()
+    assert (values.train.steps, values.model.mlp, values.train.lr) == (40, True, 3e-4)
+    assert values.model.d_head == values.model.d_model // values.model.n_heads  # validated
+    with pytest.raises(config_lib.ConfigError, match="'train.steps'"):
+        config_lib.load_validated(SMALL, {"train.steps": 0})

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from icl_jax import checkpoints
+from icl_jax import checkpoints, workdir
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     rng = np.random.default_rng(0)
     kills, during_save, progress = 0, 0, []
     for attempt in range(20):
-        before = checkpoints.read_metrics(work)
+        before = workdir.read_metrics(work)
         last_step = before[-1]["step"] if before else -1
         proc = _start(work)
         # Wait until this process trains (it logs past where the last one got), then kill
@@ -51,7 +51,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
         hunt_save = attempt % 2 == 1
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            records = checkpoints.read_metrics(work)
+            records = workdir.read_metrics(work)
             if records and records[-1]["step"] > last_step:
                 break
             time.sleep(0.01)
@@ -81,12 +81,12 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     b = checkpoints.Run(work).params(1000)
     jax.tree.map(np.testing.assert_array_equal, a, b)  # bit for bit on CPU
 
-    ref_steps = [r["step"] for r in checkpoints.read_metrics(ref)]
-    got = checkpoints.read_metrics(work)
+    ref_steps = [r["step"] for r in workdir.read_metrics(ref)]
+    got = workdir.read_metrics(work)
     steps = [r["step"] for r in got]
     assert len(steps) == len(set(steps)), "a step was logged twice"
     assert set(ref_steps) <= set(steps), f"missing steps: {sorted(set(ref_steps) - set(steps))}"
-    ref_loss = {r["step"]: r["train_loss"] for r in checkpoints.read_metrics(ref)}
+    ref_loss = {r["step"]: r["train_loss"] for r in workdir.read_metrics(ref)}
     for r in got:
         if r["step"] in ref_loss and r["train_loss"] is not None:
             assert r["train_loss"] == ref_loss[r["step"]]

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from icl_jax import checkpoints, train
+from icl_jax import checkpoints, train, workdir
 from conftest import ROOT, tiny_config
 
 DIVERGING = {"train.lr": 1e30, "train.grad_clip": 0.0, "train.warmup_steps": 0}
@@ -29,7 +29,7 @@ def test_divergence_names_the_step_and_keeps_the_last_good_snapshot(tmp_path):
 def test_skip_nonfinite_drops_bad_steps_and_counts_them(tmp_path):
     cfg = tiny_config(**DIVERGING, **{"train.skip_nonfinite": True})
     train.train_and_evaluate(cfg, str(tmp_path), progress=False)
-    last = checkpoints.read_metrics(str(tmp_path))[-1]
+    last = workdir.read_metrics(str(tmp_path))[-1]
     assert last["step"] == 12 and last["skipped_steps"] >= 1
     params = checkpoints.Run(str(tmp_path)).params(12)
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
@@ -63,7 +63,7 @@ def test_resume_falls_back_past_a_corrupt_snapshot(tmp_path, damage, capfd):
 
 
 def test_a_second_writer_on_the_same_workdir_is_refused(tmp_path):
-    lock = checkpoints.WorkdirLock(str(tmp_path))
+    lock = workdir.Lock(str(tmp_path))
     try:
         with pytest.raises(BlockingIOError, match=f"pid {os.getpid()}"):
             train.train_and_evaluate(tiny_config(), str(tmp_path), progress=False)
@@ -85,7 +85,7 @@ def _run_until_signal(work, sig, min_step):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
-        records = checkpoints.read_metrics(work)
+        records = workdir.read_metrics(work)
         if records and records[-1]["step"] >= min_step:
             break
         time.sleep(0.1)
@@ -104,7 +104,7 @@ def test_a_signal_saves_the_current_step_and_resume_continues(tmp_path, sig):
     assert first >= 30 and first % 1000  # a step of its own, not a scheduled snapshot
     second, err = _run_until_signal(work, sig, first + 20)
     assert f"from step {first}" in err and second > first
-    steps = [r["step"] for r in checkpoints.read_metrics(work)]
+    steps = [r["step"] for r in workdir.read_metrics(work)]
     assert steps == sorted(set(steps))  # nothing logged twice across the restart
 
 

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from icl_jax import checkpoints, data, train
+from icl_jax import checkpoints, cli, data, flops, scores, train, workdir
 from icl_jax.model import make_model
 from conftest import ROOT, tiny_config
 
@@ -26,8 +27,16 @@ def _setup(cfg, devices):
     return mesh, state, step, batch
 
 
-def test_four_fake_devices_exist():
-    assert jax.device_count() == 4
+def test_the_step_splits_the_batch_over_every_device_and_keeps_the_state_replicated():
+    cfg = tiny_config()  # batch 8 on the 4 devices of conftest
+    mesh, state, step, batch = _setup(cfg, jax.devices())
+    b = train.global_array(batch, mesh, jax.sharding.PartitionSpec("data"))
+    assert [s.data.shape[0] for s in b.addressable_shards] == [2, 2, 2, 2]
+    state, _ = step(state, b)
+    shards = [np.asarray(s.data) for s in state["params"]["W_E"].addressable_shards]
+    assert len(shards) == 4
+    for shard in shards[1:]:
+        np.testing.assert_array_equal(shard, shards[0])
 
 
 def test_data_parallel_step_on_4_devices_equals_1_device():
@@ -73,40 +82,19 @@ def test_cosine_schedule_decays():
     assert float(lr(12)) == pytest.approx(cfg.train.lr * 0.1, rel=1e-3)
 
 
-def test_snapshot_schedule_is_dense_early_and_regular_after():
-    steps = checkpoints.snapshot_steps(1000, every=100, log_spaced=5)
-    assert steps[0] == 0 and steps[-1] == 1000
-    assert {100, 200, 900}.issubset(steps)
-    assert len([s for s in steps if 0 < s < 100]) >= 3
-
-
-def test_save_restore_round_trip(tmp_path):
-    cfg = tiny_config()
-    model = make_model(cfg.model)
-    tx = train.make_optimizer(cfg.train)
-    state = train.init_state(model, tx, 3, cfg.train)
-    store = checkpoints.Store(str(tmp_path))
-    store.save(7, state, cfg.to_dict())
-    store.close()
-    store = checkpoints.Store(str(tmp_path))
-    assert store.steps() == [7]
-    restored = store.restore(7, jax.eval_shape(lambda: state))
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 state, restored)
-    store.close()
-
-
 def test_training_writes_metrics_snapshots_and_config(tmp_path):
     cfg = tiny_config()
     record = train.train_and_evaluate(cfg, str(tmp_path), progress=False)
     assert record["step"] == 12 and np.isfinite(record["train_loss"])
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["model"]["n_layers"] == 2
-    metrics = checkpoints.read_metrics(str(tmp_path))
+    metrics = workdir.read_metrics(str(tmp_path))
     steps = [r["step"] for r in metrics]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 12
+    assert "mfu" not in metrics[0]  # step 0 trained nothing
     for r in metrics[1:]:
-        assert {"step", "tokens", "train_loss", "tokens_per_s"} <= set(r)
+        assert {"step", "tokens", "train_loss", "tokens_per_s", "mfu"} <= set(r)
+        assert 0 < r["mfu"] < 1
     evals = [r for r in metrics if "icl_score" in r]
     assert [r["step"] for r in evals] == [0, 4, 8, 12]
     assert all(0 <= r["prefix_matching_max"] <= 1 for r in evals)
@@ -124,7 +112,7 @@ def test_stopped_and_resumed_run_equals_straight_run(tmp_path):
     a = checkpoints.Run(str(tmp_path / "straight")).params(12)
     b = checkpoints.Run(str(tmp_path / "resumed")).params(12)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
-    steps = [r["step"] for r in checkpoints.read_metrics(str(tmp_path / "resumed"))]
+    steps = [r["step"] for r in workdir.read_metrics(str(tmp_path / "resumed"))]
     assert len(steps) == len(set(steps)) and steps[-1] == 12
 
 
@@ -150,20 +138,6 @@ def test_a_run_saved_before_model_attention_existed_still_resumes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(train.TrainingError, match="model.attention"):
         train.train_and_evaluate(cfg, str(tmp_path), progress=False)
-
-
-def test_run_api_forward_matches_the_model(tmp_path):
-    cfg = tiny_config()
-    train.train_and_evaluate(cfg, str(tmp_path), progress=False)
-    run = checkpoints.Run(str(tmp_path))
-    assert run.config.model.n_layers == 2 and run.metrics[-1]["step"] == 12
-    tokens = np.arange(20) % 5
-    logits, attention = run.forward(tokens)
-    assert logits.shape == (1, 20, 32) and attention.shape == (1, 2, 2, 20, 20)
-    expected, _ = run.model.apply({"params": run.params(12)}, tokens[None])
-    np.testing.assert_allclose(logits, expected, atol=1e-5)
-    with pytest.raises(KeyError, match="no snapshot at step 3"):
-        run.params(3)
 
 
 def _cli(*args, cwd=ROOT):
@@ -231,3 +205,54 @@ def test_ensemble_refuses_members_of_different_shapes(tmp_path):
     cfgs = [tiny_config("layers=1"), tiny_config("layers=2")]
     with pytest.raises(train.config_lib.ConfigError, match="model.n_layers"):
         train.train_ensemble(cfgs, [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
+
+
+def test_train_flops_per_token_by_hand():
+    m = types.SimpleNamespace(n_layers=1, d_model=4, n_heads=2, d_head=0, context=3,
+                              vocab_size=5, mlp=False, d_mlp=8)  # d_head 0: d_model / n_heads
+    # per token, forward: W_Q W_K W_V W_O 4 x [4 x 4] = 64 multiply-adds; per head q.k
+    # and pattern.v over 3 keys of d_head 2: 2 x 2 x 6 = 24; W_U [4 x 5]: 20. 108 MACs,
+    # 216 FLOPs; training is 3 forward passes.
+    assert flops.train_flops_per_token(m) == 3 * 216
+    m.mlp = True  # W_in [4 x 8] and W_out [8 x 4]: 64 MACs more
+    assert flops.train_flops_per_token(m) == 3 * (216 + 128)
+
+
+def test_peak_comes_from_the_table_on_a_known_accelerator_and_is_measured_on_cpu(monkeypatch):
+    cpu = flops.peak("float32")
+    assert 1e8 < cpu.flops_per_s < 1e14 and "measured" in cpu.label
+
+    class H100:
+        device_kind, platform = "NVIDIA H100 80GB HBM3", "gpu"
+    monkeypatch.setattr(jax, "local_devices", lambda: [H100()])
+    bf16 = flops.peak("bfloat16")
+    assert bf16.flops_per_s == 989e12 * jax.device_count() and "H100 bf16" in bf16.label
+    assert flops.peak("float32").flops_per_s == 67e12 * jax.device_count()
+    assert bf16.mfu(flops_per_token=1e9, tokens_per_s=989e3) == pytest.approx(
+        1 / jax.device_count())
+
+
+def test_cli_train_on_a_file_is_one_line_naming_it(tmp_path, capsys):
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("x")
+    assert cli.main(["train", "--workdir", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(not_a_folder) in err and "not a folder" in err
+    assert err.count("\n") == 1
+
+
+def test_cli_lets_a_bug_keep_its_traceback(monkeypatch, tmp_path):
+    def buggy(args, overrides):
+        return {}["missing"]
+    monkeypatch.setitem(cli.COMMANDS, "train", buggy)
+    with pytest.raises(KeyError, match="missing"):
+        cli.main(["train", "--workdir", str(tmp_path)])
+
+
+def test_cli_ablation_choices_are_the_scorers(capsys):
+    parser = cli.build_parser()
+    for kind in scores.ABLATIONS:
+        assert parser.parse_args(["analyze", "--workdir", "w", "--ablation", kind]).ablation == kind
+    with pytest.raises(SystemExit):
+        parser.parse_args(["analyze", "--workdir", "w", "--ablation", "bogus"])
+    assert "must be one of pattern, zero, mean" in capsys.readouterr().err

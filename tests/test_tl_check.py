@@ -1,4 +1,4 @@
-"""Our jitted scorer against the same scores computed with TransformerLens hooks (lens.py)."""
+"""Our jitted scorer against the same scores computed with TransformerLens hooks (tl_check.py)."""
 import json
 
 import jax
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformer_lens")
 
 from conftest import tiny_config  # noqa: E402
-from icl_jax import analysis, data as data_lib, lens, scores  # noqa: E402
+from icl_jax import analysis, data as data_lib, scores, tl_check  # noqa: E402
 from icl_jax.model import init_params, make_model  # noqa: E402
 
 
@@ -56,8 +56,8 @@ def test_hooks_compute_our_scores(arg, overrides, ablation):
     ours = jax.device_get(analysis._scorer(json.dumps(model.cfg, sort_keys=True),
                                            e.icl_early_index, e.icl_late_index, e.probe_tokens,
                                            ablation, None)(params, *inputs))
-    tl = lens.hooked_transformer(params, model.cfg)
-    theirs = lens.score_with_hooks(tl, *inputs, e.icl_early_index, e.icl_late_index,
+    tl = tl_check.hooked_transformer(params, model.cfg)
+    theirs = tl_check.score_with_hooks(tl, *inputs, e.icl_early_index, e.icl_late_index,
                                    e.probe_tokens, ablation)
     flat = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
     assert len(flat) == len(jax.tree.leaves(ours)) == 11
@@ -69,7 +69,7 @@ def test_hooks_compute_our_scores(arg, overrides, ablation):
     assert np.abs(ours["ablation_icl"]).max() > 0.05 and np.abs(ours["prefix_matching"]).min() > 0
     if arg == "layers=2" and ablation == "pattern":
         # the comparison can tell pattern-preserving from plain zero ablation
-        zero = lens.score_with_hooks(tl, *inputs, e.icl_early_index, e.icl_late_index,
+        zero = tl_check.score_with_hooks(tl, *inputs, e.icl_early_index, e.icl_late_index,
                                      e.probe_tokens, "zero")
         assert np.abs(zero["ablation_icl"] - ours["ablation_icl"]).max() > 100 * 1e-5
 
@@ -80,4 +80,4 @@ def test_unsupported_models_are_named(arg, feature):
     c = tiny_config(arg)
     model, params = _snapshot(c)
     with pytest.raises(NotImplementedError, match=feature):
-        lens.hooked_transformer(params, model.cfg)
+        tl_check.hooked_transformer(params, model.cfg)

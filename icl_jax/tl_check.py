@@ -1,12 +1,14 @@
-"""The scores of one snapshot again, computed the way a TransformerLens user would.
+"""The TransformerLens cross-check: one snapshot's scores computed again, the way a
+TransformerLens user would.
 
 score_with_hooks(model, ...) reads a HookedTransformer (export.hooked_transformer)
 through its hook points (run_with_cache, run_with_hooks) and its weights (model.OV,
 model.all_composition_scores), with torch ops and none of icl_jax.scores: a second,
 independent implementation of analysis._scorer's per-snapshot scores, which
-tests/test_lens.py holds ours against and icl-jax bench --suite score times ours against.
-Definitions follow ../shared/paper-notes.md. Attention-only models and models with
-MLPs, without LayerNorm or smeared keys. Needs torch and transformer_lens.
+tests/test_tl_check.py holds ours against and icl-jax bench --suite score times ours
+against. The definitions are those of scores.py (after Olsson et al. 2022), written again
+from them. Attention-only models and models with MLPs, without LayerNorm or smeared keys.
+Needs torch and transformer_lens.
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ import numpy as np
 import torch
 
 from icl_jax import export
-
-ABLATIONS = ("pattern", "zero", "mean")
+from icl_jax.scores import ABLATIONS
 
 
 def hooked_transformer(params, model_cfg: dict):
