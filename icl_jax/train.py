@@ -424,6 +424,8 @@ def _train(members, sources, progress, stop_after):
     def save(step):
         for store, member_state, config_dict in zip(stores, members.split(state), config_dicts):
             store.save(step, member_state, config_dict, force=True)
+        for log in logs:  # on object storage the log is stored whole with each snapshot
+            log.flush()
 
     logs = ([workdir_lib.MetricsLog(w, start) for w in members.workdirs]
             if jax.process_index() == 0 else [])
