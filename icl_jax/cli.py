@@ -45,6 +45,10 @@ def build_parser():
                    help="replace a run of a different config in --workdir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
+    p = sub.add_parser("unlock", help="break the lock a killed trainer left on a workdir "
+                                      "(object storage; a local lock frees itself)")
+    p.add_argument("--workdir", required=True)
+
     p = sub.add_parser("analyze", help="score every snapshot; phase change, PCA, figures, report")
     p.add_argument("--workdir", required=True, nargs="+", help="one or more training runs")
     p.add_argument("--out", default=None,
@@ -189,7 +193,15 @@ def cmd_sweep(args, overrides):
     return 1 if failed else 0
 
 
-COMMANDS = {"train": cmd_train, "analyze": cmd_analyze, "export": cmd_export,
+def cmd_unlock(args, overrides):
+    from icl_jax import workdir
+    owner = workdir.break_lock(args.workdir)
+    print(f"removed the lock of {workdir.describe_owner(owner)}" if owner is not None
+          else f"{args.workdir} was not locked")
+    return 0
+
+
+COMMANDS = {"unlock": cmd_unlock, "train": cmd_train, "analyze": cmd_analyze, "export": cmd_export,
             "reproduce": cmd_reproduce, "sweep": cmd_sweep, "bench": cmd_bench}
 
 

@@ -233,7 +233,7 @@ def _owner_record() -> dict:
             "token": f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"}
 
 
-def _describe(owner: dict | None) -> str:
+def describe_owner(owner: dict | None) -> str:
     if not owner:
         return "owner unknown"
     return (f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, "
@@ -323,7 +323,7 @@ class Lock:
                 f"; if it is gone, `icl-jax unlock --workdir {os.fspath(self.workdir)}` "
                 "breaks the lock")
         raise WorkdirLocked(f"workdir {os.fspath(self.workdir)!r} is being written by another "
-                            f"train process ({_describe(owner)}); wait for it or stop it{hint}")
+                            f"train process ({describe_owner(owner)}); wait for it or stop it{hint}")
 
     def _acquire_flock(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
