@@ -13,6 +13,7 @@ own fused kernel, asks the cuDNN library for its version while tracing and fails
 it (test_cudnn_attention_cannot_be_lowered_without_cudnn); model.attention "auto" uses
 jax's default implementation, XLA's, which lowers anywhere.
 """
+import logging
 import os
 import re
 
@@ -22,7 +23,7 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from icl_jax import config as config_lib, scores, train
-from icl_jax.model import init_params, make_model
+from icl_jax.model import init_params, loss_by_position, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DEVICES = 8  # the abstract mesh: more devices than this machine has
@@ -171,3 +172,28 @@ def test_cudnn_attention_cannot_be_lowered_without_cudnn():
                                                         implementation="cudnn"))
     with pytest.raises(RuntimeError, match="cuDNN"):
         jax.export.export(fn, platforms=("cuda",))(q)
+
+
+def test_the_training_step_compiles_once_for_a_whole_run(tiny, tmp_path, monkeypatch, caplog):
+    """On 4 devices, through evaluations, snapshots and a growing step counter, the step
+    is traced once and compiled once; so is every other program of the loop."""
+    assert jax.device_count() == 4  # conftest's fake CPU devices
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(1)  # runs once per trace of the step, never per call
+        return loss_by_position(*args, **kwargs)
+
+    monkeypatch.setattr(train, "loss_by_position", counted)
+    config = tiny("layers=2")  # 12 steps: evaluations every 4, snapshots at 0, 1, 2, 4, 8, 12
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+    # "Compiling <name> with global shapes and types ...": a message seen twice would be
+    # one program with the same inputs compiled again
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    names = [m.split(" ")[1] for m in compiled]
+    assert len(traces) == 1
+    assert names.count("jit(per_device_step)") == 1, names
+    assert names.count("jit(evaluate)") == 1, names
+    repeated = {m[:120] for m in compiled if compiled.count(m) > 1}
+    assert not repeated, f"compiled more than once: {repeated}"
