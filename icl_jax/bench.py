@@ -58,7 +58,7 @@ def default_train() -> tuple:
     if jax.default_backend() == "cpu":
         return DEFAULT_TRAIN
     return DEFAULT_TRAIN + ("paper L2 bf16 T2048",)
-SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data")
+SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "accelerator")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -646,14 +646,192 @@ def bench_data(config, repeats: int) -> list:
     return rows
 
 
+# ----------------------------------------------------------------------------- accelerator
+
+PAPER = os.path.join(ROOT, "configs", "paper.py")
+# Everything shrunk, so that a CPU test runs the whole accelerator suite in seconds.
+TINY_MODEL = {"model.d_model": 32, "model.n_heads": 2, "model.d_head": 16, "model.d_mlp": 64,
+              "model.context": 32, "model.vocab_size": 64, "train.batch_size": 8,
+              "eval.n_examples": 8, "eval.icl_early_index": 2, "eval.icl_late_index": 20,
+              "eval.probe_tokens": 7, "eval.probe_sequences": 2, "data.segment_len_min": 3,
+              "data.segment_len_max": 8}
+# (metric, target as text, test of the median) for the rows that have a target on an H100/H200
+ACCELERATOR_TARGETS = {
+    "paper MFU": (">= 40%", lambda x: x >= 40),
+    "K=64 summed / one": (">= 20x", lambda x: x >= 20),
+    "vmapped / loop": (">= 5x", lambda x: x >= 5),
+    "data / step": (">= 5x", lambda x: x >= 5),
+    "reproduce --profile quick": ("< 120 s", lambda x: x < 120),
+}
+
+
+def _accelerator_configs(tiny: bool):
+    """(paper, quick, paper-with-its-own-data) configs of the accelerator suite.
+
+    The paper row trains on synthetic tokens of the paper's vocabulary (what the tokens
+    are does not change the speed); the data row reads the paper profile's own data.
+    """
+    shrink = TINY_MODEL if tiny else {}
+    paper = load_config(f"{PAPER}:layers=2", {"train.batch_size": 16, **shrink,
+                                              "data.name": "synthetic"})
+    paper_data = load_config(f"{PAPER}:layers=2", {**shrink, **(
+        {"data.tokenizer": "bytes", "model.vocab_size": 257} if tiny else {})})
+    quick = load_config("small L2", shrink)
+    return paper, quick, paper_data
+
+
+def _snapshot_scorer(model, e):
+    """Loss by position, ICL score and prefix matching of one snapshot (scores.*)."""
+    from icl_jax import scores
+
+    def score(params, eval_BT1, probe_BT):
+        losses_BT, _, icl = scores.clean_run(model, params, eval_BT1, e.icl_early_index,
+                                             e.icl_late_index)
+        return {"loss_T": losses_BT.mean(0), "icl_score": icl,
+                "prefix_matching_LH": scores.prefix_matching(model, params, probe_BT,
+                                                             e.probe_tokens)}
+    return score
+
+
+def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
+    from icl_jax import scores
+    rows = []
+    paper, quick, paper_data = _accelerator_configs(tiny)
+
+    # (1) the paper's shape: tokens/s and MFU against a bf16 matmul timed alongside
+    m, t = paper.model, paper.train
+    paper_step = JaxTrainer(paper)
+    peak_fn, peak_flops = matmul_peak_fn(256 if tiny else None)
+    times = interleaved({"peak": peak_fn, "paper": paper_step}, repeats)
+    case = f"paper {_name(paper)} {m.dtype}"
+    tokens = t.batch_size * m.context
+    rows.append(_row(case, "matmul peak", peak_flops / times["peak"], "TFLOP/s",
+                     f"{'bfloat16' if jax.default_backend() != 'cpu' else 'float32'} "
+                     "square product, same repeats", 1e-12))
+    paper_tok_s = tokens / times["paper"]
+    rows.append(_row(case, "paper train", paper_tok_s, "tok/s",
+                     f"attention: {paper_step.model.kernel}"))
+    rows.append(_row(case, "paper MFU", train_flops(m, t.batch_size, m.context) / times["paper"]
+                     / (peak_flops / times["peak"]), "%", "full T x S FLOPs over the peak", 100))
+
+    # (2) ensembles of the quick model in one program against one member
+    sizes = (2, 4) if tiny else (4, 16, 64)
+    one = JaxTrainer(quick)
+    ensembles = {k: JaxTrainer(quick, ensemble=k) for k in sizes}
+    times = interleaved({"one": one, **{f"K={k}": e for k, e in ensembles.items()}}, repeats)
+    case, tokens = f"quick {_name(quick)}", quick.train.batch_size * quick.model.context
+    rows.append(_row(case, "one member train", tokens / times["one"], "tok/s"))
+    for k in sizes:
+        rows.append(_row(case, f"K={k} summed", k * tokens / times[f"K={k}"], "tok/s"))
+        rows.append(_row(case, f"K={k} summed / one", k * times["one"] / times[f"K={k}"], "x",
+                         f"{k} would be perfect scaling"))
+    quick_step_s = times["one"]
+
+    # (3) scoring stacked snapshots in one vmapped call against a Python loop over them
+    n = 4 if tiny else 64
+    model = make_model(quick.model)
+    inputs = scores.evaluation_inputs(quick, data_lib.make_source(quick))
+    args = (jnp.asarray(inputs["eval_BT1"]), jnp.asarray(inputs["probe_BT"]))
+    trees = [init_params(model, jax.random.key(i)) for i in range(n)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    score = _snapshot_scorer(model, quick.eval)
+    vmapped = jax.jit(jax.vmap(score, in_axes=(0, None, None)))
+    single = jax.jit(score)
+    times = interleaved({
+        "vmapped": lambda: jax.block_until_ready(vmapped(stacked, *args)),
+        "loop": lambda: [jax.block_until_ready(single(p, *args)) for p in trees]},
+        repeats, min_s=0)
+    case = f"quick x{n} snapshots"
+    rows.append(_row(case, "score vmapped", times["vmapped"], "s"))
+    rows.append(_row(case, "score loop", times["loop"], "s"))
+    rows.append(_row(case, "vmapped / loop", times["loop"] / times["vmapped"], "x",
+                     "loop time over vmapped time, per repeat"))
+
+    # (4) the data pipeline against the step, both profiles: tokens/s against tokens/s
+    for name, config, step_tok_s in (("quick", quick, tokens / quick_step_s),
+                                     ("paper", paper_data, paper_tok_s)):
+        with tempfile.TemporaryDirectory(prefix="icl_jax_bench_") as tmp:
+            source = data_lib.make_source(config, tmp)  # text: the tokenizer is built here
+        b, s = config.train.batch_size, config.model.context + 1
+        counter = [0]
+
+        def batch():
+            counter[0] += 1
+            source.batch(counter[0], b, s)
+
+        data_tok_s = b * config.model.context / interleaved({"data": batch}, repeats)["data"]
+        case = f"{name} {_name(config)} {config.data.name}"
+        rows.append(_row(case, "data", data_tok_s, "tok/s"))
+        rows.append(_row(case, "step", step_tok_s, "tok/s", "from the rows above"))
+        rows.append(_row(case, "data / step", data_tok_s / np.median(step_tok_s), "x",
+                         "how many times faster the pipeline makes tokens than the step uses them"))
+
+    # (5) the whole quick reproduction, in a fresh process
+    if with_reproduce:
+        import subprocess
+        with tempfile.TemporaryDirectory(prefix="icl_jax_reproduce_") as tmp:
+            cmd = [sys.executable, "-m", "icl_jax", "reproduce", "--profile", "quick",
+                   "--workdir", tmp, "--quiet"]
+            if tiny:
+                cmd += [f"--config.{k}={v}" for k, v in TINY_MODEL.items()] + [
+                    "--config.train.steps=4"]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            rows.append(_row("quick reproduction", "reproduce --profile quick",
+                             [time.perf_counter() - t0], "s", "wall time, one run"))
+    return rows
+
+
+def bench_accelerator(out_dir: str, repeats: int = 3, tiny: bool = False,
+                      with_reproduce: bool = False, out=None) -> dict:
+    """The accelerator suite: writes accelerator.json and accelerator.md to out_dir.
+
+    Rows with a target (ACCELERATOR_TARGETS, for an H100 or H200) say whether the median
+    meets it; on other devices the targets are shown but not judged.
+    """
+    out = out or sys.stdout
+    rows = _accelerator_rows(repeats, tiny, with_reproduce)
+    gpu = "H100" in str(jax.devices()[0]) or "H200" in str(jax.devices()[0])
+    for r in rows:
+        if r["metric"] in ACCELERATOR_TARGETS and r.get("median") is not None:
+            text, ok = ACCELERATOR_TARGETS[r["metric"]]
+            r["target"] = text
+            r["met"] = bool(ok(r["median"])) if gpu else None
+    meta = {"devices": [str(d) for d in jax.devices()], "platform": jax.devices()[0].platform,
+            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "repeats": repeats, "tiny": tiny, "suite": "accelerator",
+            "command": " ".join(["icl-jax"] + sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None}
+    result = {"meta": meta, "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "accelerator.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = [f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, median of "
+             f"{repeats} repeats{' (tiny)' if tiny else ''}", "",
+             "| case | metric | median | IQR | unit | target | met | note |",
+             "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
+        lines.append(f"| {r['case']} | {r['metric']} | {_fmt(r['median'])} | {_fmt(r['p25'])} - "
+                     f"{_fmt(r['p75'])} | {r['unit']} | {r.get('target', '')} | {met} | "
+                     f"{r['note']} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "accelerator.md"), "w") as f:
+        f.write(table)
+    print(table, file=out, flush=True)
+    return result
+
+
 # ----------------------------------------------------------------------------- driver
 
 def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str | None = None,
         torch_rows: bool = True, torch_threads: int | None = None, overrides=None,
-        out=None) -> dict:
+        out=None, out_dir: str = "bench_accelerator", tiny: bool = False,
+        with_reproduce: bool = False) -> dict:
     """Runs a suite, prints its table, writes JSON if asked; returns {"meta", "rows"}."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
+    if suite == "accelerator":  # its own configs and output (bench_accelerator)
+        return bench_accelerator(out_dir, repeats, tiny, with_reproduce, out)
     TORCH_THREADS[0] = torch_threads
     out = out or sys.stdout
     specs = list(configs or [])
@@ -677,7 +855,7 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
     except Exception:  # noqa: BLE001
         pass
     rows = []
-    parts = set(SUITES[1:]) if suite == "default" else {suite}
+    parts = set(SUITES[1:]) - {"accelerator"} if suite == "default" else {suite}
     def emit(new):
         rows.extend(new)
         for r in new:

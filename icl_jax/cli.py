@@ -92,7 +92,13 @@ def build_parser():
                        epilog="Config overrides (--config.train.batch_size=...) apply to every "
                        "config benchmarked.")
     p.add_argument("--suite", default="default",
-                   choices=("default", "train", "score", "ensemble", "checkpoint", "data"))
+                   choices=("default", "train", "score", "ensemble", "checkpoint", "data",
+                            "accelerator"))
+    p.add_argument("--out", default="bench_accelerator",
+                   help="accelerator suite: folder for accelerator.json and accelerator.md")
+    p.add_argument("--tiny", action="store_true", help="accelerator suite: every case shrunk")
+    p.add_argument("--reproduce", action="store_true",
+                   help="accelerator suite: also time `icl-jax reproduce --profile quick`")
     p.add_argument("--config", action="append", default=None,
                    help="config to benchmark (repeatable), e.g. configs/small.py:layers=2; "
                         "default: the quick profile, a d_model 256 model and the paper's shape")
@@ -178,7 +184,8 @@ def cmd_bench(args, overrides):
         return 2
     bench.run(args.suite, args.config, repeats=args.repeats, json_path=args.json,
               torch_rows=not args.no_torch, torch_threads=args.torch_threads,
-              overrides=overrides)
+              overrides=overrides, out_dir=args.out, tiny=args.tiny,
+              with_reproduce=args.reproduce)
     return 0
 
 

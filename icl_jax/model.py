@@ -1,7 +1,8 @@
 """The transformer of Olsson et al. (2022), in the notation of the paper.
 
-Shapes in names: B batch, T time (query), S time (key), D d_model, H heads,
-K d_head, V vocabulary, L layers, F d_mlp.
+Shape letters, one meaning each, in every name of this module and its callers:
+B batch, T position (of a query), S position (of a key), D d_model, H heads,
+K d_head, F d_mlp, V vocabulary, L layers.
 
 Every head's weights sit under their paper names in the parameter tree:
 params["block_1"]["attn"]["W_Q"] is [H, D, K] (TransformerLens layout), W_O is
@@ -17,6 +18,10 @@ interpretability measurements, of three optional interventions:
 It returns (logits [B, T, V], cache) where cache holds "attention"
 [B, L, H, T, S], "z" [B, L, T, H, K] and "resid_pre" [B, L, T, D] (the residual
 stream entering each block); under jit, what is not used is not computed.
+
+Precision (model.dtype): parameters, and so the optimizer state, are float32 always;
+with "bfloat16" the residual stream and the matrix products run in bfloat16, while
+attention scores, softmax, LayerNorm statistics, logits and the loss are float32.
 """
 from __future__ import annotations
 
@@ -67,8 +72,8 @@ def causal_attention(q_BHTK, k_BHSK, v_BHSK, block: int = QUERY_BLOCK):
     zs, patterns = [], []
     for t0 in range(0, T, block):
         t1 = min(t0 + block, T)
-        scores = jnp.einsum("bhtk,bhsk->bhts", q_BHTK[:, :, t0:t1], k_BHSK[:, :, :t1])
-        scores = scores.astype(jnp.float32)
+        scores = jnp.einsum("bhtk,bhsk->bhts", q_BHTK[:, :, t0:t1], k_BHSK[:, :, :t1],
+                            preferred_element_type=jnp.float32)  # softmax in float32
         causal = jnp.arange(t0, t1)[:, None] >= jnp.arange(t1)[None, :]
         scores = jnp.where(causal, scores, -jnp.inf)  # the diagonal keeps every row finite
         e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
@@ -80,15 +85,39 @@ def causal_attention(q_BHTK, k_BHSK, v_BHSK, block: int = QUERY_BLOCK):
     return cat(zs), cat(patterns)
 
 
-def attention_kernel(name: str = "auto") -> str:
-    """model.attention resolved: "auto" is our blocked causal_attention on CPU, where
-    XLA's own dot_product_attention materialises every T x S score (the d_model 768
-    model's forward and backward took 1.3x as long with it), and
-    jax.nn.dot_product_attention elsewhere (cuDNN's fused flash kernel on GPUs)."""
+def project(x_BTD, *weights):
+    """[x W + b for each (W [H, D, K], b [H, K]) given], each [B, T, H, K].
+
+    Written as one [B*T, D] x [D, n*H*K] matrix product for the n pairs (queries and
+    keys read the same input): XLA:CPU runs one wide 2-D product faster than an einsum
+    per head tensor (the d_model 256, context 512 training step was 11% slower with
+    a separate einsum "btd,hdk->bthk" for W_Q and W_K, and 13% with one for each of
+    W_Q, W_K and W_V; measured interleaved in one process against this form).
+    """
+    B, T, D = x_BTD.shape
+    H, _, K = weights[0][0].shape
+    n = len(weights)
+    W_DnHK = jnp.concatenate([W for W, _ in weights]).transpose(1, 0, 2).reshape(D, n * H * K)
+    b_nHK = jnp.concatenate([b for _, b in weights]).reshape(n * H * K)
+    y_BTnHK = (x_BTD.reshape(B * T, D) @ W_DnHK + b_nHK).reshape(B, T, n * H, K)
+    return [y_BTnHK[:, :, i * H:(i + 1) * H] for i in range(n)]
+
+
+def attention_kernel(name: str = "auto", platform: str | None = None) -> str:
+    """model.attention resolved for the platform the program is compiled for ("cpu",
+    "cuda", "rocm", "tpu"; None: jax's default backend, the one jit compiles for).
+
+    "auto" is our blocked causal_attention on CPU, where XLA's dot_product_attention
+    materialises every T x S score (the d_model 768 model's forward and backward took
+    1.3x as long with it), and jax.nn.dot_product_attention on accelerators. The choice
+    is made when the model is built, never while tracing, so that a program exported
+    on this CPU for a GPU or a TPU gets the accelerator's kernel.
+    """
     if name not in ATTENTION:
         raise ValueError(f"model.attention must be one of {ATTENTION}, got {name!r}")
     if name == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "dot_product_attention"
+        platform = platform or jax.default_backend()
+        return "blocked" if platform == "cpu" else "dot_product_attention"
     return name
 
 
@@ -101,7 +130,7 @@ class Attention(nn.Module):
     kernel: str = "blocked"  # or "dot_product_attention" (see attention_kernel)
 
     @nn.compact
-    def __call__(self, x_BTD, qk_in_BTD, mask_H, fill_THK, pattern_BHTS):
+    def __call__(self, x_BTD, qk_in_BTD, mask_H, fill_THK, frozen_BHTS):
         D, H, K = x_BTD.shape[-1], self.n_heads, self.d_head
         w_init = nn.initializers.normal(1.0 / math.sqrt(D))
         o_init = nn.initializers.normal(1.0 / math.sqrt(H * K))
@@ -113,42 +142,38 @@ class Attention(nn.Module):
         b_K = self.param("b_K", nn.initializers.zeros, (H, K))
         b_V = self.param("b_V", nn.initializers.zeros, (H, K))
         b_O = self.param("b_O", nn.initializers.zeros, (D,))
-        c = lambda a: a.astype(self.dtype)
+        c = lambda a: a.astype(self.dtype)  # matrix products in the compute dtype
 
-        # One [B*T, D] x [D, 2*H*K] product for queries and keys (they read the same
-        # input), one for values, then heads moved next to batch ([B, H, T, K]) so that
-        # every attention product is a plain batched matmul.
-        B, T = x_BTD.shape[:2]
-        W_QK_D2HK = jnp.concatenate([W_Q, W_K]).transpose(1, 0, 2).reshape(D, 2 * H * K)
-        b_QK = jnp.concatenate([b_Q, b_K]).reshape(-1)
-        qk_NF = c(qk_in_BTD).reshape(B * T, D) @ c(W_QK_D2HK) + c(b_QK)  # N = B*T, F = 2*H*K
-        qk_B2HTK = qk_NF.reshape(B, T, 2 * H, K).transpose(0, 2, 1, 3)
-        q_BHTK, k_BHSK = qk_B2HTK[:, :H], qk_B2HTK[:, H:]
-        W_V_DF = W_V.transpose(1, 0, 2).reshape(D, H * K)
-        v_NF = c(x_BTD).reshape(B * T, D) @ c(W_V_DF) + c(b_V).reshape(-1)
-        v_BHSK = v_NF.reshape(B, T, H, K).transpose(0, 2, 1, 3)
+        # qk_in is x, plus the positions for shortformer models (Block adds them)
+        # q = x W_Q + b_Q, k = x W_K + b_K, v = x W_V + b_V
+        q_BTHK, k_BTHK = project(c(qk_in_BTD), (c(W_Q), c(b_Q)), (c(W_K), c(b_K)))
+        (v_BTHK,) = project(c(x_BTD), (c(W_V), c(b_V)))
         if self.smear_keys:
             alpha_H = self.param("smear", nn.initializers.constant(self.smear_init), (H,))
-            k_BHSK = smear(k_BHSK.swapaxes(1, 2), alpha_H).swapaxes(1, 2)
+            k_BTHK = smear(k_BTHK, alpha_H)
 
-        z_BHTK, computed_BHTS = causal_attention(q_BHTK / math.sqrt(K), k_BHSK, v_BHSK)
-        if self.kernel == "dot_product_attention":
-            # z from the fused kernel; causal_attention above then only serves the pattern,
-            # which is computed only when a caller uses it (under jit, training doesn't)
-            z_BHTK = jax.nn.dot_product_attention(
-                q_BHTK.swapaxes(1, 2), k_BHSK.swapaxes(1, 2), v_BHSK.swapaxes(1, 2),
-                scale=1.0 / math.sqrt(K), is_causal=True).swapaxes(1, 2)
-        if pattern_BHTS is not None:
-            z_BHTK = jnp.einsum("bhts,bhsk->bhtk", c(pattern_BHTS), v_BHSK)
+        # pattern = softmax(causal mask(q k^T / sqrt(d_head))), z = pattern v; our kernel
+        # takes heads next to batch, so that each product is one batched matmul
+        heads_first = lambda a_BTHK: a_BTHK.swapaxes(1, 2)
+        z_BHTK, pattern_BHTS = causal_attention(heads_first(q_BTHK) / math.sqrt(K),
+                                                heads_first(k_BTHK), heads_first(v_BTHK))
         z_BTHK = z_BHTK.swapaxes(1, 2)
-        z_used = z_BTHK
+        if self.kernel == "dot_product_attention":
+            # z from jax's kernel; causal_attention above then only serves the pattern,
+            # which under jit is computed only when a caller uses it (training doesn't)
+            z_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK,
+                                                  scale=1.0 / math.sqrt(K), is_causal=True)
+        if frozen_BHTS is not None:  # pattern-preserving ablation: z from the given pattern
+            z_BTHK = jnp.einsum("bhts,bshk->bthk", c(frozen_BHTS), v_BTHK)
+
+        z_used_BTHK = z_BTHK
         if mask_H is not None:
             m_H1 = c(mask_H)[:, None]
             fill = 0.0 if fill_THK is None else c(fill_THK)
-            z_used = m_H1 * z_BTHK + (1 - m_H1) * fill
-        out_ND = z_used.reshape(B * T, H * K) @ c(W_O).reshape(H * K, D)
-        out_BTD = out_ND.reshape(B, T, D) + c(b_O)
-        return out_BTD, computed_BHTS, z_BTHK
+            z_used_BTHK = m_H1 * z_BTHK + (1 - m_H1) * fill
+        # out = sum over heads of z W_O
+        out_BTD = jnp.einsum("bthk,hkd->btd", z_used_BTHK, c(W_O)) + c(b_O)
+        return out_BTD, pattern_BHTS, z_BTHK
 
 
 class MLP(nn.Module):
@@ -167,6 +192,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     cfg: dict
+    kernel: str = "blocked"  # model.attention resolved (attention_kernel)
 
     @nn.compact
     def __call__(self, x_BTD, pos_TD, mask_H, fill_THK, pattern_BHTS):
@@ -179,7 +205,7 @@ class Block(nn.Module):
         qk_in = add_positions(h_BTD, pos_TD) if cfg["positions"] == "shortformer" else h_BTD
         attn_out, pattern, z = Attention(cfg["n_heads"], cfg["d_head"], cfg["smear_keys"],
                                          cfg["smear_init"], dtype,
-                                         attention_kernel(cfg.get("attention", "auto")),
+                                         self.kernel,
                                          name="attn")(
             h_BTD, qk_in, mask_H, fill_THK, pattern_BHTS)
         x_BTD = x_BTD + attn_out
@@ -189,8 +215,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only transformer; cfg is the `model` section of a config, as a dict."""
+    """Decoder-only transformer; cfg is the `model` section of a config, as a dict.
+
+    Build it with make_model, which resolves model.attention into `kernel`."""
     cfg: dict
+    kernel: str = "blocked"
 
     @nn.compact
     def __call__(self, tokens_BT, head_mask=None, head_fill=None, patterns=None,
@@ -213,7 +242,7 @@ class Transformer(nn.Module):
         patterns_out, zs, resids = [], [], []
         for layer in range(start_layer, cfg["n_layers"]):
             resids.append(x_BTD)
-            x_BTD, pattern, z = Block(cfg, name=f"block_{layer}")(
+            x_BTD, pattern, z = Block(cfg, self.kernel, name=f"block_{layer}")(
                 x_BTD, pos_TD,
                 None if head_mask is None else head_mask[layer],
                 None if head_fill is None else head_fill[layer],
@@ -224,16 +253,18 @@ class Transformer(nn.Module):
             x_BTD = nn.LayerNorm(name="ln_final", dtype=dtype)(x_BTD)
         W_U = self.param("W_U", nn.initializers.normal(1.0 / math.sqrt(D)), (D, V))
         b_U = self.param("b_U", nn.initializers.zeros, (V,))
-        logits_BTV = (jnp.einsum("btd,dv->btv", x_BTD, W_U.astype(dtype)) + b_U).astype(jnp.float32)
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, W_U.astype(dtype),
+                                preferred_element_type=jnp.float32) + b_U  # loss in float32
         cache = {"attention": jnp.stack(patterns_out, axis=1), "z": jnp.stack(zs, axis=1),
                  "resid_pre": jnp.stack(resids, axis=1)}
         return logits_BTV, cache
 
 
-def make_model(model_config) -> Transformer:
-    """Builds the module from a validated `model` config section."""
+def make_model(model_config, platform: str | None = None) -> Transformer:
+    """Builds the module from a validated `model` config section, for the platform its
+    programs are compiled for ("cpu", "cuda", "tpu"; None: jax's default backend)."""
     cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-    return Transformer(cfg)
+    return Transformer(cfg, attention_kernel(cfg.get("attention", "auto"), platform))
 
 
 def init_params(model: Transformer, rng):

@@ -96,7 +96,7 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False):
+def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False, platform=None):
     """jit(shard_map(per-device step)): state replicated, batch split over 'data'.
 
     A step whose loss or gradients are not finite is recorded in state["first_bad_step"];
@@ -136,7 +136,8 @@ def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False):
     fn, batch_spec = per_device_step, P("data")
     if ensemble:
         batch_spec = P(None, "data")
-        if mesh.devices.flat[0].platform == "cpu":
+        # platform: what the program is compiled for (an AbstractMesh has no devices)
+        if (platform or mesh.devices.flat[0].platform) == "cpu":
             # XLA's CPU code runs vmapped small matmuls as slow batched kernels (0.67x of
             # sequential for 8 members); a loop over members inside the program is not
             fn = lambda st, b: jax.lax.map(lambda x: per_device_step(*x), (st, b))  # noqa: E731

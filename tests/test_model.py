@@ -150,3 +150,19 @@ def test_an_unknown_attention_kernel_is_refused_by_name():
     from icl_jax.config import ConfigError
     with pytest.raises(ConfigError, match="model.attention"):
         tiny_config("layers=1", **{"model.attention": "flash"})
+
+
+@pytest.mark.parametrize("platform, kernel", [("cpu", "blocked"), ("cuda", "dot_product_attention"),
+                                              ("tpu", "dot_product_attention"),
+                                              (None, "blocked")])  # None: this CPU backend
+def test_auto_attention_follows_the_platform_the_model_is_built_for(platform, kernel):
+    cfg = tiny_config("layers=1")
+    model = make_model(cfg.model, platform=platform)
+    assert model.kernel == kernel
+    # the kernel is fixed at build time: tracing on this CPU does not change it. The
+    # einsum of jax.nn.dot_product_attention's logits names itself in the lowered
+    # module's locations; our blocked kernel's is "bhtk,bhsk->bhts".
+    params = init_params(model, jax.random.key(0))
+    text = jax.jit(lambda t: model.apply({"params": params}, t)[0]).lower(
+        jnp.zeros((1, 8), jnp.int32)).as_text(debug_info=True)
+    assert ("BTNH,BSNH->BNTS" in text) == (kernel == "dot_product_attention")

@@ -1,0 +1,199 @@
+"""Every program lowers for TPU and GPU from this CPU (jax.export), so that a pod or a GPU
+node never sees a program for the first time.
+
+Lowered for ("tpu",) and ("cuda",): the training step (one model, and an ensemble of
+members) data-parallel over an abstract 8-device mesh, the scores of stacked snapshots
+(vmapped), and the forward pass; in float32 and in bfloat16 mixed precision; for the quick
+profile's model (configs/small.py) and the paper profile's (configs/paper.py: d_model 768,
+12 heads, context 2048, vocabulary 8192; only the batch is smaller). Each module must hold no host callback and no float64, and on accelerators must
+use jax.nn.dot_product_attention.
+
+What cannot be lowered here: jax.nn.dot_product_attention(implementation="cudnn"), cuDNN's
+own fused kernel, asks the cuDNN library for its version while tracing and fails without
+it (test_cudnn_attention_cannot_be_lowered_without_cudnn); model.attention "auto" uses
+jax's default implementation, XLA's, which lowers anywhere.
+"""
+import logging
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from icl_jax import config as config_lib, scores, train
+from icl_jax.model import init_params, loss_by_position, make_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_DEVICES = 8  # the abstract mesh: more devices than this machine has
+MEMBERS = 2  # ensemble members
+SNAPSHOTS = 3  # stacked snapshots scored in one call
+PAPER_CONTEXT = 2048
+
+# jax.nn.dot_product_attention's own einsum, named in the lowered module's locations;
+# our blocked kernel's is "bhtk,bhsk->bhts"
+DOT_PRODUCT_ATTENTION = "BTNH,BSNH->BNTS"
+
+
+def _config(profile: str, dtype: str):
+    path = os.path.join(ROOT, "configs", f"{profile}.py")
+    config = config_lib.load(path + ":layers=2")
+    overrides = {"model.dtype": dtype, "train.batch_size": str(2 * N_DEVICES)}
+    if profile == "paper":
+        overrides.update({"model.context": str(PAPER_CONTEXT), "eval.n_examples": "8"})
+    else:
+        overrides["eval.n_examples"] = "16"
+    config_lib.override(config, overrides)
+    return config_lib.validate(config)
+
+
+def _abstract(tree, sharding):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        tree)
+
+
+def _check(exported, platform: str):
+    """The lowered module's text, after the checks every program must pass."""
+    text = exported.mlir_module()
+    callbacks = re.findall(r"custom_call @[\w$.]*callback[\w$.]*", text)
+    assert not callbacks, f"host callbacks in the {platform} module: {set(callbacks)}"
+    assert not re.search(r"\bf64\b|xf64>", text), f"float64 in the {platform} module"
+    assert exported.platforms == (platform,)
+    return text
+
+
+def _check_precision(text: str, dtype: str):
+    """bfloat16: matrix products in bfloat16, every exponential (softmax, logsumexp of the
+    loss) in float32; float32: no bfloat16 anywhere."""
+    if dtype == "float32":
+        assert "bf16" not in text
+        return
+    assert re.search(r"stablehlo\.dot_general .*bf16>", text), "no bfloat16 matrix product"
+    exps = re.findall(r"stablehlo\.exponential .*", text)
+    assert exps and not [e for e in exps if "bf16" in e], "an exponential in bfloat16"
+
+
+@pytest.fixture(scope="module", params=["small", "paper"])
+def profile(request):
+    return request.param
+
+
+PLATFORMS = ("tpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("ensemble", [False, True], ids=["one", "ensemble"])
+def test_training_step_lowers_data_parallel_over_8_devices(profile, platform, dtype, ensemble):
+    config = _config(profile, dtype)
+    t = config.train
+    mesh = AbstractMesh((N_DEVICES,), ("data",))
+    model = make_model(config.model, platform=platform)
+    tx = train.make_optimizer(t)
+    step = train.make_train_step(model, tx, mesh, t, ensemble=ensemble, platform=platform)
+    state = jax.eval_shape(lambda: train.init_state(model, tx, config.seed, t))
+    batch_shape = (t.batch_size, config.model.context + 1)
+    spec = P("data")
+    if ensemble:
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct((MEMBERS, *a.shape), a.dtype), state)
+        batch_shape, spec = (MEMBERS, *batch_shape), P(None, "data")
+    # parameters and optimizer state stay float32 whatever model.dtype says
+    floats = {a.dtype for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.floating)}
+    assert floats == {jnp.dtype("float32")}
+    exported = jax.export.export(step, platforms=(platform,))(
+        _abstract(state, NamedSharding(mesh, P())),
+        jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=NamedSharding(mesh, spec)))
+    assert exported.nr_devices == N_DEVICES
+    text = _check(exported, platform)
+    assert DOT_PRODUCT_ATTENTION in text
+    _check_precision(text, dtype)
+
+
+def _snapshot_scores(model, config):
+    """Loss by position, ICL score and prefix matching of one snapshot, from the scores.*
+    functions the analysis uses."""
+    e = config.eval
+
+    def score(params, eval_BT1, probe_BT):
+        losses_BT, _, icl = scores.clean_run(model, params, eval_BT1, e.icl_early_index,
+                                             e.icl_late_index)
+        return {"loss_T": losses_BT.mean(0), "icl_score": icl,
+                "prefix_matching_LH": scores.prefix_matching(model, params, probe_BT,
+                                                             e.probe_tokens)}
+
+    return score
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_scores_of_stacked_snapshots_and_forward_pass_lower(profile, platform, dtype):
+    config = _config(profile, dtype)
+    e, T = config.eval, config.model.context
+    model = make_model(config.model, platform=platform)
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((SNAPSHOTS, *a.shape), a.dtype),
+                           params)
+    eval_BT1 = jax.ShapeDtypeStruct((e.n_examples, T + 1), jnp.int32)
+    probe_BT = jax.ShapeDtypeStruct((e.probe_sequences, 1 + e.probe_tokens * e.probe_repeats),
+                                    jnp.int32)
+    score = jax.jit(jax.vmap(_snapshot_scores(model, config), in_axes=(0, None, None)))
+    text = _check(jax.export.export(score, platforms=(platform,))(stacked, eval_BT1, probe_BT),
+                  platform)
+    _check_precision(text, dtype)
+
+    forward = jax.jit(lambda p, tokens_BT: model.apply({"params": p}, tokens_BT)[0])
+    exported = jax.export.export(forward, platforms=(platform,))(
+        params, jax.ShapeDtypeStruct((4, T), jnp.int32))
+    assert exported.out_avals[0].dtype == jnp.float32  # logits in float32
+    text = _check(exported, platform)
+    assert DOT_PRODUCT_ATTENTION in text
+    _check_precision(text, dtype)
+
+
+def test_the_cpu_lowering_keeps_the_blocked_kernel(tiny):
+    # the other half of the kernel choice: built for this CPU, the step has no
+    # jax.nn.dot_product_attention (the check above is not vacuous)
+    config = tiny("layers=1")
+    model = make_model(config.model, platform="cpu")
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    text = jax.export.export(jax.jit(lambda p, x: model.apply({"params": p}, x)[0]),
+                             platforms=("cpu",))(params, jax.ShapeDtypeStruct((2, 32), jnp.int32))
+    assert DOT_PRODUCT_ATTENTION not in text.mlir_module()
+
+
+def test_cudnn_attention_cannot_be_lowered_without_cudnn():
+    # What this CPU cannot check: cuDNN's own kernel is looked up while tracing. When this
+    # starts to pass (jax lowering cuDNN attention without the library), add
+    # implementation="cudnn" to the lowerings above.
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+    fn = jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True,
+                                                        implementation="cudnn"))
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        jax.export.export(fn, platforms=("cuda",))(q)
+
+
+def test_the_training_step_compiles_once_for_a_whole_run(tiny, tmp_path, monkeypatch, caplog):
+    """On 4 devices, through evaluations, snapshots and a growing step counter, the step
+    is traced once and compiled once; so is every other program of the loop."""
+    assert jax.device_count() == 4  # conftest's fake CPU devices
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(1)  # runs once per trace of the step, never per call
+        return loss_by_position(*args, **kwargs)
+
+    monkeypatch.setattr(train, "loss_by_position", counted)
+    config = tiny("layers=2")  # 12 steps: evaluations every 4, snapshots at 0, 1, 2, 4, 8, 12
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+    # "Compiling <name> with global shapes and types ...": a message seen twice would be
+    # one program with the same inputs compiled again
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    names = [m.split(" ")[1] for m in compiled]
+    assert len(traces) == 1
+    assert names.count("jit(per_device_step)") == 1, names
+    assert names.count("jit(evaluate)") == 1, names
+    repeated = {m[:120] for m in compiled if compiled.count(m) > 1}
+    assert not repeated, f"compiled more than once: {repeated}"
