@@ -159,6 +159,8 @@ def trajectory_turn(points_N2, steps, phase_change: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- induction heads
+
 def induction_heads(prefix_matching_LH, copying_LH, prefix_threshold: float,
                     copying_threshold: float) -> list[list[int]]:
     """[[layer, head], ...] of the heads above both thresholds (one snapshot's scores)."""
