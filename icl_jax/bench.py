@@ -486,10 +486,9 @@ def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
         rows.append(_note(case, "TransformerLens hooks", f"skipped: {e}"))
         return None
     _set_torch_threads()
-    _, early, late, n_tokens, ablation = key
-    tokens = tuple(torch.from_numpy(np.array(x)).long() for x in inputs)  # a writable copy
-    return lambda: [tl_check.score_with_hooks(tl, *tokens, early, late, n_tokens, ablation)
-                    for tl in tls]
+    tokens = tuple(torch.from_numpy(np.array(inputs[k])).long()  # a writable copy
+                   for k in ("eval_BT1", "probe_BT", "pca_index_B"))
+    return lambda: [tl_check.score_with_hooks(tl, *tokens, *key) for tl in tls]
 
 
 def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
@@ -497,23 +496,18 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
     and against a loop scoring each with TransformerLens hooks (tl_check.py)."""
     from icl_jax import analysis, scores
     case, rows = f"{_name(config)} x{n_snapshots} snapshots", []
-    model, e, c = make_model(config.model), config.eval, config
+    model, e = make_model(config.model), config.eval
     trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
-    source = data_lib.make_source(c)
-    inputs = (source.eval_set(e.n_examples, c.model.context + 1),
-              scores.make_probe(source.token_frequencies(), e.probe_tokens, e.probe_repeats,
-                                e.probe_sequences, e.probe_exclude_frac, e.bos_token, c.seed),
-              scores.pca_token_indices(e.n_examples, c.model.context, c.seed))
-    inputs = tuple(jnp.asarray(x) for x in inputs)
-    key = (json.dumps(model.cfg, sort_keys=True), e.icl_early_index, e.icl_late_index,
-           e.probe_tokens, "pattern")
-    vmapped, mapped = analysis._scorer(*key, "vmap"), analysis._scorer(*key, "map")
-    single = analysis._scorer(*key, None)
+    inputs = scores.evaluation_inputs(config, data_lib.make_source(config))
+    inputs = {k: jnp.asarray(x) for k, x in inputs.items()}
+    key = (e.icl_early_index, e.icl_late_index, e.probe_tokens, "pattern")
+    vmapped, mapped = analysis.scorer(model, *key, "vmap"), analysis.scorer(model, *key, "map")
+    single = analysis.scorer(model, *key, None)
     fns = {
-        "vmapped": lambda: jax.block_until_ready(vmapped(stacked, *inputs)),
-        "mapped": lambda: jax.block_until_ready(mapped(stacked, *inputs)),
-        "loop": lambda: [jax.block_until_ready(single(p, *inputs)) for p in trees],
+        "vmapped": lambda: jax.block_until_ready(vmapped(stacked, inputs)),
+        "mapped": lambda: jax.block_until_ready(mapped(stacked, inputs)),
+        "loop": lambda: [jax.block_until_ready(single(p, inputs)) for p in trees],
     }
     tl = _tl_hooks_scorer(model, trees, inputs, key, rows, case)
     if tl is not None:

@@ -290,6 +290,37 @@ def per_token_losses(model, params, tokens_BT1, index_B):
     return jnp.take_along_axis(losses_BT, index_B[:, None], axis=1)[:, 0]
 
 
+# ----------------------------------------------------------------------------- one snapshot
+
+def snapshot_scores(model, params, inputs: dict, early: int, late: int, n_tokens: int,
+                    ablation: str = "pattern") -> dict:
+    """Every per-snapshot measurement of the analysis, from one clean run on the evaluation
+    set and one on the probe (inputs: what evaluation_inputs builds); pure, so it can be
+    jitted, vmapped or lax.mapped over stacked snapshots.
+
+    Each score equals its stand-alone function above on the same inputs. probe_attention
+    [L, H, T, S] is the attention on the first probe sequence, kept for the report's figure.
+    """
+    eval_BT1, probe_BT, index_B = inputs["eval_BT1"], inputs["probe_BT"], inputs["pca_index_B"]
+    losses_BT, cache, icl = clean_run(model, params, eval_BT1, early, late)
+    _, probe_cache = model.apply({"params": params}, probe_BT)
+    return {
+        "loss_by_position": losses_BT.mean(0),
+        "icl_score": icl,
+        "per_token_loss": jnp.take_along_axis(losses_BT, index_B[:, None], axis=1)[:, 0],
+        "prefix_matching": prefix_matching_from_attention(probe_cache["attention"], probe_BT,
+                                                          n_tokens),
+        "previous_token": previous_token_from_attention(cache["attention"]),
+        "copying": copying(model, params),
+        "copying_empirical": copying_empirical_from_cache(model, params, probe_cache, probe_BT,
+                                                          n_tokens),
+        "ablation_icl": head_ablation_icl(model, params, eval_BT1, early, late, ablation,
+                                          head_batch=1, clean=(cache, icl)),
+        "composition": composition(model, params),
+        "probe_attention": probe_cache["attention"][0],
+    }
+
+
 # ----------------------------------------------------------------------------- inputs
 
 def evaluation_inputs(config, source) -> dict:

@@ -373,8 +373,10 @@ def _run_ensemble(group, index, progress, say):
 
 def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
               members: list[str] | None = None, ensemble: bool = False, dry_run: bool = False,
-              overrides: dict | None = None, progress: bool = True) -> dict:
-    """Trains every (selected) member of the sweep `spec` in <workdir>/<name>.
+              overrides: dict | None = None, progress: bool = True,
+              in_process: bool = False) -> dict:
+    """Trains every (selected) member of the sweep `spec` in <workdir>/<name>; in_process:
+    one after another in this process, without a process (and a jax start) per member.
 
     Returns the index (what sweep.json holds); with dry_run, prints the commands and
     starts nothing.
@@ -403,6 +405,8 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
         if multihost:  # every member runs in this (distributed) process, one at a time
             groups += [[m] for m in singles]
             singles = []
+    if in_process:
+        groups, singles = groups + [[m] for m in singles], []
 
     if dry_run:
         for m in selected:

@@ -4,11 +4,10 @@ TransformerLens user would.
 score_with_hooks(model, ...) reads a HookedTransformer (export.hooked_transformer)
 through its hook points (run_with_cache, run_with_hooks) and its weights (model.OV,
 model.all_composition_scores), with torch ops and none of icl_jax.scores: a second,
-independent implementation of analysis._scorer's per-snapshot scores, which
-tests/test_tl_check.py holds ours against and icl-jax bench --suite score times ours
-against. The definitions are those of scores.py (after Olsson et al. 2022), written again
-from them. Attention-only models and models with MLPs, without LayerNorm or smeared keys.
-Needs torch and transformer_lens.
+independent implementation of scores.snapshot_scores, which
+tests/test_tl_check.py holds ours against and icl-jax bench --suite score times ours against.
+Definitions follow ../shared/paper-notes.md. Attention-only models and models with
+MLPs, without LayerNorm or smeared keys. Needs torch and transformer_lens.
 """
 from __future__ import annotations
 
@@ -62,7 +61,8 @@ def _wanted(name):
 @torch.no_grad()
 def score_with_hooks(model, eval_BT1, probe_BT, index_B, early: int, late: int, n_tokens: int,
                      ablation: str = "pattern") -> dict:
-    """analysis._scorer's scores of one snapshot {name: numpy array}, same keys and shapes.
+    """scores.snapshot_scores of one snapshot {name: numpy array}, same keys and shapes
+    (less probe_attention, kept for a figure).
 
     eval_BT1 [B, T+1] evaluation set, probe_BT the repeated-token probe, index_B each
     example's PCA index; early, late the ICL score's indices; n_tokens the probe's

@@ -29,3 +29,22 @@ def tiny_config(arg="layers=2", **overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def trained_2l(tmp_path_factory):
+    """(root, root/runs/2l): a 2-layer model trained 20 steps, 6 snapshots; shared by the
+    analysis and export tests (and the README's notebook example, which reads runs/2l)."""
+    from icl_jax import config as config_lib, train
+    root = tmp_path_factory.mktemp("trained")
+    config = config_lib.load(os.path.join(ROOT, "configs", "small.py") + ":layers=2")
+    config.train.steps = 20
+    config.model.d_model = 32
+    config.eval.n_examples = 16
+    config.checkpoint.every = 10
+    config.checkpoint.log_spaced = 3
+    config.train.eval_every = 10
+    config_lib.validate(config)
+    workdir = root / "runs" / "2l"
+    train.train_and_evaluate(config, str(workdir), progress=False)
+    return root, workdir

@@ -1,37 +1,53 @@
+"""icl-jax reproduce: the profiles' sweep files, the command line, and (slow) the whole path."""
 import json
+import os
 
-import numpy as np
 import pytest
 
-from icl_jax import config as config_lib, reproduce
+from icl_jax import cli, config as config_lib, reproduce, sweep
+from conftest import ROOT
 
+FAMILY = ["1l", "2l", "3l", "1l-smear", "2l-smear", "2l-mlp"]
 
 
 def test_every_profile_builds_the_paper_family():
     for profile in reproduce.PROFILES:
-        configs = reproduce.member_configs(profile)
-        assert set(configs) == set(reproduce.FAMILY)
+        configs = reproduce.member_configs(profile, seed=4)
+        assert list(configs) == FAMILY  # results.md lists them in this order
         assert configs["3l"].model.n_layers == 3 and configs["2l-mlp"].model.mlp
         assert configs["1l-smear"].model.smear_keys and not configs["1l"].model.smear_keys
+        assert {c.seed for c in configs.values()} == {4}
     assert reproduce.member_configs("paper")["2l"].model.d_model == 768
+    assert reproduce.member_configs("text")["2l"].data.name == "pystdlib"
     with pytest.raises(config_lib.ConfigError, match="profile"):
         reproduce.member_configs("huge")
     with pytest.raises(config_lib.ConfigError, match="train.steps"):
         reproduce.member_configs("quick", overrides={"train.steps": "0"})
 
 
-def _metrics(losses):
-    return [{"step": s, "eval_loss": l} for s, l in enumerate(losses)]
+def test_the_family_is_defined_once_in_paper_small():
+    family = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py:family"))
+    every = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py"))
+    assert list(family["members"]) == FAMILY
+    assert all(family["members"][n] == every["members"][n] for n in FAMILY)
+    quick = sweep.load_sweep(reproduce.sweep_file("quick"))
+    assert quick["members"] == family["members"]
+    assert os.path.samefile(quick["base"], os.path.join(ROOT, "configs", "small.py"))
 
 
-def test_loss_bump_is_a_faster_fall_inside_the_window():
-    window = {"detected": True, "start_step": 400, "end_step": 600}
-    steps = np.arange(1000)
-    straight = 3 - steps * 1e-3
-    bumped = straight - 0.5 * np.clip((steps - 400) / 200, 0, 1)
-    assert reproduce.loss_bump(_metrics(straight), window) == pytest.approx(1.0, abs=0.05)
-    assert reproduce.loss_bump(_metrics(bumped), window) > 1.5
-    assert reproduce.loss_bump(_metrics(bumped), {"detected": False}) is None
+def test_cli_passes_every_reproduce_option_through(monkeypatch, tmp_path, capsys):
+    calls = {}
+    monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.setdefault("run", (a, k)))
+    monkeypatch.setattr(reproduce, "update_readme",
+                        lambda *a: calls.setdefault("readme", a))
+    work = str(tmp_path / "r")
+    assert cli.main(["reproduce", "--profile", "text", "--seed", "3", "--workdir", work,
+                     "--update-readme", "--quiet", "--config.train.steps=50"]) == 0
+    args, kwargs = calls["run"]
+    assert args == ("text", work, 3, {"train.steps": "50"}) and kwargs == {"progress": False}
+    assert calls["readme"] == (work, os.path.join(ROOT, "README.md"),
+                               os.path.join(ROOT, "docs", "results"))
+    assert f"{work}/results.md" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -42,26 +58,29 @@ def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
                  "eval.icl_late_index": "20", "eval.probe_tokens": "7",
                  "eval.probe_sequences": "2", "data.segment_len_min": "3",
                  "data.segment_len_max": "8", "checkpoint.every": "2", "checkpoint.log_spaced": "0"}
-    out = reproduce.reproduce("quick", str(tmp_path / "r"), seed=1, overrides=overrides,
-                              progress=False)
+    work = tmp_path / "r"
+    out = reproduce.reproduce("quick", str(work), seed=1, overrides=overrides, progress=False)
     assert [c["claim"][:2] for c in out["claims"]] == ["1.", "2.", "3.", "4."]
     assert not any(c["holds"] for c in out["claims"][:1])  # six steps show no phase change
-    text = (tmp_path / "r" / "results.md").read_text()
+    text = (work / "results.md").read_text()
     assert "| 2l-smear |" in text and "Co-perturbation" in text
-    assert json.loads((tmp_path / "r" / "2l" / "config.json").read_text())["seed"] == 1
-    assert (tmp_path / "r" / "family.png").stat().st_size > 1000
-    assert "The paper" in (tmp_path / "r" / "report.html").read_text()
+    assert json.loads((work / "2l" / "config.json").read_text())["seed"] == 1
+    index = json.loads((work / "sweep.json").read_text())["members"]
+    assert list(index) == FAMILY and all(m["status"] == "done" and m["wall_s"] > 0
+                                         for m in index.values())
+    assert (work / "family.png").stat().st_size > 1000
+    page = (work / "report.html").read_text()
+    assert page.count("The paper") == 1 and "Co-perturbation" in page
+    assert page.count("data:image/png;base64") == 6 * 6 + 2  # each member's, PCA, family
+    # a second run trains nothing and reads the same numbers from the same snapshots
+    mtime = (work / "2l" / "metrics.jsonl").stat().st_mtime
+    again = reproduce.reproduce("quick", str(work), seed=1, overrides=overrides, progress=False)
+    assert (work / "2l" / "metrics.jsonl").stat().st_mtime == mtime
+    assert again["rows"] == out["rows"] and again["claims"] == out["claims"]
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Results\n\nold\n")
-    reproduce.update_readme(str(tmp_path / "r"), str(readme), str(tmp_path / "docs" / "results"))
-    reproduce.update_readme(str(tmp_path / "r"), str(readme), str(tmp_path / "docs" / "results"))
+    reproduce.update_readme(str(work), str(readme), str(tmp_path / "docs" / "results"))
+    reproduce.update_readme(str(work), str(readme), str(tmp_path / "docs" / "results"))
     text = readme.read_text()
     assert text.count(reproduce.README_START) == 1 and "| 3l |" in text
     assert (tmp_path / "docs" / "results" / "pca.png").exists()
-
-
-def test_cli_knows_the_reproduce_options():
-    from icl_jax.cli import build_parser
-    args = build_parser().parse_args(["reproduce", "--profile", "text", "--seed", "3",
-                                      "--update-readme"])
-    assert (args.profile, args.seed, args.update_readme) == ("text", 3, True)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_jax import analysis, scores
+from icl_jax import scores
 from icl_jax.model import init_params, make_model
 
 V, T, K, H = 32, 40, 40, 2
@@ -156,47 +156,35 @@ def test_pattern_preserving_ablation_is_the_direct_term():
                                    rtol=1e-4, atol=1e-4)
 
 
-def _sigmoid_curve(steps, center, width, hi=-0.3, lo=-2.0):
-    return hi + (lo - hi) / (1 + np.exp(-(steps - center) / width))
-
-
-def test_phase_change_rule_on_synthetic_curves():
-    steps = np.array(sorted({0, 1, 2, 4, 8, 16, 32, 64, 125} | set(range(250, 12001, 250))))
+def test_snapshot_scores_equal_the_stand_alone_functions():
+    """snapshot_scores shares one clean run and one probe run between the scores; each must
+    equal its own function, which runs the model itself."""
+    model, _ = _random(0, layer_norm=True, mlp=True)
     rng = np.random.default_rng(0)
-    noise = rng.normal(0, 0.02, len(steps))
-    pc = analysis.detect_phase_change(steps, _sigmoid_curve(steps, 7500, 150) + noise,
-                                      steps * 2048)
-    assert pc["detected"], pc
-    assert 6500 < pc["start_step"] < 7500 < pc["end_step"] < 8500
-    assert pc["start_tokens"] == pc["start_step"] * 2048
-    assert pc["icl_before"] > -0.6 and pc["icl_after"] < -1.7
-    # a hard step function too
-    step_fn = np.where(steps < 4000, -0.3, -1.5) + noise
-    pc = analysis.detect_phase_change(steps, step_fn)
-    assert pc["detected"] and 3000 < pc["start_step"] <= 4000 <= pc["end_step"] < 5000, pc
-    # smooth curves: linear, exponential decay in steps, flat with noise
-    for curve in (-0.3 - 1.5 * steps / steps[-1],
-                  -0.3 - 1.5 * (1 - np.exp(-steps / 2000)),
-                  -0.3 - 1.5 * (1 - np.exp(-steps / 200)),
-                  -0.5 + noise):
-        pc = analysis.detect_phase_change(steps, curve + noise)
-        assert not pc["detected"], pc
-
-
-def test_pca_and_turn():
-    rng = np.random.default_rng(0)
-    t = np.linspace(0, 1, 30)[:, None]
-    a, b = rng.normal(size=(2, 50))
-    bent = np.where(t < 0.5, t * a, 0.5 * a + (t - 0.5) * b) + rng.normal(0, 0.003, (30, 50))
-    straight = t * a + rng.normal(0, 0.003, (30, 50))
-    fit = analysis.fit_pca(np.concatenate([bent, straight]))
-    assert fit["explained"].sum() > 0.95
-    steps = np.arange(1, 31) * 100
-    window = {"detected": True, "start_step": 1500, "end_step": 2500}  # the bend starts it
-    turn_bent = analysis.trajectory_turn(fit["project"][:30], steps, window)
-    assert turn_bent["turn_deg"] > 45
-    assert analysis.trajectory_turn(fit["project"][30:], steps, window)["turn_deg"] < 15
-    assert analysis.trajectory_turn(fit["project"][:30], steps, {"detected": False})["turn_deg"] is None
+    eval_BT1 = rng.integers(0, 10, (4, 13)).astype(np.int32)
+    probe = np.concatenate([np.zeros((3, 1), np.int32),
+                            np.tile(rng.integers(1, 10, (3, 3)), 3).astype(np.int32)], 1)
+    inputs = {"eval_BT1": eval_BT1, "probe_BT": probe,
+              "pca_index_B": scores.pca_token_indices(4, 12, 0)}
+    for seed in range(2):
+        p = init_params(model, jax.random.key(seed))
+        got = jax.jit(lambda p: scores.snapshot_scores(model, p, inputs, 2, 9, 3, "mean"))(p)
+        want = {
+            "loss_by_position": scores.mean_loss_by_position(model, p, eval_BT1),
+            "icl_score": scores.icl_score(model, p, eval_BT1, 2, 9),
+            "per_token_loss": scores.per_token_losses(model, p, eval_BT1, inputs["pca_index_B"]),
+            "prefix_matching": scores.prefix_matching(model, p, probe, 3),
+            "previous_token": scores.previous_token(model, p, eval_BT1[:, :-1]),
+            "copying": scores.copying(model, p),
+            "copying_empirical": scores.copying_empirical(model, p, probe, 3),
+            "ablation_icl": scores.head_ablation_icl(model, p, eval_BT1, 2, 9, "mean"),
+            "composition": scores.composition(model, p),
+            "probe_attention": model.apply({"params": p}, probe[:1])[1]["attention"][0],
+        }
+        assert set(got) == set(want)
+        for name, w in want.items():
+            jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, err_msg=name),
+                         got[name], w)
 
 
 @pytest.mark.parametrize("kind", scores.ABLATIONS)

@@ -1,6 +1,4 @@
-"""Our jitted scorer against the same scores computed with TransformerLens hooks (tl_check.py)."""
-import json
-
+"""scores.snapshot_scores (as the analysis jits it) against the same scores computed with TransformerLens hooks (tl_check.py)."""
 import jax
 import numpy as np
 import pytest
@@ -30,12 +28,8 @@ def _snapshot(config, seed=0):
 
 
 def _inputs(c):
-    """(eval set, probe, PCA indices) as analysis builds them."""
-    e, source = c.eval, data_lib.make_source(c)
-    return (source.eval_set(e.n_examples, c.model.context + 1),
-            scores.make_probe(source.token_frequencies(), e.probe_tokens, e.probe_repeats,
-                              e.probe_sequences, e.probe_exclude_frac, e.bos_token, c.seed),
-            scores.pca_token_indices(e.n_examples, c.model.context, c.seed))
+    """The evaluation inputs as the analysis builds them."""
+    return scores.evaluation_inputs(c, data_lib.make_source(c))
 
 
 # context 80 with 10 repeats: eval set and probe span two of causal_attention's query blocks
@@ -53,9 +47,10 @@ def test_hooks_compute_our_scores(arg, overrides, ablation):
     c = tiny_config(arg, **overrides)
     model, params = _snapshot(c)
     inputs, e = _inputs(c), c.eval
-    ours = jax.device_get(analysis._scorer(json.dumps(model.cfg, sort_keys=True),
-                                           e.icl_early_index, e.icl_late_index, e.probe_tokens,
-                                           ablation, None)(params, *inputs))
+    ours = jax.device_get(analysis.scorer(model, e.icl_early_index, e.icl_late_index,
+                                          e.probe_tokens, ablation)(params, inputs))
+    del ours["probe_attention"]  # kept for a figure, not a score
+    inputs = (inputs["eval_BT1"], inputs["probe_BT"], inputs["pca_index_B"])
     tl = tl_check.hooked_transformer(params, model.cfg)
     theirs = tl_check.score_with_hooks(tl, *inputs, e.icl_early_index, e.icl_late_index,
                                    e.probe_tokens, ablation)

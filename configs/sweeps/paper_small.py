@@ -5,7 +5,9 @@ Attention-only transformers with 1-6 layers ("1l".."6l"), the same with MLPs
 attention-only 1l and 2l are their vanilla controls), all from configs/small.py.
 
 Usage: icl-jax sweep --config configs/sweeps/paper_small.py[:SUBSET[,steps=N]] --workdir runs/paper_small
-  SUBSET: attn | mlp | smear | all (default all)
+  SUBSET: attn | mlp | smear | all (default all) | family (the six models `icl-jax
+          reproduce` trains: 1l, 2l, 3l, 1l-smear, 2l-smear, 2l-mlp; the sweep files
+          quick.py, text.py and paper.py beside this one are that family on each profile)
   steps=N: train N steps instead of configs/small.py's 5,000 (on its lag2 synthetic data
            the 2L and 3L models' phase changes come at ~1,700-2,600 steps; the 2L model with
            MLPs had none within 4,000 steps in one try, so give the MLP family more).
@@ -20,6 +22,8 @@ FAMILIES = {
     "mlp": {f"{n}l-mlp": {"arg": f"layers={n},mlp=true"} for n in range(1, 7)},
     "smear": {f"{n}l-smear": {"arg": f"layers={n},smear=true"} for n in (1, 2)},
 }
+# the members the paper's four claims are checked on, in the order results.md lists them
+FAMILY = ("1l", "2l", "3l", "1l-smear", "2l-smear", "2l-mlp")
 
 
 def get_sweep(arg=None):
@@ -31,11 +35,15 @@ def get_sweep(arg=None):
         elif key.strip() == "steps" and value.strip().isdigit():
             overrides["train.steps"] = int(value)
         else:
-            raise ValueError(f"unknown argument {part!r}; valid: attn, mlp, smear, all, steps=N")
-    if subset not in (*FAMILIES, "all"):
-        raise ValueError(f"unknown subset {subset!r}; valid: attn, mlp, smear, all")
+            raise ValueError(f"unknown argument {part!r}; valid: attn, mlp, smear, all, "
+                             "family, steps=N")
+    if subset not in (*FAMILIES, "all", "family"):
+        raise ValueError(f"unknown subset {subset!r}; valid: attn, mlp, smear, all, family")
     members = {}
     for name, family in FAMILIES.items():
         if subset in (name, "all"):
             members.update(family)
+    if subset == "family":
+        every = {n: m for family in FAMILIES.values() for n, m in family.items()}
+        members = {n: every[n] for n in FAMILY}
     return {"base": "configs/small.py", "overrides": overrides, "members": members}
