@@ -117,7 +117,6 @@ class Store:
 
 # ----------------------------------------------------------------------------- Run
 
-read_metrics = workdir_lib.read_metrics  # reproduce.py reads metrics through here, for now
 
 
 class Run:

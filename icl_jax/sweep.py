@@ -155,7 +155,6 @@ def ensemble_key(config) -> str:
 
 # ----------------------------------------------------------------------------- state on disk
 
-run_finished = workdir_lib.is_finished  # reproduce.py asks through here, for now
 
 
 def finished(member: Member) -> bool:
