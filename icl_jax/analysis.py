@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from icl_jax import checkpoints, data as data_lib, scores
+from icl_jax import checkpoints, data as data_lib, scores, workdir as workdir_lib
 from icl_jax.model import make_model
 
 
@@ -316,7 +316,7 @@ def _record(name, run, s, ablation) -> dict:
     """What scores.json holds for one run."""
     e = run.config.eval
     return {
-        "name": name, "workdir": os.path.abspath(run.workdir),
+        "name": name, "workdir": workdir_lib.absolute(run.workdir),
         "icl_indices": {"early": e.icl_early_index, "late": e.icl_late_index},
         "ablation_kind": ablation,
         "thresholds": {"prefix_matching": e.induction_prefix_threshold,
@@ -369,22 +369,18 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     names = _run_names(workdirs)
     single = len(workdirs) == 1
     if out is None:
-        out = (os.path.join(workdirs[0], "analysis") if single else
-               os.path.join(os.path.commonpath([os.path.abspath(w) for w in workdirs]),
+        out = (str(workdir_lib.path(workdirs[0]) / "analysis") if single else
+               os.path.join(os.path.commonpath([workdir_lib.absolute(w) for w in workdirs]),
                             "analysis"))
     opened = {name: open_run(w) for name, w in zip(names, workdirs)}  # fail fast on all
     runs, last = {}, {}
     for name, run in opened.items():
         per, last[name] = score_run(run, chunk, ablation, progress)
         runs[name] = _jsonable(_record(name, run, per, ablation))
-        run_dir = out if single else os.path.join(out, name)
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "scores.json"), "w") as f:
-            json.dump(runs[name], f)
+        run_dir = workdir_lib.path(out) if single else workdir_lib.path(out) / name
+        workdir_lib.write_text(run_dir / "scores.json", json.dumps(runs[name]))
     pca = shared_pca(runs)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "pca.json"), "w") as f:
-        json.dump(_jsonable(pca), f)
+    workdir_lib.write_text(workdir_lib.path(out) / "pca.json", json.dumps(_jsonable(pca)))
     result = {"runs": runs, "pca": pca, "out": out, "last": last}
     if figures:
         from icl_jax import report  # matplotlib is imported only when figures are asked for

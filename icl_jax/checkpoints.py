@@ -32,7 +32,7 @@ class Store:
                  read_only: bool = False):
         self.workdir = workdir
         # orbax wants an absolute path (a bucket's already is)
-        self.directory = workdir_lib.snapshots_dir(workdir).absolute()
+        self.directory = workdir_lib.snapshots_dir(workdir_lib.absolute(workdir))
         # orbax logs read-only mode and every save at WARNING/INFO through absl: noise here
         logging.getLogger("absl").setLevel(logging.ERROR)
         options = ocp.CheckpointManagerOptions(

@@ -12,12 +12,12 @@ Arrays (L layers, H heads, D d_model, K d_head, V vocabulary, F d_mlp, T context
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 
 import numpy as np
 
-from icl_jax import checkpoints
+from icl_jax import checkpoints, workdir as workdir_lib
 
 
 def params_to_arrays(params, model_cfg: dict) -> dict[str, np.ndarray]:
@@ -57,8 +57,9 @@ def export(workdir: str, step: int | None = None, out: str = "model.npz") -> str
     arrays = params_to_arrays(run.params(step), run.model.cfg)
     config = run.config.to_dict()
     config["step"] = step
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez(out, config=np.asarray(json.dumps(config, sort_keys=True)), **arrays)
+    buf = io.BytesIO()  # then one write, so that `out` may be a bucket's URL
+    np.savez(buf, config=np.asarray(json.dumps(config, sort_keys=True)), **arrays)
+    workdir_lib.write_bytes(out, buf.getvalue())
     return out
 
 

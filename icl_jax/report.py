@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import os
 import sys
 
 import numpy as np
 
-from icl_jax import analysis
+from icl_jax import analysis, workdir as workdir_lib
 
 
 # ----------------------------------------------------------------------------- figures
@@ -199,8 +200,11 @@ def plot_family(result):
 # ----------------------------------------------------------------------------- the page
 
 def save_figure(fig, path):
-    fig.savefig(path, dpi=90)
+    """The figure as a PNG at `path` (a local path or a bucket's URL)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     pyplot().close(fig)
+    workdir_lib.write_bytes(path, buf.getvalue())
 
 
 def _inline(t):
@@ -248,8 +252,7 @@ def report_html(result, figs, preamble: str = "") -> str:
                        for r in rows) + "</table>")
     imgs = []
     for title, rel in figs:
-        with open(os.path.join(result["out"], rel), "rb") as f:
-            b64 = base64.b64encode(f.read()).decode()
+        b64 = base64.b64encode((workdir_lib.path(result["out"]) / rel).read_bytes()).decode()
         imgs.append(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(title)}'>"
                     f"<figcaption>{html.escape(title)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
@@ -273,14 +276,12 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True) 
     """
     out = result["out"]
     single = len(result["runs"]) == 1
-    os.makedirs(out, exist_ok=True)
     figs = []  # (title, path relative to out)
     for title, fname, fig in figures:
         save_figure(fig, os.path.join(out, fname))
         figs.append((title, fname))
     for name, run in result["runs"].items():
         run_dir = out if single else os.path.join(out, name)
-        os.makedirs(run_dir, exist_ok=True)
         last = result["last"][name]
         l, h = strongest_prefix_matching_head(run)
         makers = [("icl", lambda: plot_icl(run)), ("loss_heatmap", lambda: plot_loss_heatmap(run)),
@@ -298,8 +299,7 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True) 
         save_figure(plot_pca(result["pca"]), os.path.join(out, "pca.png"))
         figs.append(("per-token loss PCA", "pca.png"))
     path = os.path.join(out, "report.html")
-    with open(path, "w") as f:
-        f.write(report_html(result, figs, preamble))
+    workdir_lib.write_text(path, report_html(result, figs, preamble))
     if progress:
         print(f"wrote {path}", file=sys.stderr, flush=True)
     return path

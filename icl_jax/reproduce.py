@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from icl_jax import analysis, claims, report, sweep, train
+from icl_jax import analysis, claims, report, sweep, train, workdir as workdir_lib
 from icl_jax.config import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -92,10 +92,10 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     rows, found = claims.check_claims(result)
     text = claims.results_markdown(rows, found, profile, train_seconds,
                                    time.time() - t_analysis)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(workdir, "claims.json"), "w") as f:
-        json.dump({"rows": rows, "claims": found}, f, indent=1)
+    out = workdir_lib.path(workdir)
+    workdir_lib.write_text(out / "results.md", text)
+    workdir_lib.write_text(out / "claims.json", json.dumps({"rows": rows, "claims": found},
+                                                           indent=1))
     report.write_report(result, preamble=text, progress=progress, figures=[
         ("ICL score and prefix matching of every model", "family.png",
          report.plot_family(result))])

@@ -170,14 +170,9 @@ class Index:
 
     def __init__(self, workdir: str, spec: str, members: list[Member]):
         self.path = os.path.join(workdir, INDEX)
+        self.remote = workdir_lib.is_remote(workdir)
         self.enabled = _process_id() == 0
-        old = {}
-        if os.path.exists(self.path):
-            try:
-                with open(self.path) as f:
-                    old = json.load(f).get("members", {})
-            except (OSError, ValueError):
-                old = {}
+        old = self._read().get("members", {})
         self.data = {"sweep": spec, "workdir": workdir, "members": old}
         self.mine = [m.name for m in members]
         for m in members:
@@ -194,26 +189,35 @@ class Index:
         self.data["members"][name].update(fields)
         self.write()
 
+    def _read(self) -> dict:
+        try:
+            return json.loads(workdir_lib.path(self.path).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _merged(self) -> str:
+        on_disk = self._read()
+        merged = {**on_disk, **{k: v for k, v in self.data.items() if k != "members"}}
+        merged["members"] = {**on_disk.get("members", {}),
+                             **{n: self.data["members"][n] for n in self.mine}}
+        merged["updated"] = _now()
+        return json.dumps(merged, indent=1)
+
     def write(self):
-        """Merges this sweep's members into the file under a lock: several sweeps (a SLURM
-        array, one member each) may share one index."""
+        """Merges this sweep's members into the file, under a lock locally: several sweeps
+        (a SLURM array, one member each) may share one index. On object storage there is
+        no lock: one sweep process per index."""
         if not self.enabled:
+            return
+        if self.remote:
+            workdir_lib.write_text(self.path, self._merged())
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                with open(self.path) as f:
-                    on_disk = json.load(f)
-            except (OSError, ValueError):
-                on_disk = {}
-            merged = {**on_disk, **{k: v for k, v in self.data.items() if k != "members"}}
-            merged["members"] = {**on_disk.get("members", {}),
-                                 **{n: self.data["members"][n] for n in self.mine}}
-            merged["updated"] = _now()
             tmp = f"{self.path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
-                json.dump(merged, f, indent=1)
+                f.write(self._merged())
             os.replace(tmp, self.path)
             fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -79,6 +79,24 @@ def _write_atomic(p: epath.Path, text: str):
     tmp.replace(p)
 
 
+def absolute(workdir) -> str:
+    """The workdir as an absolute path or URL (a bucket's already is)."""
+    return os.fspath(path(workdir) if is_remote(workdir) else path(workdir).absolute())
+
+
+def write_text(p, text: str):
+    """Writes a whole output file (scores, figures' page, results), its folder made first."""
+    p = epath.Path(p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(p, text)
+
+
+def write_bytes(p, data: bytes):
+    p = epath.Path(p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+
+
 # ----------------------------------------------------------------------------- config.json
 
 def has_run(workdir) -> bool:

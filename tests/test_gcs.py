@@ -29,22 +29,41 @@ BUCKET = "test-bucket"
 
 
 def _honour_if_absent(insert):
-    """GCS refuses an upload with ifGenerationMatch=0 when the object exists (412)."""
+    """GCS refuses an upload whose ifGenerationMatch is not the object's generation (412;
+    0 means the object must not exist)."""
     from gcp_storage_emulator.exceptions import NotFound
 
     def wrapped(request, response, storage, *args, **kwargs):
-        if request.query.get("ifGenerationMatch") == ["0"] and "upload_id" not in request.query:
+        want = (request.query.get("ifGenerationMatch") or [None])[0]
+        if want is not None and "upload_id" not in request.query:
             name = (request.query.get("name") or [None])[0]
             if name is None and isinstance(request.data, dict):  # multipart or resumable
                 name = (request.data.get("meta") or request.data).get("name")
             try:
-                storage.get_file_obj(request.params["bucket_name"], name)
+                current = storage.get_file_obj(request.params["bucket_name"], name)["generation"]
             except NotFound:
-                pass
-            else:
+                current = "0"
+            if str(current) != str(want):  # tensorstore's OCDBT manifest relies on this too
                 response.status = HTTPStatus.PRECONDITION_FAILED
                 return None
         return insert(request, response, storage, *args, **kwargs)
+    return wrapped
+
+
+def _with_generation_header(download):
+    """GCS answers a media download with the object's generation in x-goog-generation;
+    tensorstore (OCDBT's manifest) reads it, the emulator leaves it out."""
+    from gcp_storage_emulator.exceptions import NotFound
+
+    def wrapped(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"],
+                                       request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        except NotFound:
+            pass
+        return download(request, response, storage, *args, **kwargs)
     return wrapped
 
 
@@ -53,13 +72,19 @@ def gcs():
     """A running emulator holding BUCKET; the environment points gcsfs and tensorstore at it."""
     from gcp_storage_emulator import server as srv
     from gcp_storage_emulator.handlers import objects
-    original = objects.insert
-    patched = _honour_if_absent(original)
-    objects.insert = patched
-    for _, handlers in srv.HANDLERS:
-        for method, h in list(handlers.items()):
-            if h is original:
-                handlers[method] = patched
+    originals = {"insert": objects.insert, "download": objects.download}
+    patches = {"insert": _honour_if_absent(objects.insert),
+               "download": _with_generation_header(objects.download)}
+
+    def swap(old, new):
+        for name in old:
+            setattr(objects, name, new[name])
+            for _, handlers in srv.HANDLERS:
+                for method, h in list(handlers.items()):
+                    if h is old[name]:
+                        handlers[method] = new[name]
+
+    swap(originals, patches)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -83,11 +108,7 @@ def gcs():
             else:
                 os.environ[k] = v
         gcsfs.GCSFileSystem.clear_instance_cache()
-        objects.insert = original
-        for _, handlers in srv.HANDLERS:
-            for method, h in list(handlers.items()):
-                if h is patched:
-                    handlers[method] = original
+        swap(patches, originals)
 
 
 _n = iter(range(1000))
@@ -249,6 +270,7 @@ def test_train_kill_resume_analyze_export_in_a_bucket(gcs, run_url, tmp_path):
     train = ["train", "--config", "configs/small.py:layers=2", "--workdir", run_url,
              "--config.model.d_model=16", "--config.model.context=32",
              "--config.model.vocab_size=32", "--config.eval.n_examples=8",
+             "--config.data.segment_len_min=3", "--config.data.segment_len_max=8",
              "--config.eval.icl_early_index=2", "--config.eval.icl_late_index=20",
              "--config.eval.probe_tokens=7", "--config.eval.probe_sequences=2",
              "--config.train.batch_size=8", "--config.train.log_every=2",
