@@ -328,6 +328,21 @@ def _remove_dead_builds(final):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _wait_for_live_build(final, poll=5.0):
+    """Another process of this host building the same corpus: wait for it, not build twice."""
+    host = socket.gethostname()
+    while not os.path.exists(os.path.join(final, "meta.json")):
+        live = []
+        for tmp in glob.glob(glob.escape(final) + ".*.tmp"):
+            owner, _, pid = tmp[len(final) + 1:-len(".tmp")].rpartition(".")
+            if owner == host and pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                live.append(pid)
+        if not live:
+            return
+        sys.stderr.write(f"waiting for process {live[0]} to finish building {final}\n")
+        time.sleep(poll)
+
+
 def _open_corpus(folder):
     with open(os.path.join(folder, "meta.json")) as fh:
         meta = json.load(fh)
@@ -349,6 +364,8 @@ def _cached_corpus(label, key, build):
     if not os.path.exists(os.path.join(final, "meta.json")):
         os.makedirs(cache_root(), exist_ok=True)
         _remove_dead_builds(final)
+        _wait_for_live_build(final)
+    if not os.path.exists(os.path.join(final, "meta.json")):
         tmp = _tmp_name(final)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
