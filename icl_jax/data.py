@@ -316,7 +316,11 @@ def _pid_alive(pid):
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a builder that died but was not yet reaped (a zombie) builds nothing
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _remove_dead_builds(final):
@@ -328,9 +332,9 @@ def _remove_dead_builds(final):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_for_live_build(final, poll=5.0):
+def _wait_for_live_build(final, poll=0.5):
     """Another process of this host building the same corpus: wait for it, not build twice."""
-    host = socket.gethostname()
+    host, told = socket.gethostname(), None
     while not os.path.exists(os.path.join(final, "meta.json")):
         live = []
         for tmp in glob.glob(glob.escape(final) + ".*.tmp"):
@@ -339,7 +343,9 @@ def _wait_for_live_build(final, poll=5.0):
                 live.append(pid)
         if not live:
             return
-        sys.stderr.write(f"waiting for process {live[0]} to finish building {final}\n")
+        if live[0] != told:
+            told = live[0]
+            sys.stderr.write(f"waiting for process {told} to finish building {final}\n")
         time.sleep(poll)
 
 

@@ -37,18 +37,18 @@ CAP = 25 * 60  # CPU seconds a trial may use, unless the trial says otherwise
 # single token a weaker key; Hoogland et al.'s shape (d 256, 8 heads, 5k BPE, ctx 1024,
 # lr 1e-3) needs ~1B tokens, far beyond this machine.
 TRIALS = [
-    dict(name="d128-c256-v2048-lr2e-3-ln", arg="d_model=128,heads=4,context=256,vocab=2048,"
-         "lr=2e-3,warmup=200,batch=32,ln=true"),
     dict(name="d64-c128-v2048-lr3e-3-ln", arg="d_model=64,heads=4,context=128,vocab=2048,"
          "lr=3e-3,warmup=200,batch=32,ln=true"),
-    dict(name="d128-c256-v2048-lr2e-3-noln", arg="d_model=128,heads=4,context=256,vocab=2048,"
-         "lr=2e-3,warmup=200,batch=32,ln=false"),
+    dict(name="d128-c256-v2048-lr2e-3-ln", arg="d_model=128,heads=4,context=256,vocab=2048,"
+         "lr=2e-3,warmup=200,batch=32,ln=true"),
+    dict(name="d64-c128-v2048-lr3e-3-noln", arg="d_model=64,heads=4,context=128,vocab=2048,"
+         "lr=3e-3,warmup=200,batch=32,ln=false"),
     dict(name="d64-c256-v1024-lr3e-3-ln", arg="d_model=64,heads=4,context=256,vocab=1024,"
          "lr=3e-3,warmup=200,batch=32,ln=true"),
-    dict(name="d128-c256-v4096-lr1e-3-ln", arg="d_model=128,heads=4,context=256,vocab=4096,"
-         "lr=1e-3,warmup=500,batch=32,ln=true"),
     dict(name="d128-c128-v2048-lr5e-3-ln-b64", arg="d_model=128,heads=4,context=128,vocab=2048,"
          "lr=5e-3,warmup=300,batch=64,ln=true"),
+    dict(name="d128-c256-v4096-lr1e-3-ln", arg="d_model=128,heads=4,context=256,vocab=4096,"
+         "lr=1e-3,warmup=500,batch=32,ln=true"),
     dict(name="d64-c128-v1024-lr1e-2-ln", arg="d_model=64,heads=4,context=128,vocab=1024,"
          "lr=1e-2,warmup=300,batch=32,ln=true"),
 ]
@@ -151,6 +151,7 @@ def train(trial, runs, stop):
 
 def summarize(trial, runs, ended, build_s):
     """The record of a trial: config, cost, prefix matching over training, copying, ICL, outcome."""
+    from icl_jax import checkpoints
     workdir = os.path.join(runs, trial["name"])
     config, state = trial_config(trial), _state(workdir)
     m, t = config.model, config.train
@@ -167,20 +168,21 @@ def summarize(trial, runs, ended, build_s):
             with open(os.path.join(workdir, "train.log")) as fh:
                 tail = fh.read()[-400:]
         return dict(rec, outcome=f"no evaluation ({ended})", log_tail=tail)
+    last = checkpoints.read_metrics(workdir)[-1]  # where training stopped, maybe past an eval
     steps = [r["step"] for r in evals]
     pm = [r["prefix_matching_last_layer_max"] for r in evals]
     best = max(range(len(pm)), key=pm.__getitem__)
     last_layer = evals[-1]["prefix_matching"][-1]
     head = max(range(len(last_layer)), key=last_layer.__getitem__)
     cross = next((s for s, v in zip(steps, pm) if v > PM_THRESHOLD), None)
-    rec.update(steps=steps[-1], tokens=evals[-1]["tokens"], s_per_step=round(
-        state["cpu_s"] / max(steps[-1], 1), 3), best_pm=round(pm[best], 3), best_pm_step=steps[best],
+    rec.update(steps=last["step"], tokens=last["tokens"], s_per_step=round(
+        state["cpu_s"] / max(last["step"], 1), 3), best_pm=round(pm[best], 3), best_pm_step=steps[best],
         pm_last=round(pm[-1], 3), pm_cross_step=cross, head=[m.n_layers - 1, head],
         pm_curve=[[s, round(v, 3)] for s, v in zip(steps, pm)],
         icl_first=round(evals[0]["icl_score"], 3), icl_last=round(evals[-1]["icl_score"], 3),
         eval_loss_last=round(evals[-1].get("eval_loss", float("nan")), 3))
     try:  # copying of the best last-layer head at the newest snapshot, from the weights
-        from icl_jax import checkpoints, scores
+        from icl_jax import scores
         run = checkpoints.Run(workdir)
         rec["copying"] = round(float(scores.copying(run.model, run.params())[-1, head]), 3)
         rec["copying_step"] = run.steps[-1]
@@ -260,7 +262,8 @@ def write_doc(records, path, budget_s):
         "",
         "```bash",
         "setsid nohup taskset -c 1 nice -n 19 env XLA_FLAGS=\"--xla_cpu_multi_thread_eigen=false "
-        "intra_op_parallelism_threads=1\" PYTHONPATH=$PWD .venv/bin/python launch/text_search.py "
+        "intra_op_parallelism_threads=1\" PYTHONPATH=$PWD /work/main/.venv/bin/python "
+        "launch/text_search.py "
         "> /work/runs-text/search.log 2>&1 &",
         "```",
         "",

@@ -313,6 +313,19 @@ def test_pycode_build_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(data.cache_root())) == sorted([built, os.path.basename(other_host)])
 
 
+def test_pycode_waits_for_a_live_builder_on_this_host(tmp_path, monkeypatch):
+    root = _pycode_root(tmp_path / "root")
+    _pycode(root)
+    (built,) = os.listdir(data.cache_root())
+    monkeypatch.setenv("ICL_JAX_CACHE", str(tmp_path / "cache2"))
+    builder = subprocess.Popen(["sleep", "1.5"])  # stands in for a process still building
+    os.makedirs(os.path.join(data.cache_root(), f"{built}.{socket.gethostname()}.{builder.pid}.tmp"))
+    t = time.perf_counter()
+    _pycode(root)
+    assert time.perf_counter() - t >= 1.0  # waited for it to end before building itself
+    builder.wait()
+
+
 def test_pycode_mistakes(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no python here")
