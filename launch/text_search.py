@@ -212,7 +212,24 @@ def _fmt(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
 
-def write_doc(records, path, budget_s):
+def _in_progress(runs, records):
+    """Lines for trials started but not yet recorded: how far each has got."""
+    lines, done = [], {r["trial"] for r in records}
+    for t in TRIALS:
+        workdir = os.path.join(runs, t["name"])
+        if t["name"] in done or not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            continue
+        evals = _evals(workdir)
+        if evals:
+            best = max(evals, key=lambda r: r["prefix_matching_last_layer_max"])
+            lines.append(f"- {t['name']}: step {evals[-1]['step']}, "
+                         f"{_state(workdir)['cpu_s'] / 60:.0f} CPU min, best PM "
+                         f"{best['prefix_matching_last_layer_max']:.3f} (step {best['step']}), "
+                         f"ICL {evals[-1]['icl_score']:.2f}")
+    return ["", "In progress (not yet recorded):", "", *lines] if lines else []
+
+
+def write_doc(records, path, budget_s, runs=None):
     spent = sum(r.get("cpu_s", 0) for r in records)
     lines = [
         "# Natural text on this CPU: the search",
@@ -249,6 +266,7 @@ def write_doc(records, path, budget_s):
             f"| {_fmt(r.get('best_pm'), '{:.3f}')} ({r.get('best_pm_step', '-')}) "
             f"| {r.get('pm_cross_step') or '-'} | {_fmt(r.get('copying'), '{:+.2f}')} "
             f"| {_fmt(r.get('icl_first'))} -> {_fmt(r.get('icl_last'))} | {pcs} | {r['outcome']} |")
+    lines += _in_progress(runs, records) if runs else []
     lines += [
         "",
         "PM: the largest prefix-matching score of a last-layer head on the repeated-token probe "
@@ -289,7 +307,7 @@ def main(argv=None):
     ROOTS, CAP = args.roots, args.cap_minutes * 60
     log_path = os.path.join(args.runs, "trials.jsonl")
     if args.doc_only:
-        write_doc(read_jsonl(log_path), args.doc, args.budget_hours * 3600)
+        write_doc(read_jsonl(log_path), args.doc, args.budget_hours * 3600, args.runs)
         return
     os.makedirs(args.runs, exist_ok=True)
     stop = dict(now=False)
@@ -332,7 +350,7 @@ def main(argv=None):
         log(f"{trial['name']}: {rec['outcome']}; best PM {rec.get('best_pm')} at "
             f"{rec.get('best_pm_step')}, copying {rec.get('copying')}, ICL {rec.get('icl_first')}"
             f" -> {rec.get('icl_last')}")
-        write_doc(read_jsonl(log_path), args.doc, args.budget_hours * 3600)
+        write_doc(read_jsonl(log_path), args.doc, args.budget_hours * 3600, args.runs)
     log("search done")
 
 
