@@ -51,7 +51,7 @@ def get_config(arg=None):
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        name="synthetic",  # synthetic | pystdlib | files
+        name="synthetic",  # synthetic | pystdlib | pycode | files
         # synthetic: a background process with segments pasted again later
         # lag2: token t follows from token t-2 (4 successors each), which pays a head that
         # attends to the previous token: induction forms in ~2,000 steps instead of ~8,000
@@ -68,12 +68,13 @@ def get_config(arg=None):
         # (the 2L model's phase change then comes at ~3,500-4,800 steps instead of ~2,500; the
         # quick profile moves to it once its seeds are checked: see docs/claims-notes.md)
         placement="after",
-        # text (pystdlib, files)
+        # text (pystdlib, pycode, files)
         path="",  # files: a text file, a glob, a .npy or a .bin of tokens
         bin_dtype="uint16",  # for raw .bin token files
         tokenizer="bytes",  # bytes | bpe
         bpe_vocab_size=512,
         holdout_fraction=0.1,
+        roots="",  # pycode: comma-separated folders of .py files; empty: the interpreter's sys.path
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -87,7 +87,7 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
 
 # Fields added after runs were saved without them, with the value that reproduces those
 # runs, so that a saved config still resumes and compares equal.
-ADDED_FIELDS = {("model", "attention"): "auto",
+ADDED_FIELDS = {("model", "attention"): "auto", ("data", "roots"): "",
                 # runs saved before data.placement existed pasted every copy after its source
                 ("data", "placement"): "after"}
 
@@ -152,7 +152,7 @@ SCHEMA = {
              "segments_max": int, "segment_len_min": int, "segment_len_max": int,
              "fresh_fraction": float, "placement": str,
              "path": str, "bin_dtype": str, "tokenizer": str, "bpe_vocab_size": int,
-             "holdout_fraction": float},
+             "holdout_fraction": float, "roots": str},
     "train": {"steps": int, "batch_size": int, "lr": float, "schedule": str,
               "warmup_steps": int, "weight_decay": float, "weight_decay_drop_step": int,
               "weight_decay_after": float, "grad_clip": float, "b1": float, "b2": float,
@@ -217,13 +217,13 @@ def validate(config) -> ml_collections.ConfigDict:
               "when model.d_head is 0")
         m.d_head = m.d_model // m.n_heads
 
-    _need(d.name in ("synthetic", "pystdlib", "files"), "data.name",
-          f"must be synthetic, pystdlib or files, got {d.name!r}")
+    _need(d.name in ("synthetic", "pystdlib", "pycode", "files"), "data.name",
+          f"must be synthetic, pystdlib, pycode or files, got {d.name!r}")
     _need(d.name != "files" or d.path, "data.path", "must name a file, directory or glob "
           "when data.name is 'files'")
     _need(d.tokenizer in ("bytes", "bpe"), "data.tokenizer",
           f"must be 'bytes' or 'bpe', got {d.tokenizer!r}")
-    if d.name == "pystdlib" or (d.name == "files" and d.tokenizer == "bytes"
+    if d.name in ("pystdlib", "pycode") or (d.name == "files" and d.tokenizer == "bytes"
                                  and not d.path.endswith((".npy", ".bin"))):
         if d.tokenizer == "bytes":
             _need(m.vocab_size >= 256, "model.vocab_size",

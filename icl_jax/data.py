@@ -1,4 +1,4 @@
-"""Token streams for training and evaluation: synthetic induction data, the stdlib, user files.
+"""Token streams for training and evaluation: synthetic induction data, Python source, user files.
 
 Every training batch is a pure function of (seed, step), so a restarted or multi-host run sees
 exactly the data an uninterrupted single-host run would, and each host cuts its rows out of the
@@ -10,8 +10,11 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import socket
+import sys
 import sysconfig
+import time
 
 import numpy as np
 
@@ -19,7 +22,7 @@ import numpy as np
 EVAL_KEY, TABLE_KEY, FREQ_KEY = 2**32 - 1, 2**32 - 2, 2**32 - 3
 BIN_DTYPES = ("uint16", "uint32")
 TOKENIZERS = ("bytes", "bpe")
-NAMES = ("synthetic", "pystdlib", "files")
+NAMES = ("synthetic", "pystdlib", "pycode", "files")
 # markov: token t depends on token t-1; lag2: on token t-2, which pays a head that
 # attends to the previous token from the next position (the first half of induction)
 BACKGROUNDS = ("uniform", "markov", "lag2")
@@ -29,7 +32,7 @@ ATTEMPTS = 8  # placements tried per segment before a row goes without it
 _DEFAULTS = dict(name="synthetic", background="uniform", markov_branching=4, segments_min=1,
                  segments_max=3, segment_len_min=6, segment_len_max=19, path="", bin_dtype="uint16",
                  tokenizer="bytes", bpe_vocab_size=512, holdout_fraction=0.1, fresh_fraction=0.5,
-                 placement="after")
+                 placement="after", roots="")
 
 
 class DataError(ValueError):
@@ -254,6 +257,11 @@ class TokenSource(Source):
         return counts[:self.vocab_size].astype(np.float64)
 
 
+def _looks_like_text(data):
+    bad = len(data) - len(data.decode("utf-8", "ignore").encode("utf-8"))
+    return b"\0" not in data and bad <= 0.3 * len(data)
+
+
 def _check_text(path, data):
     _need(b"\0" not in data, f"{path} does not look like text (it contains NUL bytes); "
           "pass token files as .npy or .bin")
@@ -262,42 +270,185 @@ def _check_text(path, data):
           "of its bytes are not UTF-8); pass token files as .npy or .bin")
 
 
-def _split_files(names, docs, fraction):
+def _split_by_name(names, fraction):
     """Hold out the files with the smallest path hashes: independent of order, >= 1 per side."""
-    n_eval = min(len(docs) - 1, max(1, round(fraction * len(docs))))
+    n_eval = min(len(names) - 1, max(1, round(fraction * len(names))))
     order = sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).hexdigest())
     held = set(order[:n_eval])
-    return ([d for i, d in enumerate(docs) if i not in held],
-            [d for i, d in enumerate(docs) if i in held])
+    return ([n for i, n in enumerate(names) if i not in held],
+            [n for i, n in enumerate(names) if i in held])
 
 
-def _bpe(docs, vocab_size, path):
-    import tokenizers  # imported here so synthetic-only runs do not need it
-    if path and os.path.exists(path):
-        return tokenizers.Tokenizer.from_file(path)
-    tok = tokenizers.ByteLevelBPETokenizer()
-    tok.train_from_iterator((d.decode("utf-8", "replace") for d in docs), vocab_size=vocab_size,
-                            min_frequency=2, special_tokens=[END_OF_TEXT], show_progress=False)
-    if path:  # every host of a pod may train and save it at once: never a half-written file
-        tmp = _tmp_name(path)
-        tok.save(tmp)
-        os.replace(tmp, path)
-    return tok
+# ------------------------------------------------------------------ text: the token cache
+#
+# Text is tokenized once into a cache directory shared by every run on the machine, keyed by
+# what defines the tokens (corpus, tokenizer, vocabulary size, split), not into each run's
+# workdir: a search trains many models on one corpus, and building it (reading ~20,000 files,
+# learning BPE merges, encoding ~100M tokens) costs minutes, while opening the cache is a
+# memory map. The directory appears by one rename, so a crash or a concurrent builder never
+# leaves half a corpus under the final name.
+
+CACHE_FORMAT = 1  # bump when the layout or the encoding changes: old caches are then ignored
+BPE_SAMPLE_BYTES = 64 << 20  # BPE merges are learned from at most this much training text
+ENCODE_BATCH = 256  # documents per tokenizer call
 
 
-def _encode(train_docs, eval_docs, f, tokenizer_path):
-    """Documents (bytes) -> (train ids, eval ids, vocab size); documents joined by a separator."""
-    if f["tokenizer"] == "bytes":  # NUL separates: text files never contain it (_check_text)
-        return (np.frombuffer(b"\0".join(train_docs), np.uint8),
-                np.frombuffer(b"\0".join(eval_docs), np.uint8), 256)
-    tok = _bpe(train_docs, f["bpe_vocab_size"], tokenizer_path)
-    sep = tok.token_to_id(END_OF_TEXT)
+def cache_root():
+    """$ICL_JAX_CACHE, else $XDG_CACHE_HOME/icl_jax, else ~/.cache/icl_jax."""
+    return os.environ.get("ICL_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "icl_jax")
 
-    def join(docs):
-        encoded = tok.encode_batch([d.decode("utf-8", "replace") for d in docs])
-        parts = [p for e in encoded for p in (np.asarray(e.ids, np.int64), [sep])][:-1]
-        return np.concatenate(parts).astype(np.int64)
-    return join(train_docs), join(eval_docs), tok.get_vocab_size()
+
+class _Progress:
+    """'label: 1,234/20,000 files, 12.3M tokens' on stderr, redrawn at most twice a second."""
+
+    def __init__(self, label, total, unit="tokens"):
+        self.label, self.total, self.unit, self.last = label, total, unit, 0.0
+
+    def __call__(self, files, amount, final=False):
+        now = time.monotonic()
+        if final or now - self.last >= 0.5:
+            self.last = now
+            sys.stderr.write(f"\r{self.label}: {files:,}/{self.total:,} files, "
+                             f"{amount / 1e6:.1f}M {self.unit}" + ("\n" if final else ""))
+            sys.stderr.flush()
+
+
+def _token_dtype(vocab):
+    return np.uint8 if vocab <= 2**8 else np.uint16 if vocab <= 2**16 else np.uint32
+
+
+def _bpe_sample(docs, read):
+    """Every k-th training document, k chosen so the sample is about BPE_SAMPLE_BYTES."""
+    sizes = [len(d) if isinstance(d, bytes) else os.path.getsize(d) for d in docs]
+    stride = max(1, -(-sum(sizes) // BPE_SAMPLE_BYTES))
+    return (read(d).decode("utf-8", "replace") for d in docs[::stride])
+
+
+def _build_tokens(out, train_docs, eval_docs, f, label, read):
+    """Tokenizes the documents (paths or bytes) into out/{train,eval}.bin; returns the meta.
+
+    Documents are joined by one separator (NUL for bytes, END_OF_TEXT for BPE), none after the
+    last, and written batch by batch, so memory stays flat however large the corpus."""
+    tok = None
+    if f["tokenizer"] == "bpe":
+        import tokenizers  # imported here so synthetic-only runs do not need it
+        sys.stderr.write(f"{label}: learning {f['bpe_vocab_size']} BPE tokens\n")
+        tok = tokenizers.ByteLevelBPETokenizer()
+        tok.train_from_iterator(_bpe_sample(train_docs, read), vocab_size=f["bpe_vocab_size"],
+                                min_frequency=2, special_tokens=[END_OF_TEXT], show_progress=False)
+        tok.save(os.path.join(out, "tokenizer.json"))
+        vocab, sep = tok.get_vocab_size(), tok.token_to_id(END_OF_TEXT)
+    else:  # NUL separates: text never contains it (_check_text, _looks_like_text)
+        vocab, sep = 256, 0
+    dtype, separator = _token_dtype(vocab), np.array([sep])
+    progress = _Progress(f"{label}: tokenizing", len(train_docs) + len(eval_docs))
+    meta, done, total = dict(vocab_size=int(vocab), dtype=np.dtype(dtype).name), 0, 0
+    for split, docs in (("train", train_docs), ("eval", eval_docs)):
+        n_tokens, n_bytes = 0, 0
+        with open(os.path.join(out, f"{split}.bin"), "wb") as fh:
+            for i in range(0, len(docs), ENCODE_BATCH):
+                texts = [read(d) for d in docs[i:i + ENCODE_BATCH]]
+                n_bytes += sum(map(len, texts))
+                if tok is None:
+                    ids = [np.frombuffer(t, np.uint8) for t in texts]
+                else:
+                    ids = [np.asarray(e.ids) for e in
+                           tok.encode_batch([t.decode("utf-8", "replace") for t in texts])]
+                parts = []
+                for a in ids:
+                    if n_tokens or parts:
+                        parts.append(separator)
+                    parts.append(a)
+                arr = np.concatenate(parts).astype(dtype)
+                arr.tofile(fh)
+                n_tokens, done, total = n_tokens + len(arr), done + len(texts), total + len(arr)
+                progress(done, total)
+        meta[split] = dict(files=len(docs), bytes=n_bytes, tokens=n_tokens)
+    progress(done, total, final=True)
+    return meta
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a builder that died but was not yet reaped (a zombie) builds nothing
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _remove_dead_builds(final):
+    """Deletes this host's leftover build folders of `final` whose builder has died."""
+    host = socket.gethostname()
+    for tmp in glob.glob(glob.escape(final) + ".*.tmp"):
+        owner, _, pid = tmp[len(final) + 1:-len(".tmp")].rpartition(".")
+        if owner == host and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_live_build(final, poll=0.5):
+    """Another process of this host building the same corpus: wait for it, not build twice."""
+    host, told = socket.gethostname(), None
+    while not os.path.exists(os.path.join(final, "meta.json")):
+        live = []
+        for tmp in glob.glob(glob.escape(final) + ".*.tmp"):
+            owner, _, pid = tmp[len(final) + 1:-len(".tmp")].rpartition(".")
+            if owner == host and pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                live.append(pid)
+        if not live:
+            return
+        if live[0] != told:
+            told = live[0]
+            sys.stderr.write(f"waiting for process {told} to finish building {final}\n")
+        time.sleep(poll)
+
+
+def _open_corpus(folder):
+    with open(os.path.join(folder, "meta.json")) as fh:
+        meta = json.load(fh)
+
+    def load(split):
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.getsize(path):  # np.memmap refuses empty files
+            return np.zeros(0, meta["dtype"])
+        return np.memmap(path, dtype=meta["dtype"], mode="r")
+    return load("train"), load("eval"), meta
+
+
+def _cached_corpus(label, key, build):
+    """(train memmap, eval memmap, meta) of the corpus `key` names; build(folder) -> meta fills
+    a fresh folder the first time, and a rename publishes it whole."""
+    key = [CACHE_FORMAT, BPE_SAMPLE_BYTES, *key]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    final = os.path.join(cache_root(), f"{label}-{digest}")
+    if not os.path.exists(os.path.join(final, "meta.json")):
+        os.makedirs(cache_root(), exist_ok=True)
+        _remove_dead_builds(final)
+        _wait_for_live_build(final)
+    if not os.path.exists(os.path.join(final, "meta.json")):
+        tmp = _tmp_name(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            meta = dict(build(tmp), key=key)
+            with open(os.path.join(tmp, "meta.json"), "w") as fh:
+                json.dump(meta, fh, indent=1)
+            if os.path.isdir(final) and not os.path.exists(os.path.join(final, "meta.json")):
+                shutil.rmtree(final, ignore_errors=True)  # not ours to keep: no build leaves one
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another builder published first; its tokens are the same
+                if not os.path.exists(os.path.join(final, "meta.json")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _open_corpus(final)
 
 
 def _tmp_name(path):
@@ -305,42 +456,30 @@ def _tmp_name(path):
     return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 
-def _write_atomic(path, save):
-    tmp = _tmp_name(path)  # hosts sharing a workdir must never read half a file
-    with open(tmp, "wb") as fh:
-        save(fh)
-    os.replace(tmp, path)
+def _read_path(path):
+    return pathlib.Path(path).read_bytes()
 
 
-def _cached_tokens(workdir, key, build):
-    """build(tokenizer_path) -> (train, eval, vocab), memoised in workdir under a config key."""
-    if workdir is None:
-        return build(None)
-    meta = os.path.join(workdir, "tokens_meta.json")
-    paths = [os.path.join(workdir, n) for n in ("tokens_train.npy", "tokens_eval.npy")]
-    try:
-        with open(meta) as fh:
-            stored = json.load(fh)
-    except (OSError, ValueError):
-        stored = None
-    if stored is not None and stored.get("key") == key and all(map(os.path.exists, paths)):
-        return (*(np.load(p, mmap_mode="r") for p in paths), stored["vocab_size"])
-    os.makedirs(workdir, exist_ok=True)
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if stored is not None and stored.get("key") != key and os.path.exists(tok_path):
-        os.remove(tok_path)  # trained for another corpus or size
-    train, ev, vocab = build(tok_path)
-    dtype = np.uint8 if vocab <= 2**8 else np.uint16 if vocab <= 2**16 else np.uint32
-    for path, arr in zip(paths, (train, ev)):
-        _write_atomic(path, lambda fh, a=arr: np.save(fh, a.astype(dtype)))
-    record = json.dumps({"key": key, "vocab_size": int(vocab)}).encode()
-    _write_atomic(meta, lambda fh: fh.write(record))
-    return train, ev, vocab
+def _read_checked(doc):
+    if isinstance(doc, bytes):
+        return doc
+    content = _read_path(doc)
+    _check_text(doc, content)
+    return content
+
+
+def _text_source(label, key, split, f, seed, read, name):
+    """split() -> (train documents, held-out documents), called only if the cache is missing."""
+    train, ev, meta = _cached_corpus(
+        label, key, lambda out: _build_tokens(out, *split(), f, label, read))
+    source = TokenSource(train, ev, meta["vocab_size"], seed, name=name)
+    source.meta = meta
+    return source
 
 
 @functools.lru_cache(maxsize=None)
-def _stdlib_docs():
-    """(relative paths, contents) of the stdlib's .py files, sorted; read once per process."""
+def _stdlib_files():
+    """Absolute paths of the stdlib's .py files, sorted by relative path."""
     root = sysconfig.get_paths()["stdlib"]
     names = []
     for dirpath, dirs, files in os.walk(root):
@@ -348,7 +487,7 @@ def _stdlib_docs():
         rel = os.path.relpath(dirpath, root)
         names += [os.path.normpath(os.path.join(rel, n)) for n in files if n.endswith(".py")]
     names.sort()
-    return tuple(names), tuple(pathlib.Path(root, n).read_bytes() for n in names)
+    return tuple(os.path.join(root, n) for n in names)
 
 
 def _list_files(path):
@@ -389,7 +528,7 @@ def _load_token_file(path, bin_dtype):
     return arr, int(arr.max()) + 1
 
 
-def _files_source(f, seed, workdir):
+def _files_source(f, seed):
     files = _list_files(f["path"])
     if any(p.endswith((".npy", ".bin")) for p in files):
         _need(len(files) == 1, f"data.path {f['path']} matches {len(files)} files; token files "
@@ -397,32 +536,102 @@ def _files_source(f, seed, workdir):
         arr, vocab = _load_token_file(files[0], f["bin_dtype"])
         cut = len(arr) - int(len(arr) * f["holdout_fraction"])
         return TokenSource(arr[:cut], arr[cut:], vocab, seed, name=files[0])
-    docs = [pathlib.Path(p).read_bytes() for p in files]
-    for p, d in zip(files, docs):
-        _check_text(p, d)
-    _need(sum(map(len, docs)), f"data.path {f['path']} is empty (0 bytes of text)")
-    if len(docs) >= 2:
-        train_docs, eval_docs = _split_files(files, docs, f["holdout_fraction"])
-    else:  # one file: hold out its tail
-        cut = len(docs[0]) - int(len(docs[0]) * f["holdout_fraction"])
-        train_docs, eval_docs = [docs[0][:cut]], [docs[0][cut:]]
-    key = ["files", os.path.abspath(f["path"]), f["tokenizer"], f["bpe_vocab_size"],
+    stats = [os.stat(p) for p in files]
+    _need(sum(s.st_size for s in stats), f"data.path {f['path']} is empty (0 bytes of text)")
+    # the user edits their files: any change of name, size or time makes a new cache
+    fingerprint = hashlib.sha256(json.dumps(
+        [(p, s.st_size, s.st_mtime_ns) for p, s in zip(files, stats)]).encode()).hexdigest()
+    key = ["files", os.path.abspath(f["path"]), fingerprint, f["tokenizer"], f["bpe_vocab_size"],
            f["holdout_fraction"]]
-    build = lambda tok_path: _encode(train_docs, eval_docs, f, tok_path)  # noqa: E731
-    return TokenSource(*_cached_tokens(workdir, key, build), seed, name=f["path"])
+    def split():
+        if len(files) >= 2:
+            return _split_by_name(files, f["holdout_fraction"])
+        content = _read_checked(files[0])  # one file: hold out its tail
+        cut = len(content) - int(len(content) * f["holdout_fraction"])
+        return [content[:cut]], [content[cut:]]
+    return _text_source("files", key, split, f, seed, _read_checked, f["path"])
 
 
-def _stdlib_source(f, seed, workdir):
-    def build(tok_path):
-        names, docs = _stdlib_docs()
-        return _encode(*_split_files(names, docs, f["holdout_fraction"]), f, tok_path)
+def _stdlib_source(f, seed):
     key = ["pystdlib", sysconfig.get_paths()["stdlib"], f["tokenizer"], f["bpe_vocab_size"],
            f["holdout_fraction"]]
-    return TokenSource(*_cached_tokens(workdir, key, build), seed, name="pystdlib")
+    split = lambda: _split_by_name(list(_stdlib_files()), f["holdout_fraction"])  # noqa: E731
+    return _text_source("pystdlib", key, split, f, seed, _read_path, "pystdlib")
+
+
+# ------------------------------------------------------------------ pycode
+
+
+def pycode_roots(roots=""):
+    """The folders `data.roots` names (comma-separated), or the running interpreter's sys.path
+    folders when it is empty; absolute, sorted, without duplicates."""
+    if roots.strip():
+        out = [os.path.abspath(os.path.expanduser(r.strip())) for r in roots.split(",") if r.strip()]
+        for r in out:
+            _need(os.path.isdir(r), f"data.roots entry {r} is not a directory")
+    else:
+        out = [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
+    return sorted(set(out))
+
+
+def pycode_files(roots):
+    """(path, sha256 hex, bytes) of every distinct .py file under `roots`: the first path in
+    sorted order stands for each content; empty, binary and unreadable files are left out."""
+    paths = set()
+    for root in roots:
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
+            paths.update(os.path.join(dirpath, n) for n in files if n.endswith(".py"))
+    seen, kept, n_bytes = set(), [], 0
+    progress = _Progress("pycode: reading", len(paths), unit="bytes")
+    for i, path in enumerate(sorted(paths)):
+        try:
+            content = _read_path(path)
+        except OSError:  # a dangling link or a file we may not read
+            continue
+        digest = hashlib.sha256(content).hexdigest()
+        if content and digest not in seen and _looks_like_text(content):
+            seen.add(digest)
+            kept.append((path, digest, len(content)))
+        n_bytes += len(content)
+        progress(i + 1, n_bytes)
+    progress(len(paths), n_bytes, final=True)
+    return kept
+
+
+def split_by_hash(files, fraction):
+    """Held out: the files whose content hash, read as a number in [0, 1), is below `fraction`.
+    A file's side depends on its content alone, so adding files moves no other file; if a side
+    would be empty, the file with the smallest (or largest) hash crosses over."""
+    by_hash = sorted(files, key=lambda x: x[1])
+    held = {d for _, d, _ in files if int(d[:16], 16) < fraction * 2**64}
+    if not held:
+        held = {by_hash[0][1]}
+    if len(held) == len(files):
+        held.discard(by_hash[-1][1])
+    return ([x for x in files if x[1] not in held], [x for x in files if x[1] in held])
+
+
+def _pycode_source(f, seed):
+    roots = pycode_roots(f["roots"])
+
+    def split():
+        files = pycode_files(roots)
+        _need(files, f"data.roots {', '.join(roots) or '(none)'} hold no readable .py files")
+        _need(len(files) >= 2, f"data.roots {', '.join(roots)} hold only one distinct .py file; "
+              "a train and a held-out split need at least two")
+        return tuple([p for p, _, _ in side] for side in split_by_hash(files, f["holdout_fraction"]))
+    # installing a package does not change the key: the corpus is frozen at its first build,
+    # so resumed runs keep their tokens (delete the cache folder to take new files in)
+    key = ["pycode", roots, f["tokenizer"], f["bpe_vocab_size"], f["holdout_fraction"]]
+    return _text_source("pycode", key, split, f, seed, _read_path, "pycode")
 
 
 def make_source(config, workdir=None):
-    """The source config.data describes, checked against config.model; DataError if unusable."""
+    """The source config.data describes, checked against config.model; DataError if unusable.
+
+    Text is tokenized into the shared cache (cache_root()), not into `workdir`, which is
+    accepted so that every caller can pass what it has."""
     f = {**_DEFAULTS, **dict(config.data.items())}
     seed, seq_len, model_vocab = int(config.seed), config.model.context + 1, config.model.vocab_size
     _need(seed >= 0, f"seed must be >= 0, got {seed}")
@@ -439,7 +648,8 @@ def make_source(config, workdir=None):
               f">= 257 (256 bytes + end-of-text), got {f['bpe_vocab_size']}")
         _need(0 < f["holdout_fraction"] < 1,
               f"data.holdout_fraction must be in (0, 1), got {f['holdout_fraction']}")
-        source = (_stdlib_source if f["name"] == "pystdlib" else _files_source)(f, seed, workdir)
+        source = {"pystdlib": _stdlib_source, "pycode": _pycode_source,
+                  "files": _files_source}[f["name"]](f, seed)
         for split, arr in (("training", source.train), ("held-out", source.eval)):
             _need(len(arr) >= seq_len, f"the {split} split of {source.name} has {len(arr)} tokens, "
                   f"fewer than model.context + 1 = {seq_len}; use a larger corpus or adjust "
