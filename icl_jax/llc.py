@@ -167,21 +167,9 @@ def estimate_llc(loss_fn, params, data, cfg, seed: int = 0, indices=None,
 
 
 def check(cfg):
-    """ValueError naming the first bad field of an `llc` section."""
-    def need(ok, field, msg):
-        if not ok:
-            raise ValueError(f"config field 'llc.{field}' {msg}")
-    need(cfg.sampler in SAMPLERS, "sampler", f"must be one of {', '.join(SAMPLERS)}, "
-         f"got {cfg.sampler!r}")
-    need(cfg.eps > 0, "eps", f"must be positive, got {cfg.eps}")
-    need(cfg.gamma >= 0, "gamma", f"must be >= 0, got {cfg.gamma}")
-    need(cfg.n_beta >= 0, "n_beta", "must be >= 0 (0: batch_size / ln(batch_size))")
-    need(cfg.chains >= 1, "chains", "must be positive")
-    need(cfg.draws >= 1, "draws", "must be positive")
-    need(cfg.burn_in >= 0, "burn_in", "must be >= 0")
-    need(cfg.batch_size >= 1, "batch_size", "must be positive")
-    need(0 <= cfg.rms_alpha < 1, "rms_alpha", "must be in [0, 1)")
-    need(cfg.rms_eps > 0, "rms_eps", "must be positive")
+    """ConfigError (a ValueError) naming the first bad field of an `llc` section."""
+    from icl_jax.config import validate_llc
+    validate_llc(cfg)
 
 
 # ----------------------------------------------------------------------------- snapshots
