@@ -139,3 +139,89 @@ def test_bad_config_is_named():
         llc.check(llc_cfg(sampler="hmc"))
     with pytest.raises(ValueError, match="llc.eps"):
         llc.check(llc_cfg(eps=0.0))
+
+
+# ----------------------------------------------------------------------------- transformers
+
+def quick_model(layers):
+    from icl_jax import config as config_lib, data as data_lib
+    from icl_jax.model import init_params, make_model
+    config = config_lib.load_validated(f"configs/small.py:layers={layers}")
+    model = make_model(config.model)
+    params = init_params(model, jax.random.key(layers))
+    pool = data_lib.make_source(config).eval_set(256, config.model.context + 1)
+    return config, model, params, pool
+
+
+def test_snapshots_named_when_their_chains_fail():
+    """llc_over_snapshots names a bad chain by snapshot step; vmap and lax.map agree."""
+    config, model, params, pool = quick_model(1)
+    broken = jax.tree.map(lambda a: a, params)
+    broken["W_U"] = jnp.full_like(params["W_U"], jnp.nan)
+    cfg = config.llc.copy_and_resolve_references()
+    cfg.chains, cfg.draws, cfg.batch_size = 2, 5, 8
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), params, broken, params)
+    outs = [llc.llc_over_snapshots(model, stacked, pool, cfg, steps=[0, 100, 200],
+                                   stacking=s, chunk=2) for s in ("vmap", "map")]
+    for r in outs:
+        assert r["loss_trace"].shape == (3, 2, 5) and r["llc"].shape == (3,)
+        assert [(d["step"], d["chain"]) for d in r["diverged"]] == [(100, 0), (100, 1)]
+        assert "snapshot step 100, chain 0" in r["messages"][0]
+        assert np.isnan(r["llc"][1]) and np.isfinite(r["llc"][[0, 2]]).all()
+        # the padded last chunk and the first see the same batches and noise: same answer
+        assert r["llc"][0] == pytest.approx(r["llc"][2], rel=1e-5)
+    np.testing.assert_allclose(outs[0]["llc"][[0, 2]], outs[1]["llc"][[0, 2]], rtol=1e-3)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_agrees_with_devinterp(layers, sampler):
+    """Ours against devinterp 2.x on the same weights (a freshly initialised quick-profile
+    model, exported to a TransformerLens HookedTransformer: training one here would
+    take longer than the test), the same held-out batches in the same order (every
+    chain of both walks chain 0's batches, as devinterp's chains walk one loader) and
+    the same hyperparameters and L(w*). The two must agree within the chains' spread."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformer_lens")
+    datasets = pytest.importorskip("datasets")
+    devinterp_llc = pytest.importorskip("devinterp.slt.llc")
+    from icl_jax import export
+
+    config, model, params, pool = quick_model(layers)
+    cfg = config.llc.copy_and_resolve_references()
+    cfg.sampler, cfg.chains, cfg.draws, cfg.batch_size = sampler, 4, 60, 16
+    if sampler == "rmsprop_sgld":
+        cfg.eps = 3e-4
+    pool = np.asarray(pool)
+    idx = llc.batch_indices(len(pool), cfg, seed=0)
+    idx[:] = idx[0]
+    ours = llc.estimate_llc(llc.token_loss(model), params, jnp.asarray(pool), cfg, indices=idx)
+
+    def per_token_loss(net, ids):  # the model sees T tokens and predicts the next T
+        logits = net(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), ids[:, 1:], reduction="none")
+
+    tl = export.hooked_transformer(params, model.cfg)
+    # our batches in our order; devinterp's L(w*) from its first 16 batches, which are
+    # one pass over the pool of 256, so the same L(w*) as ours
+    walk = datasets.Dataset.from_dict({"input_ids": pool[idx[0].ravel()].tolist()})
+    walk.set_format("torch")
+    extra = ({} if sampler == "sgld" else
+             dict(sampling_method="rmsprop_sgld", rmsprop_eps=cfg.rms_eps,
+                  rmsprop_alpha=cfg.rms_alpha))
+    theirs = devinterp_llc.llc(
+        tl, walk, {}, lr=cfg.eps, n_beta=ours["nbeta"], localization=cfg.gamma,
+        num_chains=cfg.chains, num_draws=cfg.draws, batch_size=cfg.batch_size,
+        num_burnin_steps=cfg.burn_in, num_init_loss_batches=len(pool) // cfg.batch_size,
+        shuffle=False, device="cpu", loss_fn=per_token_loss, **extra)
+    t_llc, t_std = float(theirs["llc_mean"]), float(theirs["llc_std"])
+    assert float(theirs["init_loss"]) == pytest.approx(ours["init_loss"], rel=1e-4)
+    spread = max(ours["llc_std"], t_std)
+    assert ours["chain_ok"].all()
+    assert abs(ours["llc"] - t_llc) < 2 * spread, (ours["llc"], ours["llc_std"], t_llc, t_std)
+    # the first draw is w* itself on the first batch, in both: the same batches, one model
+    np.testing.assert_allclose(ours["loss_trace"][:, 0],
+                               np.asarray(theirs["loss_trace"])[:, 0], rtol=1e-4)
+    print(f"\n{layers}L {sampler}: ours {ours['llc']:.3f} +- {ours['llc_std']:.3f}, "
+          f"devinterp {t_llc:.3f} +- {t_std:.3f}")
