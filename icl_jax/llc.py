@@ -255,7 +255,7 @@ def plot_llc(steps, llc, llc_std, icl_score, phase_change=None, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     steps, llc, llc_std = (np.asarray(x, np.float64) for x in (steps, llc, llc_std))
-    fig, (ax_llc, ax_icl) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_llc, ax_icl) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
     # step 0 has no place on a log axis; the shared x axis is log when steps span decades
     log = steps.size > 1 and (steps > 0).any() and steps[steps > 0].max() / max(
         steps[steps > 0].min(), 1) >= 30
@@ -264,7 +264,9 @@ def plot_llc(steps, llc, llc_std, icl_score, phase_change=None, title: str = "")
     ax_llc.fill_between(steps[keep], (llc - llc_std)[keep], (llc + llc_std)[keep],
                         color="C0", alpha=0.25, lw=0)
     ax_llc.set(xlabel="training step", ylabel="local learning coefficient", title="LLC")
-    ax_icl.plot(steps[keep], np.asarray(icl_score, np.float64)[keep], "o-", ms=3, color="C1")
+    icl = np.asarray(icl_score, np.float64)
+    scored = keep & np.isfinite(icl)  # the ICL score may exist only at evaluation steps
+    ax_icl.plot(steps[scored], icl[scored], "o-", ms=3, color="C1")
     ax_icl.set(xlabel="training step", ylabel="ICL score (nats)", title="in-context learning")
     for ax in (ax_llc, ax_icl):
         if log:
