@@ -228,3 +228,19 @@ def test_agrees_with_devinterp(layers, sampler):
                                np.asarray(theirs["loss_trace"])[:, 0], rtol=1e-4)
     print(f"\n{layers}L {sampler}: ours {ours['llc']:.3f} +- {ours['llc_std']:.3f}, "
           f"devinterp {t_llc:.3f} +- {t_std:.3f}")
+
+
+def test_plot_llc_shades_the_phase_change():
+    steps = [0, 10, 100, 1000, 5000]
+    pc = {"detected": True, "start_step": 3000, "end_step": 4800}
+    fig = llc.plot_llc(steps, [9, 8, 5, 10, 20], [0.1] * 5, [np.nan, -0.1, np.nan, -0.2, -0.9], pc)
+    assert len(fig.axes) == 2
+    for ax in fig.axes:  # one shaded span from start_step to end_step in each panel
+        spans = [p for p in ax.patches if p.get_label() == "phase change"]
+        assert len(spans) == 1
+        x0, x1 = spans[0].get_window_extent().x0, spans[0].get_window_extent().x1
+        to_data = ax.transData.inverted()
+        lo, hi = to_data.transform((x0, 0))[0], to_data.transform((x1, 0))[0]
+        assert lo == pytest.approx(3000, rel=1e-3) and hi == pytest.approx(4800, rel=1e-3)
+    fig = llc.plot_llc(steps, [1] * 5, [0] * 5, [0] * 5, {"detected": False})
+    assert not [p for ax in fig.axes for p in ax.patches if p.get_label() == "phase change"]
