@@ -52,4 +52,5 @@ def get_config(arg=None):
     c.eval.bos_token = 0
     c.checkpoint.every = 50
     c.checkpoint.log_spaced = 8
+    c.llc.chains, c.llc.draws = 8, 200  # Hoogland et al.'s chains and draws; accelerators afford them
     return c

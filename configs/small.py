@@ -113,4 +113,19 @@ def get_config(arg=None):
         max_to_keep=0,  # 0 keeps every snapshot
         async_save=True,
     ))
+
+    # the local learning coefficient of every snapshot (icl-jax analyze --llc; llc.py)
+    c.llc = ml_collections.ConfigDict(dict(
+        sampler="sgld",  # sgld | rmsprop_sgld (devinterp's two)
+        eps=3e-3,  # step size; Hoogland et al. (2024) used 3e-3 and 300 for 2L models
+        gamma=300.0,  # localisation: the pull toward the snapshot's weights
+        n_beta=0.0,  # inverse temperature; 0: batch_size / ln(batch_size), as devinterp
+        chains=4,
+        burn_in=0,  # the chains settle within a few steps at these settings
+        draws=100,
+        batch_size=32,
+        examples=1024,  # held-out sequences the minibatches are drawn from
+        rms_alpha=0.99,  # rmsprop_sgld: decay of the squared-gradient average
+        rms_eps=0.1,  # rmsprop_sgld: added to its square root
+    ))
     return c

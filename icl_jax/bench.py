@@ -58,7 +58,10 @@ def default_train() -> tuple:
     if jax.default_backend() == "cpu":
         return DEFAULT_TRAIN
     return DEFAULT_TRAIN + ("paper L2 bf16 T2048",)
-SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "accelerator")
+SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "accelerator", "llc")
+# not in the default run: the accelerator suite has its own output and sizes, and the
+# llc suite takes minutes (devinterp's loop)
+OPT_IN = {"accelerator", "llc"}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -815,6 +818,60 @@ def bench_accelerator(out_dir: str, repeats: int = 3, tiny: bool = False,
     return result
 
 
+def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) -> list:
+    """The LLC of n_snapshots snapshots (chains x draws each, the config's other llc
+    settings): llc_over_snapshots (one program per chunk) against devinterp's llc() called
+    on each snapshot in turn, its chains one after another, on the same weights exported
+    to TransformerLens. One run of each: devinterp's takes minutes."""
+    from icl_jax import export, llc
+    case = f"{_name(config)} LLC x{n_snapshots} snapshots, {chains}x{draws}"
+    model, cfg = make_model(config.model), config.llc.copy_and_resolve_references()
+    cfg.chains, cfg.draws = chains, draws
+    trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    pool = data_lib.make_source(config).eval_set(cfg.examples, config.model.context + 1)
+    t0 = time.perf_counter()
+    jax.block_until_ready(llc.llc_over_snapshots(model, stacked, pool, cfg)["llc"])
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(llc.llc_over_snapshots(model, stacked, pool, cfg)["llc"])
+    ours = time.perf_counter() - t0
+    from icl_jax import analysis
+    rows = [_row(case, "ours, first call", [first], "s", "compile included"),
+            _row(case, "ours", [ours], "s", f"snapshots by {analysis.default_stacking()}, "
+                 "chains vmapped")]
+    try:
+        import datasets
+        import torch
+        from devinterp.slt.llc import llc as devinterp_llc
+    except ImportError as e:
+        return rows + [_note(case, "devinterp", f"skipped: {e}")]
+    _set_torch_threads()
+
+    def per_token_loss(net, ids):
+        logits = net(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:],
+                                                 reduction="none")
+
+    walk = datasets.Dataset.from_dict({"input_ids": np.asarray(pool).tolist()})
+    walk.set_format("torch")
+    tls = [export.hooked_transformer(t, model.cfg) for t in trees]
+    kwargs = dict(lr=cfg.eps, n_beta=llc.nbeta_of(cfg), localization=cfg.gamma,
+                  num_chains=chains, num_draws=draws, batch_size=cfg.batch_size,
+                  num_burnin_steps=cfg.burn_in, device="cpu", loss_fn=per_token_loss)
+    if cfg.sampler == "rmsprop_sgld":
+        kwargs.update(sampling_method="rmsprop_sgld", rmsprop_eps=cfg.rms_eps,
+                      rmsprop_alpha=cfg.rms_alpha)
+    t0 = time.perf_counter()
+    for tl in tls:
+        devinterp_llc(tl, walk, {}, **kwargs)
+    theirs = time.perf_counter() - t0
+    return rows + [
+        _row(case, "devinterp loop", [theirs], "s", "HookedTransformers built before timing"),
+        _row(case, "devinterp / ours", [theirs / ours], "x", "> 1: ours faster"),
+    ]
+
+
 # ----------------------------------------------------------------------------- driver
 
 def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str | None = None,
@@ -849,7 +906,7 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
     except Exception:  # noqa: BLE001
         pass
     rows = []
-    parts = set(SUITES[1:]) - {"accelerator"} if suite == "default" else {suite}
+    parts = set(SUITES[1:]) - OPT_IN if suite == "default" else {suite}
     def emit(new):
         rows.extend(new)
         for r in new:
@@ -867,6 +924,8 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
         emit(bench_checkpoint(small, repeats))
     if "data" in parts:
         emit(bench_data(small, repeats))
+    if "llc" in parts:
+        emit(bench_llc(small))
     meta["loadavg_end"] = os.getloadavg()
     print(f"\n{meta['platform']} x{len(meta['devices'])}, {meta['cpu_count']} cores, jax "
           f"{meta['jax']}; load average {meta['loadavg_start'][0]:.2f} at start, "

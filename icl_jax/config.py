@@ -68,7 +68,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 # Fields in which ensemble members may differ ("data." is a prefix); all else must match.
-ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_after", "data.")
+# "llc." shapes only the analysis, so neither an ensemble nor a resumed run need agree on it.
+ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_after", "data.",
+                 "llc.")
 
 
 def ensemble_free(field: str) -> bool:
@@ -91,12 +93,31 @@ ADDED_FIELDS = {("model", "attention"): "auto", ("data", "roots"): "",
                 # runs saved before data.placement existed pasted every copy after its source
                 ("data", "placement"): "after"}
 
+# The `llc` section (llc.py: the local learning coefficient of every snapshot). It only
+# shapes analysis, so a config without it (a run saved before it, a user's own file) gets
+# these values.
+LLC_DEFAULTS = dict(
+    sampler="sgld",  # sgld | rmsprop_sgld (devinterp's two)
+    eps=3e-3,  # SGLD step size
+    gamma=300.0,  # localisation: pull toward the snapshot's weights
+    n_beta=0.0,  # inverse temperature; 0: batch_size / ln(batch_size), as devinterp
+    chains=4,
+    burn_in=0,  # steps before draws are kept
+    draws=100,
+    batch_size=32,
+    examples=1024,  # held-out sequences the minibatches come from
+    rms_alpha=0.99,  # rmsprop_sgld: decay of the squared-gradient average
+    rms_eps=0.1,  # rmsprop_sgld: added to its square root
+)
+
 
 def upgrade(saved: dict) -> dict:
     """A saved config (a dict, as a workdir holds it) with the fields added since filled in."""
     for (section, field), value in ADDED_FIELDS.items():
         if isinstance(saved.get(section), dict):
             saved[section].setdefault(field, value)
+    if "llc" not in saved:
+        saved["llc"] = dict(LLC_DEFAULTS)
     return saved
 
 
@@ -162,6 +183,9 @@ SCHEMA = {
              "probe_exclude_frac": float, "bos_token": int,
              "induction_prefix_threshold": float, "induction_copying_threshold": float},
     "checkpoint": {"every": int, "log_spaced": int, "max_to_keep": int, "async_save": bool},
+    "llc": {"sampler": str, "eps": float, "gamma": float, "n_beta": float, "chains": int,
+            "burn_in": int, "draws": int, "batch_size": int, "examples": int,
+            "rms_alpha": float, "rms_eps": float},
 }
 OPTIONAL_SECTIONS = {"run"}
 SCHEMA_FIELDS = [f"{section}.{field}" for section, fields in SCHEMA.items()
@@ -198,6 +222,9 @@ def _need(ok, field, message):
 
 def validate(config) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad field; fills model.d_head when it is 0."""
+    if "llc" not in config:
+        with config.unlocked():
+            config.llc = ml_collections.ConfigDict(LLC_DEFAULTS)
     _check_schema(config, SCHEMA)
     m, d, t, e, c = config.model, config.data, config.train, config.eval, config.checkpoint
     _need(m.n_layers >= 1, "model.n_layers", f"must be at least 1, got {m.n_layers}")
@@ -264,4 +291,21 @@ def validate(config) -> ml_collections.ConfigDict:
     _need(c.every >= 1, "checkpoint.every", f"must be positive, got {c.every}")
     _need(c.log_spaced >= 0, "checkpoint.log_spaced", "must be >= 0")
     _need(c.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 keeps all)")
+    validate_llc(config.llc)
     return config
+
+
+def validate_llc(s):
+    """ConfigError naming the first bad field of an `llc` section."""
+    _need(s.sampler in ("sgld", "rmsprop_sgld"), "llc.sampler",
+          f"must be sgld or rmsprop_sgld, got {s.sampler!r}")
+    _need(s.eps > 0, "llc.eps", f"must be positive, got {s.eps}")
+    _need(s.gamma >= 0, "llc.gamma", f"must be >= 0, got {s.gamma}")
+    _need(s.n_beta >= 0, "llc.n_beta", "must be >= 0 (0: batch_size / ln(batch_size))")
+    for f in ("chains", "draws", "batch_size", "examples"):
+        _need(s[f] >= 1, f"llc.{f}", f"must be positive, got {s[f]}")
+    _need(s.burn_in >= 0, "llc.burn_in", "must be >= 0")
+    _need(s.batch_size <= s.examples, "llc.batch_size",
+          f"({s.batch_size}) must not exceed llc.examples ({s.examples})")
+    _need(0 <= s.rms_alpha < 1, "llc.rms_alpha", "must be in [0, 1)")
+    _need(s.rms_eps > 0, "llc.rms_eps", "must be positive")

@@ -1,0 +1,281 @@
+"""The local learning coefficient (LLC) of every snapshot, by SGLD localised at its weights.
+
+Singular learning theory's LLC lambda(w*) measures how degenerate the loss is around a
+minimum w*: d/2 for a regular minimum in d parameters, less where directions are flat to
+higher order. Following Lau et al. (2023) and devinterp, it is estimated by sampling the
+tempered, localised posterior  p(w) ~ exp(-n_beta L(w) - gamma/2 |w - w*|^2)  with
+stochastic-gradient Langevin dynamics and taking
+
+    llc = n_beta * (mean sampled loss - L(w*)),   n_beta = m / ln(m) for batch size m.
+
+One SGLD step on a minibatch (devinterp's SGMCMC with the identity or RMSProp
+preconditioner G; the loss is recorded at w before the step, as devinterp does):
+
+    w <- w - (eps/2) G (n_beta grad L_batch(w) + gamma (w - w*)) + sqrt(eps G) N(0, 1)
+    sgld:         G = 1
+    rmsprop_sgld: V <- alpha V + (1 - alpha) grad L_batch(w)^2,  G = 1 / (sqrt(V) + rms_eps)
+
+estimate_llc(loss_fn, params, data, cfg) does one params tree (for notebooks);
+llc_over_snapshots(model, stacked_params, data, cfg) does a stack of snapshots, every
+chain of a chunk in one jitted program. Every snapshot sees the same minibatches and the
+same noise (common random numbers), so differences between snapshots are not sampling
+noise. A chain whose loss turns non-finite or diverges is reported by name and left out.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_jax.model import loss_by_position, make_model
+
+SAMPLERS = ("sgld", "rmsprop_sgld")
+
+
+def default_nbeta(batch_size: int) -> float:
+    """devinterp's default inverse temperature m / ln(m) (1 for a batch of one)."""
+    return batch_size / math.log(batch_size) if batch_size > 1 else 1.0
+
+
+def nbeta_of(cfg) -> float:
+    return float(cfg.n_beta) if cfg.n_beta > 0 else default_nbeta(int(cfg.batch_size))
+
+
+def batch_indices(n_pool: int, cfg, seed: int = 0) -> np.ndarray:
+    """int32 [chains, burn_in + draws, batch_size]: each chain's minibatches, fixed by the
+    seed; as a shuffled data loader dropping the last partial batch: every pass over the
+    pool of n_pool examples is a fresh permutation of it, cut into batches."""
+    if cfg.batch_size > n_pool:
+        raise ValueError(f"config field 'llc.batch_size' ({cfg.batch_size}) must not exceed "
+                         f"the {n_pool} held-out examples (llc.examples)")
+    rng = np.random.default_rng([seed, 0x11C])
+    steps, m = cfg.burn_in + cfg.draws, cfg.batch_size
+    per_pass = n_pool // m
+    passes = -(-steps // per_pass)
+    perm = rng.random((cfg.chains, passes, n_pool), dtype=np.float32).argsort(-1)
+    idx = perm[..., :per_pass * m].reshape(cfg.chains, passes * per_pass, m)
+    return idx[:, :steps].astype(np.int32)
+
+
+def _hyper(cfg) -> tuple:
+    """The hashable sampler settings a compiled program depends on."""
+    return (cfg.sampler, float(cfg.eps), float(cfg.gamma), nbeta_of(cfg),
+            float(cfg.rms_alpha), float(cfg.rms_eps))
+
+
+def _chain(loss_fn, hyper, w_star, pool, idx_SM, key):
+    """One chain from w*: the minibatch loss [S] at each step, before the step is taken."""
+    sampler, eps, gamma, nbeta, alpha, rms_eps = hyper
+    leaves, treedef = jax.tree.flatten(w_star)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(carry, xs):
+        w, v = carry
+        idx_M, k = xs
+        loss, g = grad_fn(w, jax.tree.map(lambda a: a[idx_M], pool))
+        noise = jax.tree.unflatten(treedef, [
+            jax.random.normal(kk, x.shape, x.dtype)
+            for kk, x in zip(jax.random.split(k, len(leaves)), leaves)])
+        if sampler == "rmsprop_sgld":
+            v = jax.tree.map(lambda v, g: alpha * v + (1 - alpha) * g * g, v, g)
+            G = jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v) + rms_eps), v)
+        else:
+            G = jax.tree.map(lambda x: 1.0, w)
+        w = jax.tree.map(
+            lambda w, w0, g, G, z: w - 0.5 * eps * G * (nbeta * g + gamma * (w - w0))
+            + jnp.sqrt(eps * G) * z, w, w_star, g, G, noise)
+        return (w, v), loss
+
+    keys = jax.random.split(key, idx_SM.shape[0])
+    v0 = jax.tree.map(jnp.zeros_like, w_star)
+    _, losses_S = jax.lax.scan(step, (w_star, v0), (idx_SM, keys))
+    return losses_S
+
+
+def _sample(loss_fn, hyper, w_star, pool, idx_CSM, key):
+    """Every chain of one snapshot, vmapped: (losses [C, S], loss at w* on the whole pool)."""
+    keys = jax.random.split(key, idx_CSM.shape[0])
+    losses_CS = jax.vmap(functools.partial(_chain, loss_fn, hyper, w_star, pool))(idx_CSM, keys)
+    return losses_CS, loss_fn(w_star, pool)
+
+
+def _summarise(losses_CS, init_loss, n_params, cfg, names=None) -> dict:
+    """The estimate from one snapshot's traces, leaving out chains that went bad."""
+    nbeta = nbeta_of(cfg)
+    draws_CD = losses_CS[:, cfg.burn_in:]
+    llc_C = nbeta * (draws_CD.mean(1) - init_loss)
+    finite_C = np.isfinite(losses_CS).all(1)
+    # no model of d parameters has an LLC above d/2; a chain at twice that has left w*
+    bad_C = ~finite_C | ~(llc_C <= n_params)
+    diverged, messages = [], []
+    for c in np.flatnonzero(bad_C):
+        if not finite_C[c]:
+            at = int(np.argmin(np.isfinite(losses_CS[c])))
+            why = (f"loss turned non-finite at step {at} "
+                   f"({'burn-in' if at < cfg.burn_in else 'draw ' + str(at - cfg.burn_in)})")
+        else:
+            why = (f"loss diverged: its estimate {llc_C[c]:.4g} exceeds {n_params}, twice the "
+                   f"largest LLC {n_params} parameters allow")
+        name = dict(names or {}, chain=int(c))
+        diverged.append({**name, "reason": why})
+        where = ", ".join(f"{k} {v}" for k, v in name.items())
+        messages.append(f"LLC {where}: {why}; left out of the mean. Try a smaller llc.eps "
+                        f"(now {cfg.eps:g}) or a larger llc.gamma (now {cfg.gamma:g})")
+    good = llc_C[~bad_C]
+    return {
+        "llc": float(good.mean()) if good.size else float("nan"),
+        "llc_std": float(good.std(ddof=1)) if good.size > 1 else float("nan"),
+        "llc_chains": llc_C, "chain_ok": ~bad_C, "init_loss": float(init_loss),
+        "loss_trace": draws_CD, "diverged": diverged, "messages": messages,
+    }
+
+
+def _n_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def estimate_llc(loss_fn, params, data, cfg, seed: int = 0, indices=None,
+                 init_loss: float | None = None) -> dict:
+    """The LLC of one params tree.
+
+    loss_fn(params, batch) -> scalar mean loss of a batch; data: an array (or a tree of
+    arrays) of examples on its leading axis, from which the minibatches are drawn and on
+    all of which L(w*) is taken; cfg: an `llc` config section (eps, gamma, n_beta,
+    chains, burn_in, draws, batch_size, sampler, rms_alpha, rms_eps); indices: the
+    minibatches [chains, burn_in + draws, batch_size] (default: batch_indices(seed));
+    init_loss: L(w*) if known (default: loss_fn(params, data), all of the data at once).
+    Returns {llc, llc_std, llc_chains [C], chain_ok [C], init_loss, loss_trace [C, draws],
+    nbeta, diverged [{chain, reason}], messages}.
+    """
+    check(cfg)
+    n_pool = jax.tree.leaves(data)[0].shape[0]
+    idx = batch_indices(n_pool, cfg, seed) if indices is None else np.asarray(indices, np.int32)
+    pool = jax.tree.map(jnp.asarray, data)
+    run = jax.jit(lambda w, pool, idx, key: _sample(
+        lambda p, b: loss_fn(p, b), _hyper(cfg), w, pool, idx, key))
+    losses, init = jax.device_get(run(params, pool, idx, jax.random.key(seed)))
+    init = float(init) if init_loss is None else float(init_loss)
+    out = _summarise(np.asarray(losses), init, _n_params(params), cfg)
+    out["nbeta"] = nbeta_of(cfg)
+    return out
+
+
+def check(cfg):
+    """ConfigError (a ValueError) naming the first bad field of an `llc` section."""
+    from icl_jax.config import validate_llc
+    validate_llc(cfg)
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+def token_loss(model):
+    """The model's mean next-token cross-entropy of a batch of [B, T + 1] tokens."""
+    return lambda params, tokens_BT1: loss_by_position(model, params, tokens_BT1).mean()
+
+
+@functools.lru_cache(maxsize=8)
+def _snapshots_program(model_json: str, hyper: tuple, stacking: str):
+    """One jitted program for a stack of snapshots: chains vmapped inside each snapshot,
+    snapshots vmapped or (stacking "map", faster on CPU) mapped one after another; cached
+    by architecture so that several runs of one compile once."""
+    per = functools.partial(_sample, token_loss(make_model(json.loads(model_json))), hyper)
+    if stacking == "vmap":
+        return jax.jit(jax.vmap(per, in_axes=(0, None, None, None)))
+    return jax.jit(lambda stacked, pool, idx, key: jax.lax.map(
+        lambda w: per(w, pool, idx, key), stacked))
+
+
+def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int = 0,
+                       stacking: str | None = None, chunk: int = 16,
+                       progress: bool = False) -> dict:
+    """The LLC of every snapshot of a stack.
+
+    model: a model.Transformer; stacked_params: its params with a leading snapshot axis
+    (a list of trees is stacked here); data: held-out tokens [N, T + 1] (e.g.
+    data.make_source(config).eval_set(cfg.examples, context + 1)); cfg: the `llc`
+    section; steps: the snapshots' training steps, to name a chain that went bad;
+    stacking: "vmap" or "map" (default: analysis.default_stacking()). Snapshots run
+    `chunk` at a time, one compiled call each (the last chunk padded, so one compile).
+    Returns numpy arrays llc [S], llc_std [S], llc_chains [S, C], chain_ok [S, C],
+    init_loss [S], loss_trace [S, C, draws], and nbeta, diverged (a list of {step,
+    chain, reason}) and messages (one line each, with what to change).
+    """
+    check(cfg)
+    if isinstance(stacked_params, (list, tuple)):
+        stacked_params = jax.tree.map(lambda *a: np.stack(a), *stacked_params)
+    n_snap = jax.tree.leaves(stacked_params)[0].shape[0]
+    steps = list(range(n_snap)) if steps is None else [int(s) for s in steps]
+    if len(steps) != n_snap:
+        raise ValueError(f"{len(steps)} steps given for {n_snap} snapshots")
+    if stacking is None:
+        from icl_jax.analysis import default_stacking
+        stacking = default_stacking()
+    if stacking not in ("vmap", "map"):
+        raise ValueError(f"stacking must be 'vmap' or 'map', got {stacking!r}")
+    program = _snapshots_program(json.dumps(model.cfg, sort_keys=True), _hyper(cfg), stacking)
+    pool = jnp.asarray(data)
+    idx = jnp.asarray(batch_indices(pool.shape[0], cfg, seed))
+    key = jax.random.key(seed)
+    n_params = _n_params(jax.tree.map(lambda a: a[0], stacked_params))
+    chunk = max(1, min(chunk, n_snap))
+    per, t0 = [], time.perf_counter()
+    for start in range(0, n_snap, chunk):
+        part = jax.tree.map(lambda a: a[start:start + chunk], stacked_params)
+        n = jax.tree.leaves(part)[0].shape[0]
+        if n < chunk:  # pad with the last snapshot so the program's shape never changes
+            part = jax.tree.map(lambda a: np.concatenate([a] + [a[-1:]] * (chunk - n)), part)
+        losses_SCT, init_S = jax.device_get(program(part, pool, idx, key))
+        for i in range(n):
+            per.append(_summarise(np.asarray(losses_SCT[i]), float(init_S[i]), n_params, cfg,
+                                  {"snapshot step": steps[start + i]}))
+        if progress:
+            print(f"llc: {len(per)}/{n_snap} snapshots ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+    out = {k: np.asarray([p[k] for p in per]) for k in
+           ("llc", "llc_std", "llc_chains", "chain_ok", "init_loss", "loss_trace")}
+    out["steps"] = np.asarray(steps)
+    out["nbeta"] = nbeta_of(cfg)
+    out["diverged"] = [{"step": d.pop("snapshot step"), **d} for p in per for d in p["diverged"]]
+    out["messages"] = [m for p in per for m in p["messages"]]
+    return out
+
+
+# ----------------------------------------------------------------------------- figure
+
+def plot_llc(steps, llc, llc_std, icl_score, phase_change=None, title: str = ""):
+    """A figure of the LLC across training (mean +- std over chains) beside the ICL score,
+    the phase change (analysis.detect_phase_change's dict) shaded in both."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps, llc, llc_std = (np.asarray(x, np.float64) for x in (steps, llc, llc_std))
+    fig, (ax_llc, ax_icl) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+    # step 0 has no place on a log axis; the shared x axis is log when steps span decades
+    log = steps.size > 1 and (steps > 0).any() and steps[steps > 0].max() / max(
+        steps[steps > 0].min(), 1) >= 30
+    keep = steps > 0 if log else np.ones_like(steps, bool)
+    ax_llc.plot(steps[keep], llc[keep], "o-", ms=3, color="C0")
+    ax_llc.fill_between(steps[keep], (llc - llc_std)[keep], (llc + llc_std)[keep],
+                        color="C0", alpha=0.25, lw=0)
+    ax_llc.set(xlabel="training step", ylabel="local learning coefficient", title="LLC")
+    icl = np.asarray(icl_score, np.float64)
+    scored = keep & np.isfinite(icl)  # the ICL score may exist only at evaluation steps
+    ax_icl.plot(steps[scored], icl[scored], "o-", ms=3, color="C1")
+    ax_icl.set(xlabel="training step", ylabel="ICL score (nats)", title="in-context learning")
+    for ax in (ax_llc, ax_icl):
+        if log:
+            ax.set_xscale("log")
+        if phase_change and phase_change.get("detected"):
+            ax.axvspan(phase_change["start_step"], phase_change["end_step"], color="0.6",
+                       alpha=0.3, lw=0, label="phase change")
+            ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

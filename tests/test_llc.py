@@ -1,0 +1,246 @@
+"""The LLC estimator against known answers, its handling of bad chains, and devinterp."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from icl_jax import llc
+
+
+def llc_cfg(**kw):
+    d = dict(sampler="sgld", eps=2e-3, gamma=1.0, n_beta=0.0, chains=32, burn_in=100,
+             draws=1000, batch_size=200, examples=2000, rms_alpha=0.99, rms_eps=0.1)
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
+
+N, D_REG, D_QUART, S, C = 2000, 4, 2, 0.01, 10.0
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """n = 2000 samples: x in R^4 and y in R^2, both of spread S = 0.01; y centred exactly,
+    so that the quartic directions below have no quadratic term at all."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, D_REG)) * S
+    y = rng.normal(size=(N, D_QUART)) * S
+    y -= y.mean(0)
+    data = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32)}
+    w_star = {"a": jnp.asarray(x.mean(0), jnp.float32), "q": jnp.zeros(D_QUART)}
+    return data, w_star
+
+
+def regular_loss(w, b):
+    """Mean of 1/2 |a - x|^2: L_n(a) - L_n(a*) = 1/2 |a - a*|^2, a regular minimum."""
+    return 0.5 * jnp.mean(jnp.sum((w["a"] - b["x"]) ** 2, -1))
+
+
+def singular_loss(w, b):
+    """regular_loss plus a product-style model q^2 fitted to y (mean 0): L_n(q) - L_n(0)
+    = C/2 q^4 in each q direction, flat to fourth order."""
+    return regular_loss(w, b) + 0.5 * C * jnp.mean(jnp.sum((b["y"] - w["q"] ** 2) ** 2, -1))
+
+
+def quartic_share(nbeta, gamma):
+    """E[nbeta C/2 q^4] under exp(-nbeta C/2 q^4 - gamma/2 q^2) by quadrature: 1/4 exactly
+    without localisation (gamma 0), a hair less with it."""
+    q = np.linspace(-2, 2, 400_001)
+    k = nbeta * C / 2 * q ** 4
+    p = np.exp(-k - gamma / 2 * q ** 2)
+    return float((k * p).sum() / p.sum())
+
+
+@pytest.mark.parametrize("sampler,eps", [("sgld", 2e-3), ("rmsprop_sgld", 5e-4)])
+def test_llc_of_regular_and_singular_minima(toy, sampler, eps):
+    """Known answers. At a regular minimum of a quadratic in d parameters the LLC is d/2:
+    here d = 4, so 2. Adding two directions in which the loss rises only as q^4 (the
+    model q^2 fitted to data of mean 0, a product parameterisation at its degenerate
+    point) adds 1/4 each, not 1/2: the LLC of K(w) = sum a_i^2 + sum q_j^4 is
+    sum 1/2 + sum 1/4 (for a monomial w^(2k), 1/(2k)), so 2 + 2/4 = 2.5, smaller by 1/2
+    than the regular 3 of six parameters. The localisation gamma shifts the sampled
+    answer by known amounts (the regular part by nbeta / (nbeta + gamma), 0.974 here; the
+    quartic part by quadrature); SGLD's step adds a discretisation bias of a few percent.
+    SGLD is held to the corrected answer within three standard errors of the chains'
+    mean plus 3%. RMSProp-SGLD lacks the correction term of a position-dependent
+    preconditioner (as devinterp's does), so it samples a slightly distorted posterior:
+    here it reads 10-13% high, and is held within two chain spreads (2 llc_std)."""
+    data, w_star = toy
+    cfg = llc_cfg(sampler=sampler, eps=eps)
+    nbeta = llc.default_nbeta(200)
+    assert cfg.n_beta == 0 and math.isclose(nbeta, 200 / math.log(200))
+    regular = D_REG / 2 * nbeta / (nbeta + cfg.gamma)
+    singular = regular + D_QUART * quartic_share(nbeta, cfg.gamma)
+    assert abs(singular - 2.5) < 0.08 and abs(regular - 2.0) < 0.06  # the corrections are small
+
+    for loss, params, want in ((regular_loss, {"a": w_star["a"]}, regular),
+                               (singular_loss, w_star, singular)):
+        r = llc.estimate_llc(loss, params, data, cfg)
+        assert r["chain_ok"].all() and not r["diverged"]
+        assert r["loss_trace"].shape == (cfg.chains, cfg.draws)
+        assert math.isclose(r["nbeta"], nbeta)
+        if sampler == "sgld":
+            tol = 3 * r["llc_std"] / math.sqrt(cfg.chains) + 0.03 * want
+        else:
+            tol = 2 * r["llc_std"]
+        assert abs(r["llc"] - want) < tol, (loss.__name__, r["llc"], want, tol)
+
+
+def test_bad_chains_are_named_and_left_out(toy):
+    """Chain 1 sees only stiff batches (the loss scaled 10^4: eps * nbeta * 10^4 >> 4, so
+    SGLD is unstable and its loss blows up); chain 2 meets a NaN at step 50. Both are
+    named with a suggestion, and the estimate is the mean of the other chains alone."""
+    data, w_star = toy
+    scale = np.ones(N, np.float32)
+    scale[-200:] = 1e4  # the last 200 examples are stiff
+    poisoned = np.zeros(N, np.float32)
+    poisoned[-201] = np.nan
+    data = {**data, "scale": jnp.asarray(scale), "nan": jnp.asarray(poisoned)}
+
+    def loss(w, b):
+        per = 0.5 * jnp.sum((w["a"] - b["x"]) ** 2, -1) * b["scale"] + b["nan"]
+        return per.mean()
+
+    cfg = llc_cfg(chains=4, draws=200, burn_in=0)
+    idx = llc.batch_indices(N - 201, cfg, seed=0)
+    idx[1] = np.arange(N - 200, N)  # every batch of chain 1 stiff
+    idx[2, 50, 0] = N - 201  # the NaN
+    clean = jax.tree.map(lambda a: a[:N - 201], data)
+    r = llc.estimate_llc(loss, {"a": w_star["a"]}, data, cfg, indices=idx,
+                         init_loss=loss({"a": w_star["a"]}, clean))
+    assert [d["chain"] for d in r["diverged"]] == [1, 2]
+    assert "diverged" in r["diverged"][0]["reason"] or "non-finite" in r["diverged"][0]["reason"]
+    assert "non-finite at step 50" in r["diverged"][1]["reason"]
+    assert all("llc.eps" in m and "llc.gamma" in m for m in r["messages"])
+    assert "chain 1" in r["messages"][0] and "chain 2" in r["messages"][1]
+    assert list(r["chain_ok"]) == [True, False, False, True]
+    good = r["llc_chains"][[0, 3]]
+    assert np.isfinite(good).all()
+    assert math.isclose(r["llc"], good.mean(), rel_tol=1e-6)
+    assert math.isclose(r["llc_std"], good.std(ddof=1), rel_tol=1e-6)
+
+
+def test_batches_are_deterministic_and_cover_the_pool():
+    cfg = llc_cfg(chains=3, burn_in=5, draws=20, batch_size=7)
+    a, b = llc.batch_indices(50, cfg, seed=3), llc.batch_indices(50, cfg, seed=3)
+    assert a.shape == (3, 25, 7) and (a == b).all()
+    assert not (a == llc.batch_indices(50, cfg, seed=4)).all()
+    assert not (a[0] == a[1]).all()  # chains see different batches
+    # a pass over the pool is a permutation: its 7 batches of 7 hold 49 distinct examples
+    assert len(set(a[0, :7].ravel())) == 49
+    with pytest.raises(ValueError, match="llc.batch_size"):
+        llc.batch_indices(5, cfg)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="llc.sampler"):
+        llc.check(llc_cfg(sampler="hmc"))
+    with pytest.raises(ValueError, match="llc.eps"):
+        llc.check(llc_cfg(eps=0.0))
+
+
+# ----------------------------------------------------------------------------- transformers
+
+def quick_model(layers):
+    from icl_jax import config as config_lib, data as data_lib
+    from icl_jax.model import init_params, make_model
+    config = config_lib.load_validated(f"configs/small.py:layers={layers}")
+    model = make_model(config.model)
+    params = init_params(model, jax.random.key(layers))
+    pool = data_lib.make_source(config).eval_set(256, config.model.context + 1)
+    return config, model, params, pool
+
+
+def test_snapshots_named_when_their_chains_fail():
+    """llc_over_snapshots names a bad chain by snapshot step; vmap and lax.map agree."""
+    config, model, params, pool = quick_model(1)
+    broken = jax.tree.map(lambda a: a, params)
+    broken["W_U"] = jnp.full_like(params["W_U"], jnp.nan)
+    cfg = config.llc.copy_and_resolve_references()
+    cfg.chains, cfg.draws, cfg.batch_size = 2, 5, 8
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), params, broken, params)
+    outs = [llc.llc_over_snapshots(model, stacked, pool, cfg, steps=[0, 100, 200],
+                                   stacking=s, chunk=2) for s in ("vmap", "map")]
+    for r in outs:
+        assert r["loss_trace"].shape == (3, 2, 5) and r["llc"].shape == (3,)
+        assert [(d["step"], d["chain"]) for d in r["diverged"]] == [(100, 0), (100, 1)]
+        assert "snapshot step 100, chain 0" in r["messages"][0]
+        assert np.isnan(r["llc"][1]) and np.isfinite(r["llc"][[0, 2]]).all()
+        # the padded last chunk and the first see the same batches and noise: same answer
+        assert r["llc"][0] == pytest.approx(r["llc"][2], rel=1e-5)
+    np.testing.assert_allclose(outs[0]["llc"][[0, 2]], outs[1]["llc"][[0, 2]], rtol=1e-3)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_agrees_with_devinterp(layers, sampler):
+    """Ours against devinterp 2.x on the same weights (a freshly initialised quick-profile
+    model, exported to a TransformerLens HookedTransformer: training one here would
+    take longer than the test), the same held-out batches in the same order (every
+    chain of both walks chain 0's batches, as devinterp's chains walk one loader) and
+    the same hyperparameters and L(w*). The two must agree within three chain spreads
+    (llc_std; the chains share their batches, so their spread is the noise alone)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformer_lens")
+    datasets = pytest.importorskip("datasets")
+    devinterp_llc = pytest.importorskip("devinterp.slt.llc")
+    from icl_jax import export
+
+    config, model, params, pool = quick_model(layers)
+    cfg = config.llc.copy_and_resolve_references()
+    cfg.sampler, cfg.chains, cfg.draws, cfg.batch_size = sampler, 4, 60, 16
+    if sampler == "rmsprop_sgld":
+        cfg.eps = 3e-4
+    pool = np.asarray(pool)
+    idx = llc.batch_indices(len(pool), cfg, seed=0)
+    idx[:] = idx[0]
+    ours = llc.estimate_llc(llc.token_loss(model), params, jnp.asarray(pool), cfg, indices=idx)
+
+    def per_token_loss(net, ids):  # the model sees T tokens and predicts the next T
+        logits = net(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), ids[:, 1:], reduction="none")
+
+    tl = export.hooked_transformer(params, model.cfg)
+    # our batches in our order; devinterp's L(w*) from its first 16 batches, which are
+    # one pass over the pool of 256, so the same L(w*) as ours
+    walk = datasets.Dataset.from_dict({"input_ids": pool[idx[0].ravel()].tolist()})
+    walk.set_format("torch")
+    extra = ({} if sampler == "sgld" else
+             dict(sampling_method="rmsprop_sgld", rmsprop_eps=cfg.rms_eps,
+                  rmsprop_alpha=cfg.rms_alpha))
+    theirs = devinterp_llc.llc(
+        tl, walk, {}, lr=cfg.eps, n_beta=ours["nbeta"], localization=cfg.gamma,
+        num_chains=cfg.chains, num_draws=cfg.draws, batch_size=cfg.batch_size,
+        num_burnin_steps=cfg.burn_in, num_init_loss_batches=len(pool) // cfg.batch_size,
+        shuffle=False, device="cpu", loss_fn=per_token_loss, **extra)
+    t_llc, t_std = float(theirs["llc_mean"]), float(theirs["llc_std"])
+    assert float(theirs["init_loss"]) == pytest.approx(ours["init_loss"], rel=1e-4)
+    spread = max(ours["llc_std"], t_std)
+    assert ours["chain_ok"].all()
+    # measured: ours reads 1.5-2.6% above devinterp (1L 2.217 vs 2.181, 2L 5.89 vs 5.74 for
+    # sgld), 1.5-2.6 chain spreads; an offset of unknown origin, see the LLC report
+    assert abs(ours["llc"] - t_llc) < 3 * spread, (ours["llc"], ours["llc_std"], t_llc, t_std)
+    # the first draw is w* itself on the first batch, in both: the same batches, one model
+    np.testing.assert_allclose(ours["loss_trace"][:, 0],
+                               np.asarray(theirs["loss_trace"])[:, 0], rtol=1e-4)
+    print(f"\n{layers}L {sampler}: ours {ours['llc']:.3f} +- {ours['llc_std']:.3f}, "
+          f"devinterp {t_llc:.3f} +- {t_std:.3f}")
+
+
+def test_plot_llc_shades_the_phase_change():
+    steps = [0, 10, 100, 1000, 5000]
+    pc = {"detected": True, "start_step": 3000, "end_step": 4800}
+    fig = llc.plot_llc(steps, [9, 8, 5, 10, 20], [0.1] * 5, [np.nan, -0.1, np.nan, -0.2, -0.9], pc)
+    assert len(fig.axes) == 2
+    for ax in fig.axes:  # one shaded span from start_step to end_step in each panel
+        spans = [p for p in ax.patches if p.get_label() == "phase change"]
+        assert len(spans) == 1
+        x0, x1 = spans[0].get_window_extent().x0, spans[0].get_window_extent().x1
+        to_data = ax.transData.inverted()
+        lo, hi = to_data.transform((x0, 0))[0], to_data.transform((x1, 0))[0]
+        assert lo == pytest.approx(3000, rel=1e-3) and hi == pytest.approx(4800, rel=1e-3)
+    fig = llc.plot_llc(steps, [1] * 5, [0] * 5, [0] * 5, {"detected": False})
+    assert not [p for ax in fig.axes for p in ax.patches if p.get_label() == "phase change"]
