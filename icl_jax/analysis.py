@@ -235,24 +235,35 @@ def _stack(trees):
 
 
 def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
-              progress: bool = True, stacking: str | None = None):
+              progress: bool = True, stacking: str | None = None, llc: bool = False):
     """(per-snapshot scores as numpy arrays [N, ...], LastSnapshot) of every snapshot of a run.
 
     Snapshots are restored `chunk` at a time, stacked on a leading axis and scored in
     one jitted call (vmapped, or mapped on CPU: see default_stacking); the last chunk is
     padded to `chunk` (by repeating its last snapshot) so that every call has the same
     shape and nothing recompiles. A snapshot that cannot be restored is skipped, warned of.
+    llc: also the local learning coefficient of each chunk (llc.llc_over_snapshots, the
+    run's `llc` config section, batches from its held-out data), under the keys llc,
+    llc_std, llc_loss_trace [N, chain, draw], and llc_diverged / llc_messages.
     """
     e, name = run.config.eval, run.workdir
-    inputs = scores.evaluation_inputs(run.config, data_lib.make_source(run.config, run.workdir))
+    source = data_lib.make_source(run.config, run.workdir)
+    inputs = scores.evaluation_inputs(run.config, source)
     score = scorer(run.model, e.icl_early_index, e.icl_late_index, e.probe_tokens, ablation,
                    stacking or default_stacking())
     steps, results, t0 = run.steps, [], time.perf_counter()
-    good, last = [], None
+    good, last, llcs = [], None, []
+    if llc:
+        from icl_jax import llc as llc_lib
+        llc_pool = source.eval_set(run.config.llc.examples, run.config.model.context + 1)
 
     def score_chunk(trees):
         nonlocal last
         n = len(trees)
+        if llc:
+            llcs.append(llc_lib.llc_over_snapshots(
+                run.model, trees, llc_pool, run.config.llc, steps=good[len(good) - n:],
+                seed=run.config.seed, stacking=stacking, chunk=chunk))
         out = score(_stack(trees + [trees[-1]] * (chunk - n)), inputs)
         attention = out.pop("probe_attention")  # only the last snapshot's leaves the device
         results.append(jax.tree.map(lambda a: a[:n], jax.device_get(out)))
@@ -279,6 +290,14 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     if not good:
         raise FileNotFoundError(f"no snapshot of {name!r} can be restored")
     per = jax.tree.map(lambda *a: np.concatenate(a), *results)
+    if llc:
+        for key, out_key in (("llc", "llc"), ("llc_std", "llc_std"),
+                             ("loss_trace", "llc_loss_trace")):
+            per[out_key] = np.concatenate([c[key] for c in llcs])
+        per["llc_diverged"] = [d for c in llcs for d in c["diverged"]]
+        per["llc_messages"] = [m for c in llcs for m in c["messages"]]
+        for m in per["llc_messages"]:
+            print(f"warning: {name}: {m}", file=sys.stderr)
     per["steps"] = np.asarray(good)
     per["tokens"] = per["steps"] * (run.config.train.batch_size * run.config.model.context)
     params, attention, i = last
@@ -327,6 +346,8 @@ def _record(name, run, s, ablation) -> dict:
         "copying": s["copying"], "copying_empirical": s["copying_empirical"],
         "ablation_icl": s["ablation_icl"], "composition": s["composition"],
         "per_token_loss": s["per_token_loss"],
+        **{k: s[k] for k in ("llc", "llc_std", "llc_loss_trace", "llc_diverged",
+                             "llc_messages") if k in s},
         "phase_change": detect_phase_change(s["steps"], s["icl_score"], s["tokens"]),
         "induction_heads": induction_heads(s["prefix_matching"][-1], s["copying"][-1],
                                            e.induction_prefix_threshold,
@@ -352,7 +373,7 @@ def shared_pca(runs: dict) -> dict:
 
 
 def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = True,
-            ablation: str = "pattern", figures: bool = True) -> dict:
+            ablation: str = "pattern", figures: bool = True, llc=False) -> dict:
     """Scores every snapshot of every run, writes scores.json and pca.json, and with
     `figures` the figures and report.html (report.write_report).
 
@@ -360,7 +381,8 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     run's files go to out/<run name>/ and the shared PCA and report to `out` (default
     <common parent>/analysis). Returns {"runs": {name: scores}, "pca": {...}, "out": dir,
     "last": {name: LastSnapshot}} where scores is what scores.json holds (lists), with the
-    run's "workdir".
+    run's "workdir". llc: True estimates the local learning coefficient of every snapshot of
+    every run (see score_run), or a collection of run names, of those runs only.
     """
     if isinstance(workdirs, str):
         workdirs = [workdirs]
@@ -375,7 +397,8 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     opened = {name: open_run(w) for name, w in zip(names, workdirs)}  # fail fast on all
     runs, last = {}, {}
     for name, run in opened.items():
-        per, last[name] = score_run(run, chunk, ablation, progress)
+        with_llc = llc is True or (bool(llc) and name in llc)
+        per, last[name] = score_run(run, chunk, ablation, progress, llc=with_llc)
         runs[name] = _jsonable(_record(name, run, per, ablation))
         run_dir = workdir_lib.path(out) if single else workdir_lib.path(out) / name
         workdir_lib.write_text(run_dir / "scores.json", json.dumps(runs[name]))

@@ -57,6 +57,9 @@ def build_parser():
     p.add_argument("--ablation", default="pattern", type=_ablation,
                    help="how heads are ablated for their ICL attribution: pattern (patterns "
                         "frozen; default), zero or mean")
+    p.add_argument("--llc", action="store_true",
+                   help="also estimate the local learning coefficient of every snapshot "
+                        "(SGLD chains; the config's llc section; minutes on a CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("reproduce", help="train the paper's family, analyse it, check the claims",
@@ -66,6 +69,8 @@ def build_parser():
                    help="quick: synthetic data, minutes on a CPU; text: the Python standard "
                         "library; paper: the paper's shapes, for accelerators")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llc", action="store_true",
+                   help="also the local learning coefficient of every 1l and 2l snapshot")
     p.add_argument("--update-readme", action="store_true",
                    help="copy results.md and three figures into README.md's Results section "
                         "(and docs/results/)")
@@ -144,7 +149,7 @@ def cmd_analyze(args, overrides):
               file=sys.stderr)
         return 2
     result = analysis.analyze(args.workdir, out=args.out, chunk=args.chunk,
-                              ablation=args.ablation, progress=not args.quiet)
+                              ablation=args.ablation, progress=not args.quiet, llc=args.llc)
     for row in analysis.headline(result):
         print(f"{row['run']}: ICL {row['ICL score (last)']:+.3f}; phase change: "
               f"{row['phase change']}; induction heads: {row['induction heads']}")
@@ -166,8 +171,8 @@ def cmd_export(args, overrides):
 
 def cmd_reproduce(args, overrides):
     from icl_jax import reproduce
-    out = reproduce.reproduce(args.profile, args.workdir, args.seed, overrides,
-                              progress=not args.quiet)
+    reproduce.reproduce(args.profile, args.workdir, args.seed, overrides,
+                        progress=not args.quiet, llc=args.llc)
     print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
     if args.update_readme:
         import os

@@ -251,9 +251,8 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
 def plot_llc(steps, llc, llc_std, icl_score, phase_change=None, title: str = ""):
     """A figure of the LLC across training (mean +- std over chains) beside the ICL score,
     the phase change (analysis.detect_phase_change's dict) shaded in both."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from icl_jax.report import pyplot
+    plt = pyplot()
     steps, llc, llc_std = (np.asarray(x, np.float64) for x in (steps, llc, llc_std))
     fig, (ax_llc, ax_icl) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
     # step 0 has no place on a log axis; the shared x axis is log when steps span decades

@@ -21,9 +21,11 @@ from icl_jax import analysis, workdir as workdir_lib
 # ----------------------------------------------------------------------------- figures
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (files, no display)."""
+    """matplotlib.pyplot, on the Agg backend (files, no display) unless in a notebook, whose
+    inline backend must stay as it is."""
     import matplotlib
-    matplotlib.use("Agg")
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
@@ -291,6 +293,11 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True) 
                   ("attention", lambda: plot_attention(
                       last.probe_attention_LHTS[l, h],
                       f"{name}: L{l}H{h} on a repeated sequence, step {last.step}"))]
+        if run.get("llc") is not None:
+            from icl_jax import llc
+            makers.append(("llc", lambda: llc.plot_llc(
+                run["steps"], run["llc"], run["llc_std"], run["icl_score"],
+                run["phase_change"], f"{name}: local learning coefficient")))
         for fname, make in makers:
             path = os.path.join(run_dir, f"{fname}.png")
             save_figure(make(), path)

@@ -72,7 +72,10 @@ def update_readme(workdir: str, readme: str, figures_dir: str):
 # ----------------------------------------------------------------------------- the command
 
 def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int = 0,
-              overrides: dict | None = None, progress: bool = True) -> dict:
+              overrides: dict | None = None, progress: bool = True, llc: bool = False) -> dict:
+    """Trains the profile's family (finished members skipped, unfinished resumed), analyses
+    it, checks the claims and writes results.md, claims.json and report.html in `workdir`.
+    llc: also the local learning coefficient of every snapshot of the 1l and 2l members."""
     spec, texts = sweep_file(profile), _overrides(seed, overrides)
     names = [m.name for m in sweep.resolve(spec, workdir, texts)]  # config errors first
     # one member after another in this process, as fast as one `train` each (no process
@@ -88,7 +91,8 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
 
     t_analysis = time.time()
     result = analysis.analyze([os.path.join(workdir, n) for n in names], out=workdir,
-                              progress=progress, figures=False)
+                              progress=progress, figures=False,
+                              llc={"1l", "2l"} if llc else False)
     rows, found = claims.check_claims(result)
     text = claims.results_markdown(rows, found, profile, train_seconds,
                                    time.time() - t_analysis)

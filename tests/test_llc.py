@@ -244,3 +244,35 @@ def test_plot_llc_shades_the_phase_change():
         assert lo == pytest.approx(3000, rel=1e-3) and hi == pytest.approx(4800, rel=1e-3)
     fig = llc.plot_llc(steps, [1] * 5, [0] * 5, [0] * 5, {"detected": False})
     assert not [p for ax in fig.axes for p in ax.patches if p.get_label() == "phase change"]
+
+
+def test_analyze_llc_adds_every_snapshots_estimate_and_a_figure(tmp_path):
+    """icl-jax analyze --llc: the chunked estimates made inside the scoring pass equal one
+    call of llc_over_snapshots over the whole run (same batches, same noise); they land in
+    scores.json with every chain's loss trace, and the figure in the report."""
+    import json
+    from conftest import tiny_config
+    from icl_jax import analysis, checkpoints, cli, data as data_lib, train
+    config = tiny_config("layers=2", **{"llc.chains": 2, "llc.draws": 4, "llc.examples": 64,
+                                        "llc.batch_size": 8})
+    workdir = tmp_path / "2l"
+    train.train_and_evaluate(config, str(workdir), progress=False)
+    out = tmp_path / "a"
+    result = analysis.analyze([str(workdir)], out=str(out), chunk=4, progress=False, llc=True)
+    saved = json.loads((out / "scores.json").read_text())
+    steps = saved["steps"]
+    assert len(steps) > 4  # more than one chunk
+    assert len(saved["llc"]) == len(saved["llc_std"]) == len(steps)
+    assert np.asarray(saved["llc_loss_trace"]).shape == (len(steps), 2, 4)
+    run = checkpoints.Run(str(workdir))
+    pool = data_lib.make_source(run.config).eval_set(64, run.config.model.context + 1)
+    whole = llc.llc_over_snapshots(run.model, [run.params(s) for s in steps], pool,
+                                   run.config.llc, steps=steps, seed=run.config.seed,
+                                   chunk=len(steps))
+    np.testing.assert_allclose(saved["llc"], whole["llc"], rtol=1e-3, atol=1e-4)
+    assert (out / "llc.png").exists()
+    assert result["runs"]["2l"]["llc"] == saved["llc"]
+    assert cli.build_parser().parse_args(["analyze", "--workdir", "w", "--llc"]).llc
+    no_llc = analysis.analyze([str(workdir)], out=str(tmp_path / "b"), progress=False,
+                              figures=False)
+    assert "llc" not in no_llc["runs"]["2l"]
