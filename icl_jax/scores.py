@@ -2,7 +2,7 @@
 
 Each one is jit-able and vmappable over a leading axis of stacked params
 (snapshots or ensemble members): jax.vmap(lambda p: icl_score(model, p, ...))(stacked).
-Definitions follow ../shared/paper-notes.md.
+Definitions: docs/measurements.md.
 """
 from __future__ import annotations
 

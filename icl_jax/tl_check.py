@@ -6,7 +6,7 @@ through its hook points (run_with_cache, run_with_hooks) and its weights (model.
 model.all_composition_scores), with torch ops and none of icl_jax.scores: a second,
 independent implementation of scores.snapshot_scores, which
 tests/test_tl_check.py holds ours against and icl-jax bench --suite score times ours against.
-Definitions follow ../shared/paper-notes.md. Attention-only models and models with
+Definitions: docs/measurements.md. Attention-only models and models with
 MLPs, without LayerNorm or smeared keys. Needs torch and transformer_lens.
 """
 from __future__ import annotations
