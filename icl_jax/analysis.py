@@ -171,17 +171,7 @@ def induction_heads(prefix_matching_LH, copying_LH, prefix_threshold: float,
 
 # ----------------------------------------------------------------------------- scoring
 
-STACKING = ("vmap", "map")
-
-
-def default_stacking() -> str:
-    """How a chunk of snapshots is scored in one program on this backend.
-
-    XLA's CPU code runs vmapped per-snapshot products as slow batched kernels (16
-    snapshots vmapped took 1.6x as long as a loop over them); one snapshot after another
-    inside the program (lax.map) does not. Accelerators take the vmapped batch.
-    """
-    return "map" if jax.devices()[0].platform == "cpu" else "vmap"
+from icl_jax.scores import STACKING, default_stacking  # noqa: E402  (bench names them here)
 
 
 def scorer(model, early: int, late: int, n_tokens: int, ablation: str = "pattern",
@@ -373,9 +363,9 @@ def shared_pca(runs: dict) -> dict:
 
 
 def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = True,
-            ablation: str = "pattern", figures: bool = True, llc=False) -> dict:
-    """Scores every snapshot of every run, writes scores.json and pca.json, and with
-    `figures` the figures and report.html (report.write_report).
+            ablation: str = "pattern", llc=False) -> dict:
+    """Scores every snapshot of every run and writes scores.json and pca.json; the figures
+    and report.html are report.write_report's, from what this returns.
 
     One run: everything goes to `out` (default <workdir>/analysis). Several runs: each
     run's files go to out/<run name>/ and the shared PCA and report to `out` (default
@@ -405,9 +395,6 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     pca = shared_pca(runs)
     workdir_lib.write_text(workdir_lib.path(out) / "pca.json", json.dumps(_jsonable(pca)))
     result = {"runs": runs, "pca": pca, "out": out, "last": last}
-    if figures:
-        from icl_jax import report  # matplotlib is imported only when figures are asked for
-        report.write_report(result, progress=progress)
     return result
 
 

@@ -150,6 +150,8 @@ def cmd_analyze(args, overrides):
         return 2
     result = analysis.analyze(args.workdir, out=args.out, chunk=args.chunk,
                               ablation=args.ablation, progress=not args.quiet, llc=args.llc)
+    from icl_jax import report
+    report.write_report(result, progress=not args.quiet)
     for row in analysis.headline(result):
         print(f"{row['run']}: ICL {row['ICL score (last)']:+.3f}; phase change: "
               f"{row['phase change']}; induction heads: {row['induction heads']}")

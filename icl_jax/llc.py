@@ -200,7 +200,7 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     (a list of trees is stacked here); data: held-out tokens [N, T + 1] (e.g.
     data.make_source(config).eval_set(cfg.examples, context + 1)); cfg: the `llc`
     section; steps: the snapshots' training steps, to name a chain that went bad;
-    stacking: "vmap" or "map" (default: analysis.default_stacking()). Snapshots run
+    stacking: "vmap" or "map" (default: scores.default_stacking()). Snapshots run
     `chunk` at a time, one compiled call each (the last chunk padded, so one compile).
     Returns numpy arrays llc [S], llc_std [S], llc_chains [S, C], chain_ok [S, C],
     init_loss [S], loss_trace [S, C, draws], and nbeta, diverged (a list of {step,
@@ -214,7 +214,7 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     if len(steps) != n_snap:
         raise ValueError(f"{len(steps)} steps given for {n_snap} snapshots")
     if stacking is None:
-        from icl_jax.analysis import default_stacking
+        from icl_jax.scores import default_stacking
         stacking = default_stacking()
     if stacking not in ("vmap", "map"):
         raise ValueError(f"stacking must be 'vmap' or 'map', got {stacking!r}")
@@ -244,37 +244,3 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     out["diverged"] = [{"step": d.pop("snapshot step"), **d} for p in per for d in p["diverged"]]
     out["messages"] = [m for p in per for m in p["messages"]]
     return out
-
-
-# ----------------------------------------------------------------------------- figure
-
-def plot_llc(steps, llc, llc_std, icl_score, phase_change=None, title: str = ""):
-    """A figure of the LLC across training (mean +- std over chains) beside the ICL score,
-    the phase change (analysis.detect_phase_change's dict) shaded in both."""
-    from icl_jax.report import pyplot
-    plt = pyplot()
-    steps, llc, llc_std = (np.asarray(x, np.float64) for x in (steps, llc, llc_std))
-    fig, (ax_llc, ax_icl) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
-    # step 0 has no place on a log axis; the shared x axis is log when steps span decades
-    log = steps.size > 1 and (steps > 0).any() and steps[steps > 0].max() / max(
-        steps[steps > 0].min(), 1) >= 30
-    keep = steps > 0 if log else np.ones_like(steps, bool)
-    ax_llc.plot(steps[keep], llc[keep], "o-", ms=3, color="C0")
-    ax_llc.fill_between(steps[keep], (llc - llc_std)[keep], (llc + llc_std)[keep],
-                        color="C0", alpha=0.25, lw=0)
-    ax_llc.set(xlabel="training step", ylabel="local learning coefficient", title="LLC")
-    icl = np.asarray(icl_score, np.float64)
-    scored = keep & np.isfinite(icl)  # the ICL score may exist only at evaluation steps
-    ax_icl.plot(steps[scored], icl[scored], "o-", ms=3, color="C1")
-    ax_icl.set(xlabel="training step", ylabel="ICL score (nats)", title="in-context learning")
-    for ax in (ax_llc, ax_icl):
-        if log:
-            ax.set_xscale("log")
-        if phase_change and phase_change.get("detected"):
-            ax.axvspan(phase_change["start_step"], phase_change["end_step"], color="0.6",
-                       alpha=0.3, lw=0, label="phase change")
-            ax.legend(loc="best", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig

@@ -199,6 +199,37 @@ def plot_family(result):
     return fig
 
 
+def plot_llc(steps, llc, llc_std, icl_score, phase_change=None, title: str = ""):
+    """A figure of the LLC across training (mean +- std over chains) beside the ICL score,
+    the phase change (analysis.detect_phase_change's dict) shaded in both."""
+    plt = pyplot()
+    steps, llc, llc_std = (np.asarray(x, np.float64) for x in (steps, llc, llc_std))
+    fig, (ax_llc, ax_icl) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+    # step 0 has no place on a log axis; the shared x axis is log when steps span decades
+    log = steps.size > 1 and (steps > 0).any() and steps[steps > 0].max() / max(
+        steps[steps > 0].min(), 1) >= 30
+    keep = steps > 0 if log else np.ones_like(steps, bool)
+    ax_llc.plot(steps[keep], llc[keep], "o-", ms=3, color="C0")
+    ax_llc.fill_between(steps[keep], (llc - llc_std)[keep], (llc + llc_std)[keep],
+                        color="C0", alpha=0.25, lw=0)
+    ax_llc.set(xlabel="training step", ylabel="local learning coefficient", title="LLC")
+    icl = np.asarray(icl_score, np.float64)
+    scored = keep & np.isfinite(icl)  # the ICL score may exist only at evaluation steps
+    ax_icl.plot(steps[scored], icl[scored], "o-", ms=3, color="C1")
+    ax_icl.set(xlabel="training step", ylabel="ICL score (nats)", title="in-context learning")
+    for ax in (ax_llc, ax_icl):
+        if log:
+            ax.set_xscale("log")
+        if phase_change and phase_change.get("detected"):
+            ax.axvspan(phase_change["start_step"], phase_change["end_step"], color="0.6",
+                       alpha=0.3, lw=0, label="phase change")
+            ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- the page
 
 def save_figure(fig, path):
@@ -294,8 +325,7 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True) 
                       last.probe_attention_LHTS[l, h],
                       f"{name}: L{l}H{h} on a repeated sequence, step {last.step}"))]
         if run.get("llc") is not None:
-            from icl_jax import llc
-            makers.append(("llc", lambda: llc.plot_llc(
+            makers.append(("llc", lambda: plot_llc(
                 run["steps"], run["llc"], run["llc_std"], run["icl_score"],
                 run["phase_change"], f"{name}: local learning coefficient")))
         for fname, make in makers:

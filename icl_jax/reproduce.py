@@ -91,7 +91,7 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
 
     t_analysis = time.time()
     result = analysis.analyze([os.path.join(workdir, n) for n in names], out=workdir,
-                              progress=progress, figures=False,
+                              progress=progress,
                               llc={"1l", "2l"} if llc else False)
     rows, found = claims.check_claims(result)
     text = claims.results_markdown(rows, found, profile, train_seconds,

@@ -448,9 +448,10 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
     if analyze and not interrupted:
         done = [m.workdir for m in selected if states[m.name] == "done"]
         if done:
-            from icl_jax import analysis
+            from icl_jax import analysis, report
             result = analysis.analyze(done, out=os.path.join(workdir, "analysis"),
                                       progress=progress)
+            report.write_report(result, progress=progress)
             index.data["analysis"] = result["out"]
             index.write()
             say(f"analysis of {len(done)} member(s): {result['out']}/report.html")

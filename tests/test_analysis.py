@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from icl_jax import analysis, checkpoints, cli, scores
+from icl_jax import analysis, checkpoints, cli, report, scores
 from icl_jax.model import init_params, make_model
 from conftest import tiny_config
 
@@ -38,6 +38,7 @@ def test_analyze_writes_scores_figures_report(trained_2l, tmp_path, monkeypatch)
     root, workdir = trained_2l
     restored, opened = _count_restores(monkeypatch)
     result = analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False)
+    report.write_report(result, progress=False)
     saved = json.loads((tmp_path / "scores.json").read_text())
     run = result["runs"]["2l"]
     assert saved["steps"] == run["steps"] == sorted(run["steps"])
@@ -74,8 +75,7 @@ def test_the_kept_last_snapshot_is_the_runs_newest(trained_2l):
     """The attention the report draws and the params the claims ablate are those of the
     newest snapshot, as a fresh Run computes them."""
     _, workdir = trained_2l
-    result = analysis.analyze([str(workdir)], out=None, chunk=16, progress=False,
-                              figures=False)
+    result = analysis.analyze([str(workdir)], out=None, chunk=16, progress=False)
     last = result["last"]["2l"]
     run = checkpoints.Run(str(workdir))
     assert last.step == run.steps[-1] == 20
@@ -100,7 +100,7 @@ def test_notebook_example_in_docs_runs(trained_2l, monkeypatch):
 def test_analyze_several_runs_share_one_pca(trained_2l, tmp_path):
     _, workdir = trained_2l
     result = analysis.analyze([str(workdir), str(workdir)], out=str(tmp_path), chunk=4,
-                              progress=False, figures=False)
+                              progress=False)
     assert set(result["runs"]) == {"2l", "2l_2"}
     assert (tmp_path / "2l" / "scores.json").exists() and (tmp_path / "2l_2" / "scores.json").exists()
     assert not (tmp_path / "report.html").exists()

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from icl_jax import llc
+from icl_jax import llc, report
 
 
 def llc_cfg(**kw):
@@ -233,7 +233,7 @@ def test_agrees_with_devinterp(layers, sampler):
 def test_plot_llc_shades_the_phase_change():
     steps = [0, 10, 100, 1000, 5000]
     pc = {"detected": True, "start_step": 3000, "end_step": 4800}
-    fig = llc.plot_llc(steps, [9, 8, 5, 10, 20], [0.1] * 5, [np.nan, -0.1, np.nan, -0.2, -0.9], pc)
+    fig = report.plot_llc(steps, [9, 8, 5, 10, 20], [0.1] * 5, [np.nan, -0.1, np.nan, -0.2, -0.9], pc)
     assert len(fig.axes) == 2
     for ax in fig.axes:  # one shaded span from start_step to end_step in each panel
         spans = [p for p in ax.patches if p.get_label() == "phase change"]
@@ -242,7 +242,7 @@ def test_plot_llc_shades_the_phase_change():
         to_data = ax.transData.inverted()
         lo, hi = to_data.transform((x0, 0))[0], to_data.transform((x1, 0))[0]
         assert lo == pytest.approx(3000, rel=1e-3) and hi == pytest.approx(4800, rel=1e-3)
-    fig = llc.plot_llc(steps, [1] * 5, [0] * 5, [0] * 5, {"detected": False})
+    fig = report.plot_llc(steps, [1] * 5, [0] * 5, [0] * 5, {"detected": False})
     assert not [p for ax in fig.axes for p in ax.patches if p.get_label() == "phase change"]
 
 
@@ -259,6 +259,7 @@ def test_analyze_llc_adds_every_snapshots_estimate_and_a_figure(tmp_path):
     train.train_and_evaluate(config, str(workdir), progress=False)
     out = tmp_path / "a"
     result = analysis.analyze([str(workdir)], out=str(out), chunk=4, progress=False, llc=True)
+    report.write_report(result, progress=False)
     saved = json.loads((out / "scores.json").read_text())
     steps = saved["steps"]
     assert len(steps) > 4  # more than one chunk
@@ -273,6 +274,5 @@ def test_analyze_llc_adds_every_snapshots_estimate_and_a_figure(tmp_path):
     assert (out / "llc.png").exists()
     assert result["runs"]["2l"]["llc"] == saved["llc"]
     assert cli.build_parser().parse_args(["analyze", "--workdir", "w", "--llc"]).llc
-    no_llc = analysis.analyze([str(workdir)], out=str(tmp_path / "b"), progress=False,
-                              figures=False)
+    no_llc = analysis.analyze([str(workdir)], out=str(tmp_path / "b"), progress=False)
     assert "llc" not in no_llc["runs"]["2l"]

@@ -114,8 +114,7 @@ def test_analyze_skips_a_corrupt_snapshot_with_a_warning(tmp_path, capfd):
     train.train_and_evaluate(tiny_config(), work, progress=False)
     for victim in _data_files(os.path.join(work, "snapshots", "12")):
         os.remove(victim)
-    result = analysis.analyze([work], out=str(tmp_path / "a"), chunk=4, progress=False,
-                              figures=False)
+    result = analysis.analyze([work], out=str(tmp_path / "a"), chunk=4, progress=False)
     assert "skipping snapshot 12" in capfd.readouterr().err
     steps = result["runs"]["run"]["steps"]
     assert steps == [s for s in checkpoints.snapshot_steps(12, 4, 2) if s != 12]
