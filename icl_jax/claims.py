@@ -30,7 +30,7 @@ THRESHOLDS = {
     # inside the window than over an equally long span (in ln step) before it
     "pca_speedup": 2.0,
     # claim 3: the induction heads' summed attribution is at least this share of the ICL
-    # gained since before the phase change, and every other head's |attribution| is at most
+    # gained since before the phase change, and every other head's attribution is at most
     # this fraction of the largest induction head's, at the last snapshot and at every
     # snapshot after the window
     "ablation_share": 0.5, "other_head_fraction": 0.25,
@@ -310,16 +310,19 @@ def _claim2(runs) -> list[dict]:
 
 
 def _attribution_checks(abl_LH, ind, gained, t):
-    """(induction share, largest other |attribution| / largest induction attribution)."""
+    """(induction heads' summed attribution / ICL gained, largest other head's attribution /
+    largest induction head's)."""
     abl = np.asarray(abl_LH, np.float64)
     mask = np.zeros(abl.shape, bool)
     for l, h in ind:
         mask[l, h] = True
     top = abl[mask].max()
     share = abl[mask].sum() / gained if gained > 0 else None
-    other = np.abs(abl[~mask]).max() / top if (~mask).any() and top > 0 else (
-        0.0 if not (~mask).any() else None)
-    return share, other
+    # signed: a head whose removal makes the score *better* (a background head that raises
+    # the early index's loss more than the late one's) does not carry in-context learning
+    if not (~mask).any():
+        return share, 0.0
+    return share, (abl[~mask].max() / top if top > 0 else None)
 
 
 def _claim3(runs, t) -> list[dict]:
@@ -353,7 +356,7 @@ def _claim3(runs, t) -> list[dict]:
         checks.append(_check(n, f"last snapshot: {names}' summed attribution / ICL gained",
                              last_share, t["ablation_share"], "unmeasurable" if last_share is None
                              else _status(last_share >= t["ablation_share"])))
-        checks.append(_check(n, "last snapshot: largest other head's |attribution| / largest "
+        checks.append(_check(n, "last snapshot: largest other head's attribution / largest "
                                 "induction head's", last_other, t["other_head_fraction"],
                              "unmeasurable" if last_other is None
                              else _status(last_other <= t["other_head_fraction"])))

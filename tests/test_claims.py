@@ -322,7 +322,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "data", "early_family.json")
 
 
 def test_a_family_stopped_before_any_induction_head_supports_no_claim():
-    """Scores of the quick profile's six members (seed 0) at steps 0-1,000, copied from a
+    """Scores of the quick profile's six members (seed 0) at steps 0-500, copied from a
     real run (tests/data/early_family.json, see its "source"): no head has formed yet."""
     with open(FIXTURE) as f:
         fixture = json.load(f)
