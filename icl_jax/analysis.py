@@ -36,8 +36,15 @@ def gaussian_smooth(y, sigma_points):
     return np.convolve(padded, k, mode="valid")
 
 
-def detect_phase_change(steps, icl, tokens=None, *, axis: str = "log", smooth: float = 0.05,
-                        frac: float = 0.3, min_drop: float = 0.1, min_share: float = 0.4,
+def _spread_by_smoothing(frac: float) -> float:
+    """Width, in units of the smoothing's sigma, of the window (rate > frac x peak) that
+    smoothing alone gives an instantaneous step: the Gaussian above frac of its peak."""
+    return 2 * math.sqrt(2 * math.log(1 / frac))
+
+
+def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "log",
+                        smooth: float = 0.05, frac: float = 0.3, min_drop: float = 0.1,
+                        noise_factor: float = 3.0, min_share: float = 0.4,
                         max_width: float = 1.0, grid: int = 512) -> dict:
     """The training window in which the ICL score drops abruptly, by a stated rule.
 
@@ -46,29 +53,55 @@ def detect_phase_change(steps, icl, tokens=None, *, axis: str = "log", smooth: f
       2. Interpolate the ICL score linearly onto `grid` even points in x and smooth it
          with a Gaussian of standard deviation `smooth` (in x units; for axis
          "linear" a fraction of the step range).
-      3. rate = -d(ICL)/dx; the peak is its maximum.
-      4. The window is the contiguous span around the peak where rate > frac * peak.
-      5. Detected only if: the drop across the window is at least `min_drop` nats,
-         and at least `min_share` of the smoothed curve's whole fall (from its highest
-         point to its lowest point after it; early training first raises the score);
-         the window spans at most `max_width` in x (log axis: 1.0 = a factor e of
-         steps; a smooth, slowly improving curve is spread wider); and the window
-         ends before the last snapshot (the score has settled again).
+      3. rate = -d(ICL)/dx. Every local maximum of rate is a candidate, steepest first;
+         a candidate's window is the contiguous span around it where rate > frac x its
+         rate.
+      4. The drop threshold of a window is max(min_drop, noise_factor x
+         sqrt(se_start^2 + se_end^2)), se the ICL score's standard error (`icl_se`, one
+         per snapshot, interpolated at the window's edges; 0 when not given): a drop the
+         evaluation set's noise could make does not count.
+      5. A candidate is the phase change if: its drop (smoothed score at the start minus
+         at the end) is at least the threshold, and at least `min_share` of the smoothed
+         curve's fall around it (from its highest point within max_width before the
+         window's start to its lowest point within max_width after its end); its
+         width, less the spread smoothing alone gives a step (in quadrature: 3.1 x smooth
+         at frac 0.3), is at most `max_width` in x (log axis: 1.0 = a factor e of steps;
+         a smooth, slowly improving curve is spread wider); it ends before the last
+         snapshot (the score has settled again); and it is not the early transient, in
+         which the score rises while the model learns the background statistics and falls
+         back: a window whose fall begins at the top of the rise (the smoothed score falls
+         all the way from its highest point before the window's end into the window) must
+         end below the score at the first snapshot (initialisation) by at least min_drop.
+      6. The first candidate that passes is reported; if none does, the steepest one's
+         window is, with `reason` naming the condition it failed.
     Returns {detected, reason, start_step, end_step, peak_step, start_tokens,
-    end_tokens, icl_before, icl_after, drop}; steps are those of the window's
-    edges in the smoothed curve, ICL before/after the smoothed values there.
+    end_tokens, icl_before, icl_after, drop, drop_threshold, se_before, se_after,
+    icl_first, candidates, rule}; steps are those of the window's edges in the smoothed
+    curve, ICL before/after the smoothed values there.
     """
     steps = np.asarray(steps, np.float64)
     icl = np.asarray(icl, np.float64)
+    se = (np.zeros_like(icl) if icl_se is None else
+          np.nan_to_num(np.asarray(icl_se, np.float64), nan=0.0))
+    if se.shape != icl.shape:
+        raise ValueError(f"icl_se has {se.shape} entries but icl has {icl.shape}")
     order = np.argsort(steps)
-    steps, icl = steps[order], icl[order]
-    keep = np.isfinite(icl) & ((steps > 0) if axis == "log" else np.ones_like(steps, bool))
-    steps, icl = steps[keep], icl[keep]
+    steps, icl, se = steps[order], icl[order], se[order]
+    finite = np.isfinite(icl)
+    steps, icl, se = steps[finite], icl[finite], se[finite]
     out = {"detected": False, "reason": "", "rule": {
         "axis": axis, "smooth": smooth, "frac": frac, "min_drop": min_drop,
-        "min_share": min_share, "max_width": max_width},
+        "noise_factor": noise_factor, "min_share": min_share, "max_width": max_width},
         "start_step": None, "end_step": None, "peak_step": None, "start_tokens": None,
-        "end_tokens": None, "icl_before": None, "icl_after": None, "drop": None}
+        "end_tokens": None, "icl_before": None, "icl_after": None, "drop": None,
+        "drop_threshold": None, "se_before": None, "se_after": None,
+        "icl_first": float(icl[0]) if len(icl) else None, "candidates": 0}
+    if len(steps) == 0:
+        out["reason"] = "no finite ICL score"
+        return out
+    first_icl = float(icl[0])  # initialisation: step 0 counts here
+    keep = (steps > 0) if axis == "log" else np.ones_like(steps, bool)
+    steps, icl, se = steps[keep], icl[keep], se[keep]
     if len(steps) < 4:
         out["reason"] = f"too few snapshots ({len(steps)}) to find a phase change"
         return out
@@ -77,44 +110,81 @@ def detect_phase_change(steps, icl, tokens=None, *, axis: str = "log", smooth: f
     dx = xg[1] - xg[0]
     sigma = smooth if axis == "log" else smooth * (x[-1] - x[0])
     yg = gaussian_smooth(np.interp(xg, x, icl), sigma / dx)
+    seg = np.interp(xg, x, se)
     rate = -np.gradient(yg, dx)
-    p = int(np.argmax(rate))
-    if rate[p] <= 0:
+    inner = np.r_[rate[0] > rate[1], (rate[1:-1] >= rate[:-2]) & (rate[1:-1] > rate[2:]),
+                  rate[-1] > rate[-2]]
+    peaks = [int(i) for i in np.nonzero(inner & (rate > 0))[0]]
+    peaks.sort(key=lambda i: -rate[i])
+    out["candidates"] = len(peaks)
+    if not peaks:
         out["reason"] = "the ICL score never decreases"
         return out
-    above = rate > frac * rate[p]
-    a = p
-    while a > 0 and above[a - 1]:
-        a -= 1
-    b = p
-    while b < grid - 1 and above[b + 1]:
-        b += 1
     to_step = (lambda v: float(np.exp(v))) if axis == "log" else float
-    drop = float(yg[a] - yg[b])
-    top = int(np.argmax(yg))  # the score first rises from its value at initialisation
-    total = float(yg[top] - yg[top:].min())
-    width = float(xg[b] - xg[a])
-    out.update(start_step=round(to_step(xg[a])), end_step=round(to_step(xg[b])),
-               peak_step=round(to_step(xg[p])), icl_before=float(yg[a]),
-               icl_after=float(yg[b]), drop=drop)
-    if tokens is not None:  # tokens grow linearly with steps
-        tokens = np.asarray(tokens, np.float64)[order][keep]
+    spread = _spread_by_smoothing(frac) * sigma
+
+    def from_top(a, b):
+        """Does the window's fall begin at the top of the score's rise, the smoothed score
+        falling all the way from its highest point before the window's end into the window
+        (a rise and a fall in one bump, with no plateau between)?"""
+        top = int(np.argmax(yg[:b + 1]))
+        return top <= a and bool(np.all(rate[top + 1:a + 1] > 0))
+
+    def judge(p):
+        above = rate > frac * rate[p]
+        a = p
+        while a > 0 and above[a - 1]:
+            a -= 1
+        b = p
+        while b < grid - 1 and above[b + 1]:
+            b += 1
+        drop = float(yg[a] - yg[b])
+        threshold = max(min_drop, noise_factor * math.hypot(seg[a], seg[b]))
+        below_first = first_icl - float(yg[b])
+        # the fall around the window: from the highest point within max_width before it to
+        # the lowest within max_width after it (an earlier transient's peak stays out)
+        before = (xg <= xg[a]) & (xg >= xg[a] - max_width)
+        after = (xg >= xg[b]) & (xg <= xg[b] + max_width)
+        total = float(yg[before].max() - yg[after].min())
+        width = float(xg[b] - xg[a])
+        net_width = math.sqrt(max(width ** 2 - spread ** 2, 0.0))
+        w = dict(start_step=round(to_step(xg[a])), end_step=round(to_step(xg[b])),
+                 peak_step=round(to_step(xg[p])), icl_before=float(yg[a]),
+                 icl_after=float(yg[b]), drop=drop, drop_threshold=threshold,
+                 se_before=float(seg[a]), se_after=float(seg[b]))
+        if drop < threshold:
+            why = (f"the drop is only {drop:.3f} nats (< {threshold:.3f} = max({min_drop}, "
+                   f"{noise_factor} x the standard error of the difference))")
+        elif drop < min_share * total:
+            why = (f"the drop ({drop:.3f}) is under {min_share:.0%} of the score's fall "
+                   f"around it ({total:.3f}): a steep part of a gradual decline")
+        elif net_width > max_width:
+            why = (f"the drop is spread over {width:.2f} {axis}-step units ({net_width:.2f} "
+                   f"less the smoothing's own spread; > {max_width}): gradual, not abrupt")
+        elif b == grid - 1:
+            why = "the score is still falling at the last snapshot"
+        elif from_top(a, b) and below_first < min_drop:
+            why = (f"the score falls from the top of its first rise and ends ({yg[b]:+.3f}) "
+                   f"not below its value at the first snapshot ({first_icl:+.3f}) by "
+                   f"{min_drop}: the early transient, not in-context learning")
+        else:
+            why = ""
+        return w, why
+
+    steepest = None
+    for p in peaks:
+        w, why = judge(p)
+        steepest = steepest or (w, why)
+        if not why:
+            out.update(w, detected=True, reason="abrupt drop")
+            break
+    else:
+        out.update(steepest[0], reason=steepest[1])
+    if tokens is not None and out["start_step"] is not None:
+        tokens = np.asarray(tokens, np.float64)[order][finite][keep]
         per_step = tokens[-1] / steps[-1] if steps[-1] else 0.0
         out.update(start_tokens=round(out["start_step"] * per_step),
                    end_tokens=round(out["end_step"] * per_step))
-    if drop < min_drop:
-        out["reason"] = f"the steepest drop is only {drop:.3f} nats (< {min_drop})"
-    elif drop < min_share * total:
-        out["reason"] = (f"the steepest drop ({drop:.3f}) is under {min_share:.0%} of the "
-                         f"score's whole fall after its peak ({total:.3f})")
-    elif width > max_width:
-        out["reason"] = (f"the drop is spread over {width:.2f} {axis}-step units "
-                         f"(> {max_width}): gradual, not abrupt")
-    elif b == grid - 1:
-        out["reason"] = "the score is still falling at the last snapshot"
-    else:
-        out["detected"] = True
-        out["reason"] = "abrupt drop"
     return out
 
 
@@ -331,6 +401,7 @@ def _record(name, run, s, ablation) -> dict:
         "thresholds": {"prefix_matching": e.induction_prefix_threshold,
                        "copying": e.induction_copying_threshold},
         "steps": s["steps"], "tokens": s["tokens"], "icl_score": s["icl_score"],
+        "icl_se": s["icl_se"],
         "loss_by_position": s["loss_by_position"],
         "prefix_matching": s["prefix_matching"], "previous_token": s["previous_token"],
         "copying": s["copying"], "copying_empirical": s["copying_empirical"],
@@ -338,7 +409,8 @@ def _record(name, run, s, ablation) -> dict:
         "per_token_loss": s["per_token_loss"],
         **{k: s[k] for k in ("llc", "llc_std", "llc_loss_trace", "llc_diverged",
                              "llc_messages") if k in s},
-        "phase_change": detect_phase_change(s["steps"], s["icl_score"], s["tokens"]),
+        "phase_change": detect_phase_change(s["steps"], s["icl_score"], s["tokens"],
+                                            icl_se=s["icl_se"]),
         "induction_heads": induction_heads(s["prefix_matching"][-1], s["copying"][-1],
                                            e.induction_prefix_threshold,
                                            e.induction_copying_threshold),

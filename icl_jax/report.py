@@ -296,7 +296,9 @@ def report_html(result, figs, preamble: str = "") -> str:
             f"</h1>{markdown_html(preamble)}{table}<p>Phase change: the rule of "
             f"icl_jax.analysis.detect_phase_change "
             f"(ln-step axis, smoothed; window where -dICL/d ln step exceeds 30% of its peak; "
-            f"drop &ge; 0.1 nats and &ge; 40% of the score's fall after its peak, within a factor e of steps)."
+            f"drop &ge; max(0.1 nats, 3 &times; the standard error of the difference) and "
+            f"&ge; 40% of the score's fall around it, within a factor e of steps; not the early "
+            f"transient, a fall from the first rise's top back to the initial score)."
             f"</p>{''.join(imgs)}</body></html>")
 
 

@@ -28,6 +28,15 @@ def icl_score_from_losses(losses_T, early: int, late: int):
     return losses_T[..., late] - losses_T[..., early]
 
 
+def icl_standard_error(losses_BT, early: int, late: int):
+    """Standard error of the ICL score over the evaluation examples: the sample standard
+    deviation of each example's loss[late] - loss[early], over sqrt(number of examples).
+    What the phase-change rule compares a drop against (256 examples: ~0.1 nats)."""
+    diff_B = losses_BT[:, late] - losses_BT[:, early]
+    n = diff_B.shape[0]
+    return jnp.std(diff_B, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.zeros((), diff_B.dtype)
+
+
 def icl_score(model, params, tokens_BT1, early: int, late: int, **interventions):
     return icl_score_from_losses(
         mean_loss_by_position(model, params, tokens_BT1, **interventions), early, late)
@@ -307,6 +316,7 @@ def snapshot_scores(model, params, inputs: dict, early: int, late: int, n_tokens
     return {
         "loss_by_position": losses_BT.mean(0),
         "icl_score": icl,
+        "icl_se": icl_standard_error(losses_BT, early, late),
         "per_token_loss": jnp.take_along_axis(losses_BT, index_B[:, None], axis=1)[:, 0],
         "prefix_matching": prefix_matching_from_attention(probe_cache["attention"], probe_BT,
                                                           n_tokens),

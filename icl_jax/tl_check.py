@@ -88,6 +88,7 @@ def score_with_hooks(model, eval_BT1, probe_BT, index_B, early: int, late: int, 
     return _numpy({
         "loss_by_position": losses_BT.mean(0),
         "icl_score": icl,
+        "icl_se": (losses_BT[:, late] - losses_BT[:, early]).std() / losses_BT.shape[0] ** 0.5,
         "per_token_loss": losses_BT.gather(1, index_B[:, None])[:, 0],
         "prefix_matching": _prefix_matching(probe_att_LBHTS, probe_BT, n_tokens),
         "previous_token": prev_LH,

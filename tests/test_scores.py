@@ -169,9 +169,12 @@ def test_snapshot_scores_equal_the_stand_alone_functions():
     for seed in range(2):
         p = init_params(model, jax.random.key(seed))
         got = jax.jit(lambda p: scores.snapshot_scores(model, p, inputs, 2, 9, 3, "mean"))(p)
+        diffs = [float(scores.icl_score(model, p, eval_BT1[b:b + 1], 2, 9)) for b in range(4)]
         want = {
             "loss_by_position": scores.mean_loss_by_position(model, p, eval_BT1),
             "icl_score": scores.icl_score(model, p, eval_BT1, 2, 9),
+            # one example at a time: the spread of their ICL scores, over sqrt(examples)
+            "icl_se": np.std(diffs, ddof=1) / 2.0,
             "per_token_loss": scores.per_token_losses(model, p, eval_BT1, inputs["pca_index_B"]),
             "prefix_matching": scores.prefix_matching(model, p, probe, 3),
             "previous_token": scores.previous_token(model, p, eval_BT1[:, :-1]),
