@@ -677,21 +677,8 @@ def _accelerator_configs(tiny: bool):
     return paper, quick, paper_data
 
 
-def _snapshot_scorer(model, e):
-    """Loss by position, ICL score and prefix matching of one snapshot (scores.*)."""
-    from icl_jax import scores
-
-    def score(params, eval_BT1, probe_BT):
-        losses_BT, _, icl = scores.clean_run(model, params, eval_BT1, e.icl_early_index,
-                                             e.icl_late_index)
-        return {"loss_T": losses_BT.mean(0), "icl_score": icl,
-                "prefix_matching_LH": scores.prefix_matching(model, params, probe_BT,
-                                                             e.probe_tokens)}
-    return score
-
-
 def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
-    from icl_jax import scores
+    from icl_jax import analysis, scores
     rows = []
     paper, quick, paper_data = _accelerator_configs(tiny)
 
@@ -728,15 +715,15 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
     n = 4 if tiny else 64
     model = make_model(quick.model)
     inputs = scores.evaluation_inputs(quick, data_lib.make_source(quick))
-    args = (jnp.asarray(inputs["eval_BT1"]), jnp.asarray(inputs["probe_BT"]))
+    inputs = jax.tree.map(jnp.asarray, inputs)
     trees = [init_params(model, jax.random.key(i)) for i in range(n)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
-    score = _snapshot_scorer(model, quick.eval)
-    vmapped = jax.jit(jax.vmap(score, in_axes=(0, None, None)))
-    single = jax.jit(score)
+    e = quick.eval  # the analysis's own scorer (scores.snapshot_scores), both ways
+    vmapped, single = (analysis.scorer(model, e.icl_early_index, e.icl_late_index,
+                                       e.probe_tokens, stacking=s) for s in ("vmap", None))
     times = interleaved({
-        "vmapped": lambda: jax.block_until_ready(vmapped(stacked, *args)),
-        "loop": lambda: [jax.block_until_ready(single(p, *args)) for p in trees]},
+        "vmapped": lambda: jax.block_until_ready(vmapped(stacked, inputs)),
+        "loop": lambda: [jax.block_until_ready(single(p, inputs)) for p in trees]},
         repeats, min_s=0)
     case = f"quick x{n} snapshots"
     rows.append(_row(case, "score vmapped", times["vmapped"], "s"))

@@ -153,6 +153,13 @@ def _eig_ratio(m):
     return (ev.real.sum(-1) / np.maximum(np.abs(ev).sum(-1), 1e-30)).astype(np.float32)
 
 
+def copying_from_ov_products(prod):
+    """The copying score [..., L, H] of ov_products' output, computed by numpy on the host:
+    what a compiled program returns instead of calling back to the host for eigenvalues
+    (an accelerator's program then holds no host callback)."""
+    return _eig_ratio(prod)
+
+
 def copying(model, params):
     """Per-head copying score [L, H] from the weights: Re(sum eig M) / sum |eig M|, in -1..1.
 
@@ -307,8 +314,11 @@ def snapshot_scores(model, params, inputs: dict, early: int, late: int, n_tokens
     set and one on the probe (inputs: what evaluation_inputs builds); pure, so it can be
     jitted, vmapped or lax.mapped over stacked snapshots.
 
-    Each score equals its stand-alone function above on the same inputs. probe_attention
-    [L, H, T, S] is the attention on the first probe sequence, kept for the report's figure.
+    Each score equals its stand-alone function above on the same inputs, but for copying:
+    "ov_products" [L, H, K, K] stands in its place, whose eigenvalues the host takes
+    (copying_from_ov_products), so that the program holds no host callback on any platform.
+    probe_attention [L, H, T, S] is the attention on the first probe sequence, kept for the
+    report's figure.
     """
     eval_BT1, probe_BT, index_B = inputs["eval_BT1"], inputs["probe_BT"], inputs["pca_index_B"]
     losses_BT, cache, icl = clean_run(model, params, eval_BT1, early, late)
@@ -321,7 +331,8 @@ def snapshot_scores(model, params, inputs: dict, early: int, late: int, n_tokens
         "prefix_matching": prefix_matching_from_attention(probe_cache["attention"], probe_BT,
                                                           n_tokens),
         "previous_token": previous_token_from_attention(cache["attention"]),
-        "copying": copying(model, params),
+        # the eigenvalues are the host's (copying_from_ov_products): no callback in here
+        "ov_products": ov_products(model, params),
         "copying_empirical": copying_empirical_from_cache(model, params, probe_cache, probe_BT,
                                                           n_tokens),
         "ablation_icl": head_ablation_icl(model, params, eval_BT1, early, late, ablation,

@@ -111,21 +111,6 @@ def test_training_step_lowers_data_parallel_over_8_devices(profile, platform, dt
     _check_precision(text, dtype)
 
 
-def _snapshot_scores(model, config):
-    """Loss by position, ICL score and prefix matching of one snapshot, from the scores.*
-    functions the analysis uses."""
-    e = config.eval
-
-    def score(params, eval_BT1, probe_BT):
-        losses_BT, _, icl = scores.clean_run(model, params, eval_BT1, e.icl_early_index,
-                                             e.icl_late_index)
-        return {"loss_T": losses_BT.mean(0), "icl_score": icl,
-                "prefix_matching_LH": scores.prefix_matching(model, params, probe_BT,
-                                                             e.probe_tokens)}
-
-    return score
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_scores_of_stacked_snapshots_and_forward_pass_lower(profile, platform, dtype):
@@ -135,12 +120,17 @@ def test_scores_of_stacked_snapshots_and_forward_pass_lower(profile, platform, d
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((SNAPSHOTS, *a.shape), a.dtype),
                            params)
-    eval_BT1 = jax.ShapeDtypeStruct((e.n_examples, T + 1), jnp.int32)
-    probe_BT = jax.ShapeDtypeStruct((e.probe_sequences, 1 + e.probe_tokens * e.probe_repeats),
-                                    jnp.int32)
-    score = jax.jit(jax.vmap(_snapshot_scores(model, config), in_axes=(0, None, None)))
-    text = _check(jax.export.export(score, platforms=(platform,))(stacked, eval_BT1, probe_BT),
-                  platform)
+    inputs = {"eval_BT1": jax.ShapeDtypeStruct((e.n_examples, T + 1), jnp.int32),
+              "probe_BT": jax.ShapeDtypeStruct(
+                  (e.probe_sequences, 1 + e.probe_tokens * e.probe_repeats), jnp.int32),
+              "pca_index_B": jax.ShapeDtypeStruct((e.n_examples,), jnp.int32)}
+
+    def one(params, inputs):  # every score the analysis computes of a snapshot
+        return scores.snapshot_scores(model, params, inputs, e.icl_early_index,
+                                      e.icl_late_index, e.probe_tokens)
+
+    score = jax.jit(jax.vmap(one, in_axes=(0, None)))
+    text = _check(jax.export.export(score, platforms=(platform,))(stacked, inputs), platform)
     _check_precision(text, dtype)
 
     forward = jax.jit(lambda p, tokens_BT: model.apply({"params": p}, tokens_BT)[0])

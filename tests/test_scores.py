@@ -169,6 +169,7 @@ def test_snapshot_scores_equal_the_stand_alone_functions():
     for seed in range(2):
         p = init_params(model, jax.random.key(seed))
         got = jax.jit(lambda p: scores.snapshot_scores(model, p, inputs, 2, 9, 3, "mean"))(p)
+        got["copying"] = scores.copying_from_ov_products(got.pop("ov_products"))
         diffs = [float(scores.icl_score(model, p, eval_BT1[b:b + 1], 2, 9)) for b in range(4)]
         want = {
             "loss_by_position": scores.mean_loss_by_position(model, p, eval_BT1),
