@@ -179,21 +179,22 @@ def strongest_prefix_matching_head(run: dict) -> tuple[int, int]:
 
 
 def plot_family(result):
-    """ICL score and best last-layer prefix matching of every run over training (shaded:
+    """ICL score and best prefix matching (any layer) of every run over training (shaded:
     each run's phase change), all in one figure: reproduce's family.png."""
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (name, run) in enumerate(result["runs"].items()):
         steps = np.maximum(np.asarray(run["steps"]), 1)
         a.plot(steps, run["icl_score"], color=f"C{i}", label=name)
-        b.plot(steps, np.asarray(run["prefix_matching"])[:, -1].max(-1), color=f"C{i}", label=name)
+        pm = np.asarray(run["prefix_matching"])  # [snapshot, layer, head]
+        b.plot(steps, pm.reshape(len(pm), -1).max(-1), color=f"C{i}", label=name)
         pc = run["phase_change"]
         if pc["detected"]:
             a.axvspan(pc["start_step"], pc["end_step"], color=f"C{i}", alpha=0.12)
     a.set(xscale="log", xlabel="training step", ylabel="ICL score (nats)",
           title="in-context learning score (shaded: phase change)")
     b.set(xscale="log", xlabel="training step", ylabel="prefix matching",
-          title="best last-layer head's prefix matching", ylim=(0, 1))
+          title="best head's prefix matching (any layer)", ylim=(0, 1))
     a.legend(fontsize=8)
     fig.tight_layout()
     return fig
