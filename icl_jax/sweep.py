@@ -248,15 +248,43 @@ def _accelerator_present() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/kfd", "/dev/accel0"))
 
 
-def child_env(jobs: int) -> dict:
+CACHE = ".jax_cache"  # <sweep workdir>/.jax_cache: compiled programs shared by its members
+
+
+def compilation_cache(workdir: str) -> str | None:
+    """The persistent compilation cache of a sweep: JAX_COMPILATION_CACHE_DIR if set, else
+    <workdir>/.jax_cache ('' in that variable turns it off). Members of one shape then
+    compile once per sweep, not once per member (and once per resume)."""
+    given = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if given is not None:
+        return given or None
+    return None if workdir_lib.is_remote(workdir) else os.path.join(
+        workdir_lib.absolute(workdir), CACHE)
+
+
+def use_compilation_cache(directory: str | None):
+    """Points this process's jax at `directory`, caching every compilation (the small
+    models here compile in well under jax's default 1 s threshold)."""
+    if directory:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def child_env(jobs: int, cache: str | None = None) -> dict:
     """The environment of one member's process when `jobs` run at once.
 
     On CPU each child gets a single-threaded XLA (Eigen) so that N children share the
     cores instead of fighting over them (pinning each to a core measured no better: the
     kernel balances better than a fixed split on a shared machine); on a GPU each gets
-    1/N of its memory.
+    1/N of its memory. Every child shares the sweep's compilation cache.
     """
     env = dict(os.environ)
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     if jobs > 1:
         if _accelerator_present():
             env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.2f}")
@@ -291,9 +319,9 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _run_pool(members, index, jobs, progress, say):
+def _run_pool(members, index, jobs, progress, say, cache=None):
     """Runs each member's train process, `jobs` at a time; updates the index as they go."""
-    env = child_env(jobs)
+    env = child_env(jobs, cache)
     queue, running = list(members), {}
     last_report = time.time()
     with _Stop() as stop:
@@ -436,9 +464,12 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
     say(f"sweep {spec}: {len(selected)} member(s), {len(selected) - len(todo)} already "
         f"finished; {len(todo)} to train ({jobs} at a time) in {workdir}")
     t0 = time.time()
+    cache = compilation_cache(workdir)
+    if groups:
+        use_compilation_cache(cache)  # members trained in this process
     for g in groups:
         _run_ensemble(g, index, progress, say)
-    interrupted = _run_pool(singles, index, jobs, progress, say) if singles else None
+    interrupted = _run_pool(singles, index, jobs, progress, say, cache) if singles else None
 
     states = {m.name: index.data["members"][m.name]["status"] for m in selected}
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "pending", "failed")}

@@ -166,3 +166,21 @@ def test_a_tiny_sweep_trains_indexes_and_skips(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 already finished; 0 to train" in err and "started" not in err
     assert again["members"]["a"]["started"] == saved["members"]["a"]["started"]
+
+
+def test_members_of_one_shape_compile_once_per_sweep(tmp_path, monkeypatch):
+    """The sweep's persistent compilation cache: a second member that differs only in its
+    seed finds every program the first one compiled (no new cache entry)."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    wd = str(tmp_path / "runs")
+    cache = os.path.join(wd, sweep.CACHE)
+    first = _write_sweep(tmp_path, {"a": {}}, overrides=TINY)
+    sweep.run_sweep(first, wd, progress=False)
+    after_a = sorted(os.listdir(cache))
+    assert after_a  # the train step, init, evaluation: all written
+    both = _write_sweep(tmp_path, {"a": {}, "b": {"overrides": {"seed": 1}}}, overrides=TINY)
+    index = sweep.run_sweep(both, wd, progress=False)
+    assert index["members"]["b"]["status"] == "done"
+    assert sorted(os.listdir(cache)) == after_a
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # '' turns it off
+    assert sweep.compilation_cache(wd) is None
