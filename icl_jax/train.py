@@ -216,8 +216,9 @@ class Progress:
     def update(self, step: int, record: dict):
         if not self.enabled:
             return
-        parts = [f"step {step}/{self.total}", f"loss {record['train_loss']:.3f}",
-                 f"{record['tokens_per_s']:,.0f} tok/s"]
+        parts = [f"step {step}/{self.total}", f"loss {record['train_loss']:.3f}"]
+        if "tokens_per_s" in record:
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         if "mfu" in record:
             parts.append(f"MFU {record['mfu']:.1%} of {self.peak_label}")
         if "icl_score" in record:
@@ -503,14 +504,19 @@ class _MetricsQueue:
         self.t_last, self.step_last = time.perf_counter(), start
         self.pending, self.records = None, [{}] * len(members)
 
+    MIN_TIMED_STEPS = 10
+
     def queue(self, step, metrics, evals):
         """A logged step: its throughput now, its evaluation (or None), its step metrics."""
         now = time.perf_counter()
-        rate = (len(self.members) * (step - self.step_last) * self.tokens_per_step
-                / max(now - self.t_last, 1e-9))
-        self.t_last, self.step_last = now, step
-        rec = {"step": step, "tokens": step * self.tokens_per_step, "tokens_per_s": rate,
-               "mfu": self.peak.mfu(self.flops_per_token, rate)}
+        rec = {"step": step, "tokens": step * self.tokens_per_step}
+        # steps are timed when dispatched, one ahead of the device: a span of a few steps
+        # (the log-spaced early snapshots) would time the dispatch, not the work
+        if step - self.step_last >= self.MIN_TIMED_STEPS:
+            rate = (len(self.members) * (step - self.step_last) * self.tokens_per_step
+                    / max(now - self.t_last, 1e-9))
+            self.t_last, self.step_last = now, step
+            rec.update(tokens_per_s=rate, mfu=self.peak.mfu(self.flops_per_token, rate))
         self.pending = ([{**rec, **ev} for ev in evals or [{}] * len(self.members)], metrics)
 
     def flush(self):
