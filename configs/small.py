@@ -62,12 +62,11 @@ def get_config(arg=None):
         segment_len_min=6,
         segment_len_max=19,
         fresh_fraction=0.5,  # placement "after": share of segments that are new random strings
-        # "after": a copy pasted after its source, so late indices hold far more copies and the
-        # ICL score starts near +1; "uniform": a fresh string written at two uniformly drawn
-        # starts, every context index equally likely pasted, the ICL score starting near 0
-        # (the 2L model's phase change then comes at ~3,500-4,800 steps instead of ~2,500; the
-        # quick profile moves to it once its seeds are checked: see docs/claims-notes.md)
-        placement="after",
+        # "uniform": a fresh string written at two uniformly drawn starts, every context index
+        # equally likely pasted, so the ICL score starts near 0 and its fall measures in-context
+        # learning; "after" (runs saved before this field): a copy pasted after its source, late
+        # indices holding five times the copies, the ICL score starting near +1
+        placement="uniform",
         # text (pystdlib, pycode, files)
         path="",  # files: a text file, a glob, a .npy or a .bin of tokens
         bin_dtype="uint16",  # for raw .bin token files
@@ -78,7 +77,7 @@ def get_config(arg=None):
     ))
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=5_000,
+        steps=6_000,  # the 2L model's phase change ends near step 4,800 (uniform placement)
         batch_size=32,
         lr=2e-3,  # 3e-3 fails to form induction heads on the uniform background
         schedule="constant",  # constant | cosine | paper
