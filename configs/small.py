@@ -46,7 +46,8 @@ def get_config(arg=None):
         vocab_size=64,
         dtype="float32",
         # "auto": our blocked causal attention on CPU, jax.nn.dot_product_attention
-        # elsewhere (cuDNN flash on GPUs); or name one: "blocked", "dot_product_attention"
+        # elsewhere (XLA's implementation: cuDNN's fused kernel is not chosen yet); or name
+        # one: "blocked", "dot_product_attention"
         attention="auto",
     ))
 
