@@ -96,8 +96,8 @@ def _save_state(workdir, state):
 
 
 def _evals(workdir):
-    from icl_jax import checkpoints
-    return [r for r in checkpoints.read_metrics(workdir) if "prefix_matching" in r]
+    from icl_jax import workdir as workdir_lib
+    return [r for r in workdir_lib.read_metrics(workdir) if "prefix_matching" in r]
 
 
 def _succeeded_long_enough(evals):
@@ -151,7 +151,7 @@ def train(trial, runs, stop):
 
 def summarize(trial, runs, ended, build_s):
     """The record of a trial: config, cost, prefix matching over training, copying, ICL, outcome."""
-    from icl_jax import checkpoints
+    from icl_jax import checkpoints, workdir as workdir_lib
     workdir = os.path.join(runs, trial["name"])
     config, state = trial_config(trial), _state(workdir)
     m, t = config.model, config.train
@@ -168,7 +168,7 @@ def summarize(trial, runs, ended, build_s):
             with open(os.path.join(workdir, "train.log")) as fh:
                 tail = fh.read()[-400:]
         return dict(rec, outcome=f"no evaluation ({ended})", log_tail=tail)
-    last = checkpoints.read_metrics(workdir)[-1]  # where training stopped, maybe past an eval
+    last = workdir_lib.read_metrics(workdir)[-1]  # where training stopped, maybe past an eval
     steps = [r["step"] for r in evals]
     pm = [r["prefix_matching_last_layer_max"] for r in evals]
     best = max(range(len(pm)), key=pm.__getitem__)
