@@ -108,11 +108,12 @@ def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False, platform=N
 
     def per_device_step(state, tokens_BT1):
         def loss_fn(params):
-            return loss_by_position(model, params, tokens_BT1).mean()
+            # the mean over every device's rows: its gradient is the global mean gradient.
+            # (shard_map sums a replicated input's gradient over the devices by itself, so a
+            # pmean of per-device gradients would be a no-op on that sum: N times the mean)
+            return jax.lax.pmean(loss_by_position(model, params, tokens_BT1).mean(), "data")
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        grads = jax.lax.pmean(grads, "data")
-        loss = jax.lax.pmean(loss, "data")
         opt_state = _with_hparams(state["opt_state"], t, state["hparams"], state["step"])
         updates, opt_state = tx.update(grads, opt_state, state["params"])
         params = optax.apply_updates(state["params"], updates)

@@ -42,9 +42,10 @@ def test_cli_passes_every_reproduce_option_through(monkeypatch, tmp_path, capsys
                         lambda *a: calls.setdefault("readme", a))
     work = str(tmp_path / "r")
     assert cli.main(["reproduce", "--profile", "text", "--seed", "3", "--workdir", work,
-                     "--update-readme", "--quiet", "--config.train.steps=50"]) == 0
+                     "--update-readme", "--quiet", "--llc", "--config.train.steps=50"]) == 0
     args, kwargs = calls["run"]
-    assert args == ("text", work, 3, {"train.steps": "50"}) and kwargs == {"progress": False}
+    assert args == ("text", work, 3, {"train.steps": "50"})
+    assert kwargs == {"progress": False, "llc": True}
     assert calls["readme"] == (work, os.path.join(ROOT, "README.md"),
                                os.path.join(ROOT, "docs", "results"))
     assert f"{work}/results.md" in capsys.readouterr().out
