@@ -241,17 +241,14 @@ def induction_heads(prefix_matching_LH, copying_LH, prefix_threshold: float,
 
 # ----------------------------------------------------------------------------- scoring
 
-from icl_jax.scores import STACKING, default_stacking  # noqa: E402  (bench names them here)
-
-
 def scorer(model, early: int, late: int, n_tokens: int, ablation: str = "pattern",
            stacking: str | None = None):
     """scores.snapshot_scores jitted: fn(params, inputs) for one snapshot (stacking None), or
     fn(stacked params, inputs) for snapshots stacked on a leading axis (stacking "vmap":
     jax.vmap; "map": jax.lax.map). Cached by architecture, so analysing several runs of one
     shape compiles once."""
-    if stacking is not None and stacking not in STACKING:
-        raise ValueError(f"stacking must be one of {STACKING} or None, got {stacking!r}")
+    if stacking is not None and stacking not in scores.STACKING:
+        raise ValueError(f"stacking must be one of {scores.STACKING} or None, got {stacking!r}")
     return _scorer(json.dumps(model.cfg, sort_keys=True), early, late, n_tokens, ablation,
                    stacking)
 
@@ -308,7 +305,7 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     """(per-snapshot scores as numpy arrays [N, ...], LastSnapshot) of every snapshot of a run.
 
     Snapshots are restored `chunk` at a time, stacked on a leading axis and scored in
-    one jitted call (vmapped, or mapped on CPU: see default_stacking); the last chunk is
+    one jitted call (vmapped, or mapped on CPU: see scores.default_stacking); the last chunk is
     padded to `chunk` (by repeating its last snapshot) so that every call has the same
     shape and nothing recompiles. A snapshot that cannot be restored is skipped, warned of.
     llc: also the local learning coefficient of each chunk (llc.llc_over_snapshots, the
@@ -319,7 +316,7 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     source = data_lib.make_source(run.config, run.workdir)
     inputs = scores.evaluation_inputs(run.config, source)
     score = scorer(run.model, e.icl_early_index, e.icl_late_index, e.probe_tokens, ablation,
-                   stacking or default_stacking())
+                   stacking or scores.default_stacking())
     steps, results, t0 = run.steps, [], time.perf_counter()
     good, last, llcs = [], None, []
     if llc:

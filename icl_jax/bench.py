@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import config as config_lib, data as data_lib, train
+from icl_jax.flops import train_flops
 from icl_jax.model import QUERY_BLOCK, causal_attention, init_params, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,32 +161,6 @@ def torch_matmul_peak_fn(n: int = 2048):
 
 
 # ----------------------------------------------------------------------------- FLOPs
-
-def forward_flops(m, batch: int, context: int, attention: str = "full") -> int:
-    """Matmul FLOPs of one forward pass of the model config `m` on [batch, context] tokens.
-
-    attention "full": the T x S score and value products counted in full (the usual
-    MFU convention); "executed": only the query blocks x keys that
-    model.causal_attention computes.
-    """
-    B, T, D, H, V = batch, context, m.d_model, m.n_heads, m.vocab_size
-    K = m.d_head or D // H
-    if attention == "full":
-        ts = T * T
-    else:
-        ts = sum((min(t0 + QUERY_BLOCK, T) - t0) * min(t0 + QUERY_BLOCK, T)
-                 for t0 in range(0, T, QUERY_BLOCK))
-    per_layer = 2 * B * T * D * H * K * 4  # W_Q, W_K, W_V, W_O
-    per_layer += 2 * 2 * B * H * ts * K  # q.k and pattern.v
-    if m.mlp:
-        per_layer += 2 * 2 * B * T * D * m.d_mlp
-    return m.n_layers * per_layer + 2 * B * T * D * V  # + unembedding
-
-
-def train_flops(m, batch: int, context: int, attention: str = "full") -> int:
-    """fwd + bwd: the backward pass costs two forward passes' matmuls."""
-    return 3 * forward_flops(m, batch, context, attention)
-
 
 def xla_flops(compiled) -> float | None:
     ca = compiled.cost_analysis()
@@ -521,7 +496,7 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
     rows.append(_row(case, "score loop", times["loop"], "s"))
     rows.append(_row(case, "loop / vmapped", times["loop"] / times["vmapped"], "x"))
     rows.append(_row(case, "loop / lax.map", times["loop"] / times["mapped"], "x",
-                     f"analyze uses {analysis.default_stacking()} here"))
+                     f"analyze uses {scores.default_stacking()} here"))
     if "TL hooks" in times:
         rows.append(_row(case, "score TransformerLens hooks", times["TL hooks"], "s",
                          f"loop of tl_check.score_with_hooks over the {n_snapshots} snapshots; "
@@ -810,7 +785,7 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     settings): llc_over_snapshots (one program per chunk) against devinterp's llc() called
     on each snapshot in turn, its chains one after another, on the same weights exported
     to TransformerLens. One run of each: devinterp's takes minutes."""
-    from icl_jax import export, llc
+    from icl_jax import export, llc, scores
     case = f"{_name(config)} LLC x{n_snapshots} snapshots, {chains}x{draws}"
     model, cfg = make_model(config.model), config.llc.copy_and_resolve_references()
     cfg.chains, cfg.draws = chains, draws
@@ -823,9 +798,8 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     t0 = time.perf_counter()
     jax.block_until_ready(llc.llc_over_snapshots(model, stacked, pool, cfg)["llc"])
     ours = time.perf_counter() - t0
-    from icl_jax import analysis
     rows = [_row(case, "ours, first call", [first], "s", "compile included"),
-            _row(case, "ours", [ours], "s", f"snapshots by {analysis.default_stacking()}, "
+            _row(case, "ours", [ours], "s", f"snapshots by {scores.default_stacking()}, "
                  "chains vmapped")]
     try:
         import datasets

@@ -10,16 +10,36 @@ import functools
 import time
 
 
-def train_flops_per_token(m) -> int:
-    """FLOPs of one training token of the model config `m` (forward and backward: the
-    backward pass costs two forward passes' products)."""
-    D, H, K, T, V = m.d_model, m.n_heads, m.d_head or m.d_model // m.n_heads, m.context, \
-        m.vocab_size
-    per_layer = 2 * D * H * K * 4  # x W_Q, x W_K, x W_V, z W_O
-    per_layer += 2 * 2 * H * T * K  # q.k over every key, and pattern.v
+def forward_flops(m, batch: int, context: int, attention: str = "full") -> int:
+    """Matmul FLOPs of one forward pass of the model config `m` on [batch, context] tokens.
+
+    attention "full": the T x S score and value products counted in full (the usual
+    MFU convention); "executed": only the query blocks x keys that
+    model.causal_attention computes.
+    """
+    B, T, D, H, V = batch, context, m.d_model, m.n_heads, m.vocab_size
+    K = m.d_head or D // H
+    if attention == "full":
+        ts = T * T
+    else:
+        from icl_jax.model import QUERY_BLOCK
+        ts = sum((min(t0 + QUERY_BLOCK, T) - t0) * min(t0 + QUERY_BLOCK, T)
+                 for t0 in range(0, T, QUERY_BLOCK))
+    per_layer = 2 * B * T * D * H * K * 4  # x W_Q, x W_K, x W_V, z W_O
+    per_layer += 2 * 2 * B * H * ts * K  # q.k and pattern.v
     if m.mlp:
-        per_layer += 2 * 2 * D * m.d_mlp  # W_in, W_out
-    return 3 * (m.n_layers * per_layer + 2 * D * V)
+        per_layer += 2 * 2 * B * T * D * m.d_mlp  # W_in, W_out
+    return m.n_layers * per_layer + 2 * B * T * D * V  # + unembedding
+
+
+def train_flops(m, batch: int, context: int, attention: str = "full") -> int:
+    """fwd + bwd: the backward pass costs two forward passes' matmuls."""
+    return 3 * forward_flops(m, batch, context, attention)
+
+
+def train_flops_per_token(m) -> int:
+    """FLOPs of one training token of the model config `m` at its full context."""
+    return train_flops(m, 1, m.context) // m.context
 
 
 # Dense matrix-product peaks per device in FLOP/s, from the vendors' data sheets; the first

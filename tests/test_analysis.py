@@ -125,7 +125,7 @@ def test_stackings_agree_with_one_snapshot_at_a_time():
     inputs = scores.evaluation_inputs(c, data_lib.make_source(c))
     key = (c.eval.icl_early_index, c.eval.icl_late_index, c.eval.probe_tokens, "pattern")
     single = analysis.scorer(model, *key, None)
-    stacks = {s: analysis.scorer(model, *key, s)(stacked, inputs) for s in analysis.STACKING}
+    stacks = {s: analysis.scorer(model, *key, s)(stacked, inputs) for s in scores.STACKING}
     for i, p in enumerate(trees):
         one = single(p, inputs)
         for s, out in stacks.items():

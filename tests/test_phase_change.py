@@ -78,10 +78,9 @@ def test_no_smoothing_turns_a_noisy_plateau_into_a_phase_change():
             pc = analysis.detect_phase_change(QUICK_STEPS, curve, icl_se=se, smooth=smooth)
             assert not pc["detected"], (seed, smooth, pc)
     # what holds it is the standard error: without it, the same curves are "detected"
-    found = [analysis.detect_phase_change(QUICK_STEPS, _one_layer_like(seed)[0], smooth=smooth,
-                                          icl_se=_one_layer_like(seed)[1],
+    found = [analysis.detect_phase_change(QUICK_STEPS, curve, smooth=smooth, icl_se=se,
                                           noise_factor=0.0)["detected"]
-             for seed in range(20) for smooth in SMOOTHINGS]
+             for curve, se in map(_one_layer_like, range(20)) for smooth in SMOOTHINGS]
     assert sum(found) > 20
 
 
