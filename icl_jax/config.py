@@ -88,10 +88,13 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
 
 
 # Fields added after runs were saved without them, with the value that reproduces those
-# runs, so that a saved config still resumes and compares equal.
+# runs (or a function of the saved config giving it), so that a saved config still resumes
+# and compares equal.
 ADDED_FIELDS = {("model", "attention"): "auto", ("data", "roots"): "",
-                # runs saved before data.placement existed pasted every copy after its source
-                ("data", "placement"): "after"}
+                # synthetic runs saved before data.placement existed pasted every copy after
+                # its source; other sources never read it, so they get today's default
+                ("data", "placement"):
+                    lambda saved: "after" if saved["data"].get("name", "synthetic") == "synthetic" else "uniform"}
 
 # The `llc` section (llc.py: the local learning coefficient of every snapshot). It only
 # shapes analysis, so a config without it (a run saved before it, a user's own file) gets
@@ -114,8 +117,8 @@ LLC_DEFAULTS = dict(
 def upgrade(saved: dict) -> dict:
     """A saved config (a dict, as a workdir holds it) with the fields added since filled in."""
     for (section, field), value in ADDED_FIELDS.items():
-        if isinstance(saved.get(section), dict):
-            saved[section].setdefault(field, value)
+        if isinstance(saved.get(section), dict) and field not in saved[section]:
+            saved[section][field] = value(saved) if callable(value) else value
     if "llc" not in saved:
         saved["llc"] = dict(LLC_DEFAULTS)
     return saved

@@ -62,6 +62,15 @@ def test_saved_configs_without_placement_keep_the_old_data():
     assert config_lib.from_json(json.dumps(saved)).data.placement == "after"
 
 
+def test_saved_text_configs_without_placement_still_resume():
+    # text runs never read data.placement: a run saved before the field existed must compare
+    # equal to today's config of the same run, or resuming it fails on a field it never used
+    cfg = config_lib.load_validated("configs/small.py:layers=2", {"data.name": "pystdlib", "model.vocab_size": 256})
+    saved = json.loads(cfg.to_json())
+    del saved["data"]["placement"]
+    assert config_lib.upgrade(saved)["data"]["placement"] == cfg.data.placement
+
+
 def test_unknown_placement_is_named():
     with pytest.raises(data.DataError, match="data.placement"):
         data.SyntheticSource(64, 0, "lag2", placement="sideways")
