@@ -42,7 +42,30 @@ def _spread_by_smoothing(frac: float) -> float:
     return 2 * math.sqrt(2 * math.log(1 / frac))
 
 
-def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "log",
+def paired_standard_error(x, icl_by_example, xa: float, xb: float) -> float:
+    """Standard error of the change of the ICL score between xa and xb, where every snapshot
+    is scored on the same evaluation examples: each example's score (icl_by_example [S, B],
+    snapshots at the increasing positions x [S]) interpolated linearly at both points, the
+    sample standard deviation of the B differences over sqrt(B). The noise the examples
+    share (which sequences are hard) cancels in the difference, so this is far smaller than
+    the two snapshots' own standard errors in quadrature."""
+    E = np.asarray(icl_by_example, np.float64)
+    x = np.asarray(x, np.float64)
+    if E.ndim != 2 or E.shape[0] != len(x) or E.shape[1] < 2:
+        raise ValueError(f"icl_by_example must be [snapshots={len(x)}, examples>=2], "
+                         f"got shape {E.shape}")
+
+    def at(v):
+        i = int(np.clip(np.searchsorted(x, v), 1, len(x) - 1))
+        w = float(np.clip((v - x[i - 1]) / (x[i] - x[i - 1]), 0.0, 1.0))
+        return (1 - w) * E[i - 1] + w * E[i]
+
+    d = at(xb) - at(xa)
+    return float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=None,
+                        axis: str = "log",
                         smooth: float = 0.05, frac: float = 0.3, min_drop: float = 0.1,
                         noise_factor: float = 3.0, min_share: float = 0.4,
                         max_width: float = 1.0, grid: int = 512) -> dict:
@@ -56,9 +79,12 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
       3. rate = -d(ICL)/dx. Every local maximum of rate is a candidate, steepest first;
          a candidate's window is the contiguous span around it where rate > frac x its
          rate.
-      4. The drop threshold of a window is max(min_drop, noise_factor x
-         sqrt(se_start^2 + se_end^2)), se the ICL score's standard error (`icl_se`, one
-         per snapshot, interpolated at the window's edges; 0 when not given): a drop the
+      4. The drop threshold of a window is max(min_drop, noise_factor x se), se the
+         standard error of the score's change across the window: paired when each
+         example's score is given (`icl_by_example` [snapshots, examples]; every snapshot
+         is scored on the same examples, so their shared noise cancels:
+         paired_standard_error), else from the snapshots' own standard errors (`icl_se`,
+         interpolated at the edges) as sqrt(se_start^2 + se_end^2), else 0: a drop the
          evaluation set's noise could make does not count.
       5. A candidate is the phase change if: its drop (smoothed score at the start minus
          at the end) is at least the threshold, and at least `min_share` of the smoothed
@@ -70,12 +96,15 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
          snapshot (the score has settled again); and it is not the early transient, in
          which the score rises while the model learns the background statistics and falls
          back: a window whose fall begins at the top of the rise (the smoothed score falls
-         all the way from its highest point before the window's end into the window) must
-         end below the score at the first snapshot (initialisation) by at least min_drop.
+         all the way from its highest point before the window's end into the window, and
+         the window starts within max_width of that point) must
+         end below the lowest score before that top (initialisation included) by at least
+         the drop threshold and by at least min_share of its drop: most of such a fall
+         only undoes the rise.
       6. The first candidate that passes is reported; if none does, the steepest one's
          window is, with `reason` naming the condition it failed.
     Returns {detected, reason, start_step, end_step, peak_step, start_tokens,
-    end_tokens, icl_before, icl_after, drop, drop_threshold, se_before, se_after,
+    end_tokens, icl_before, icl_after, drop, drop_threshold, se_before, se_after, se_drop,
     icl_first, candidates, rule}; steps are those of the window's edges in the smoothed
     curve, ICL before/after the smoothed values there.
     """
@@ -85,16 +114,24 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
           np.nan_to_num(np.asarray(icl_se, np.float64), nan=0.0))
     if se.shape != icl.shape:
         raise ValueError(f"icl_se has {se.shape} entries but icl has {icl.shape}")
+    by_ex = None if icl_by_example is None else np.asarray(icl_by_example, np.float64)
+    if by_ex is not None and (by_ex.ndim != 2 or by_ex.shape[0] != len(icl)):
+        raise ValueError(f"icl_by_example must be [{len(icl)} snapshots, examples], "
+                         f"got shape {by_ex.shape}")
     order = np.argsort(steps)
     steps, icl, se = steps[order], icl[order], se[order]
     finite = np.isfinite(icl)
     steps, icl, se = steps[finite], icl[finite], se[finite]
+    if by_ex is not None:
+        by_ex = by_ex[order][finite]
     out = {"detected": False, "reason": "", "rule": {
         "axis": axis, "smooth": smooth, "frac": frac, "min_drop": min_drop,
-        "noise_factor": noise_factor, "min_share": min_share, "max_width": max_width},
+        "noise_factor": noise_factor, "min_share": min_share, "max_width": max_width,
+        "standard_error": "paired" if by_ex is not None else
+                          "unpaired" if icl_se is not None else "none"},
         "start_step": None, "end_step": None, "peak_step": None, "start_tokens": None,
         "end_tokens": None, "icl_before": None, "icl_after": None, "drop": None,
-        "drop_threshold": None, "se_before": None, "se_after": None,
+        "drop_threshold": None, "se_before": None, "se_after": None, "se_drop": None,
         "icl_first": float(icl[0]) if len(icl) else None, "candidates": 0}
     if len(steps) == 0:
         out["reason"] = "no finite ICL score"
@@ -102,6 +139,8 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
     first_icl = float(icl[0])  # initialisation: step 0 counts here
     keep = (steps > 0) if axis == "log" else np.ones_like(steps, bool)
     steps, icl, se = steps[keep], icl[keep], se[keep]
+    if by_ex is not None:
+        by_ex = by_ex[keep]
     if len(steps) < 4:
         out["reason"] = f"too few snapshots ({len(steps)}) to find a phase change"
         return out
@@ -125,10 +164,13 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
 
     def from_top(a, b):
         """Does the window's fall begin at the top of the score's rise, the smoothed score
-        falling all the way from its highest point before the window's end into the window
-        (a rise and a fall in one bump, with no plateau between)?"""
+        falling all the way from its highest point before the window's end into the window,
+        which starts within max_width of that top (a rise and a fall in one bump, with no
+        plateau between; a heavily smoothed plateau can fall all the way too, but it is
+        longer)?"""
         top = int(np.argmax(yg[:b + 1]))
-        return top <= a and bool(np.all(rate[top + 1:a + 1] > 0))
+        return (top <= a and xg[a] - xg[top] <= max_width
+                and bool(np.all(rate[top + 1:a + 1] > 0)))
 
     def judge(p):
         above = rate > frac * rate[p]
@@ -139,8 +181,12 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
         while b < grid - 1 and above[b + 1]:
             b += 1
         drop = float(yg[a] - yg[b])
-        threshold = max(min_drop, noise_factor * math.hypot(seg[a], seg[b]))
-        below_first = first_icl - float(yg[b])
+        noise = (paired_standard_error(x, by_ex, xg[a], xg[b]) if by_ex is not None
+                 else math.hypot(seg[a], seg[b]))
+        threshold = max(min_drop, noise_factor * noise)
+        top = int(np.argmax(yg[:b + 1]))
+        floor = min(first_icl, float(yg[:top + 1].min()))  # lowest before the rise's top
+        below_floor = floor - float(yg[b])
         # the fall around the window: from the highest point within max_width before it to
         # the lowest within max_width after it (an earlier transient's peak stays out)
         before = (xg <= xg[a]) & (xg >= xg[a] - max_width)
@@ -151,10 +197,10 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
         w = dict(start_step=round(to_step(xg[a])), end_step=round(to_step(xg[b])),
                  peak_step=round(to_step(xg[p])), icl_before=float(yg[a]),
                  icl_after=float(yg[b]), drop=drop, drop_threshold=threshold,
-                 se_before=float(seg[a]), se_after=float(seg[b]))
+                 se_before=float(seg[a]), se_after=float(seg[b]), se_drop=float(noise))
         if drop < threshold:
             why = (f"the drop is only {drop:.3f} nats (< {threshold:.3f} = max({min_drop}, "
-                   f"{noise_factor} x the standard error of the difference))")
+                   f"{noise_factor} x the standard error of the change, {noise:.3f}))")
         elif drop < min_share * total:
             why = (f"the drop ({drop:.3f}) is under {min_share:.0%} of the score's fall "
                    f"around it ({total:.3f}): a steep part of a gradual decline")
@@ -163,10 +209,12 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, axis: str = "lo
                    f"less the smoothing's own spread; > {max_width}): gradual, not abrupt")
         elif b == grid - 1:
             why = "the score is still falling at the last snapshot"
-        elif from_top(a, b) and below_first < min_drop:
+        elif from_top(a, b) and below_floor < max(threshold, min_share * drop):
             why = (f"the score falls from the top of its first rise and ends ({yg[b]:+.3f}) "
-                   f"not below its value at the first snapshot ({first_icl:+.3f}) by "
-                   f"{min_drop}: the early transient, not in-context learning")
+                   f"only {below_floor:.3f} below its lowest value before that rise "
+                   f"({floor:+.3f}; needs {max(threshold, min_share * drop):.3f}, the "
+                   f"larger of the drop threshold and {min_share:.0%} of the drop): the "
+                   "early transient, not in-context learning")
         else:
             why = ""
         return w, why
@@ -407,7 +455,7 @@ def _record(name, run, s, ablation) -> dict:
         "thresholds": {"prefix_matching": e.induction_prefix_threshold,
                        "copying": e.induction_copying_threshold},
         "steps": s["steps"], "tokens": s["tokens"], "icl_score": s["icl_score"],
-        "icl_se": s["icl_se"],
+        "icl_se": s["icl_se"], "icl_by_example": s["icl_by_example"],
         "loss_by_position": s["loss_by_position"],
         "prefix_matching": s["prefix_matching"], "previous_token": s["previous_token"],
         "copying": s["copying"], "copying_empirical": s["copying_empirical"],
@@ -416,7 +464,8 @@ def _record(name, run, s, ablation) -> dict:
         **{k: s[k] for k in ("llc", "llc_std", "llc_loss_trace", "llc_diverged",
                              "llc_messages") if k in s},
         "phase_change": detect_phase_change(s["steps"], s["icl_score"], s["tokens"],
-                                            icl_se=s["icl_se"]),
+                                            icl_se=s["icl_se"],
+                                            icl_by_example=s["icl_by_example"]),
         "induction_heads": induction_heads(s["prefix_matching"][-1], s["copying"][-1],
                                            e.induction_prefix_threshold,
                                            e.induction_copying_threshold),

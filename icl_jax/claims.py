@@ -17,6 +17,7 @@ import math
 import jax
 import numpy as np
 
+from icl_jax import analysis
 from icl_jax import workdir as workdir_lib
 
 THRESHOLDS = {
@@ -134,15 +135,25 @@ def _interp_ln(steps, values, step):
 
 def icl_drop_over(run, window):
     """(drop, threshold) of the raw ICL score across `window`, the threshold as the phase-change
-    rule's: max(min_drop, noise_factor x sqrt(se_start^2 + se_end^2))."""
+    rule's: max(min_drop, noise_factor x the standard error of the change), paired over the
+    evaluation examples when the run has each example's score (icl_by_example), else
+    sqrt(se_start^2 + se_end^2) of the snapshots' own standard errors."""
     rule = run["phase_change"]["rule"]
     start, end = window
     drop = _interp_ln(run["steps"], run["icl_score"], start) - _interp_ln(
         run["steps"], run["icl_score"], end)
-    se = run.get("icl_se")
-    noise = (rule.get("noise_factor", 0.0) * math.hypot(_interp_ln(run["steps"], se, start),
-                                                       _interp_ln(run["steps"], se, end))
-             if se is not None else 0.0)
+    factor, se = rule.get("noise_factor", 0.0), run.get("icl_se")
+    if run.get("icl_by_example") is not None:
+        steps = np.asarray(run["steps"], np.float64)
+        keep = steps > 0  # the rule's log axis leaves step 0 out
+        noise = factor * analysis.paired_standard_error(
+            np.log(steps[keep]), np.asarray(run["icl_by_example"])[keep],
+            math.log(max(start, 1)), math.log(max(end, 1)))
+    elif se is not None:
+        noise = factor * math.hypot(_interp_ln(run["steps"], se, start),
+                                    _interp_ln(run["steps"], se, end))
+    else:
+        noise = 0.0
     return drop, max(rule["min_drop"], noise)
 
 

@@ -327,6 +327,9 @@ def snapshot_scores(model, params, inputs: dict, early: int, late: int, n_tokens
         "loss_by_position": losses_BT.mean(0),
         "icl_score": icl,
         "icl_se": icl_standard_error(losses_BT, early, late),
+        # each example's own score: the phase-change rule's paired standard error of a
+        # difference between snapshots, which share the evaluation set, needs them
+        "icl_by_example": losses_BT[:, late] - losses_BT[:, early],
         "per_token_loss": jnp.take_along_axis(losses_BT, index_B[:, None], axis=1)[:, 0],
         "prefix_matching": prefix_matching_from_attention(probe_cache["attention"], probe_BT,
                                                           n_tokens),
