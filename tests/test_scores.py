@@ -176,6 +176,7 @@ def test_snapshot_scores_equal_the_stand_alone_functions():
             "icl_score": scores.icl_score(model, p, eval_BT1, 2, 9),
             # one example at a time: the spread of their ICL scores, over sqrt(examples)
             "icl_se": np.std(diffs, ddof=1) / 2.0,
+            "icl_by_example": np.asarray(diffs),
             "per_token_loss": scores.per_token_losses(model, p, eval_BT1, inputs["pca_index_B"]),
             "prefix_matching": scores.prefix_matching(model, p, probe, 3),
             "previous_token": scores.previous_token(model, p, eval_BT1[:, :-1]),
