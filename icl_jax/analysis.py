@@ -99,8 +99,8 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
          all the way from its highest point before the window's end into the window, and
          the window starts within max_width of that point) must
          end below the lowest score before that top (initialisation included) by at least
-         the drop threshold and by at least min_share of its drop: most of such a fall
-         only undoes the rise.
+         the drop threshold: the part of such a fall that only undoes the rise is not
+         in-context learning, and what is left must stand out of the noise.
       6. The first candidate that passes is reported; if none does, the steepest one's
          window is, with `reason` naming the condition it failed.
     Returns {detected, reason, start_step, end_step, peak_step, start_tokens,
@@ -209,12 +209,11 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
                    f"less the smoothing's own spread; > {max_width}): gradual, not abrupt")
         elif b == grid - 1:
             why = "the score is still falling at the last snapshot"
-        elif from_top(a, b) and below_floor < max(threshold, min_share * drop):
+        elif from_top(a, b) and below_floor < threshold:
             why = (f"the score falls from the top of its first rise and ends ({yg[b]:+.3f}) "
                    f"only {below_floor:.3f} below its lowest value before that rise "
-                   f"({floor:+.3f}; needs {max(threshold, min_share * drop):.3f}, the "
-                   f"larger of the drop threshold and {min_share:.0%} of the drop): the "
-                   "early transient, not in-context learning")
+                   f"({floor:+.3f}; needs the drop threshold, {threshold:.3f}): the early "
+                   "transient, not in-context learning")
         else:
             why = ""
         return w, why

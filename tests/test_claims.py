@@ -111,7 +111,10 @@ def test_the_good_family_supports_every_claim():
     got = verdicts(*good_family())
     for c in got.values():
         assert c["verdict"] == "supported", c["evidence"]
-        assert all(ch["status"] == "pass" for ch in c["checks"])
+        # what is shown beside a verdict without counting (2l-smear's ablation) passes too
+        assert all(ch["status"] == "pass" or (ch["status"] == "shown"
+                                              and ch["note"].startswith("pass;"))
+                   for ch in c["checks"]), c["evidence"]
     # every check carries its number and its threshold
     assert all(ch["threshold"] is not None and ch["value"] is not None
                for c in got.values() for ch in c["checks"])
@@ -146,7 +149,8 @@ def test_claim1_fails_when_prefix_matching_rises_outside_the_window():
 
 def test_claim1_fails_without_a_loss_bump():
     def straight(runs, points, metrics):
-        metrics["2l"] = [{"step": r["step"], "eval_loss": 4.0 - 1e-4 * r["step"]}
+        # the fixture's trend, steady in ln(step), without its bump
+        metrics["2l"] = [{"step": r["step"], "eval_loss": 4.0 - 0.15 * np.log1p(r["step"])}
                          for r in metrics["2l"]]
     c = _breaks(straight, "1")
     bump = [ch for ch in c["checks"] if ch["member"] == "2l" and "loss" in ch["check"]][0]
@@ -168,7 +172,7 @@ def test_claim1_fails_when_the_pca_trajectory_keeps_its_pace():
     _breaks(steady, "1")
 
 
-@pytest.mark.parametrize("how", ["drop", "induction head", "pca"])
+@pytest.mark.parametrize("how", ["drop", "induction head", "pca", "loss bump"])
 def test_claim1_fails_when_the_1l_control_shows_it(how):
     def control(runs, points, metrics):
         r = runs["1l"]
@@ -179,8 +183,10 @@ def test_claim1_fails_when_the_1l_control_shows_it(how):
             pm, cp = np.asarray(r["prefix_matching"]), np.asarray(r["copying"])
             pm[-1, 0, 2], cp[-1, 0, 2] = 0.5, 0.5
             r["prefix_matching"], r["copying"] = pm.tolist(), cp.tolist()
-        else:
+        elif how == "pca":
             points["1l"] = np.asarray(points["2l"])
+        else:  # 2l's held-out loss, bump included
+            metrics["1l"] = [dict(r) for r in metrics["2l"]]
     c = _breaks(control, "1")
     assert any(ch["member"] == "1l" and ch["status"] == "fail" for ch in c["checks"])
 
@@ -216,6 +222,21 @@ def test_claim2_is_inconclusive_when_2l_has_no_window_to_compare_with():
 
 def test_claim3_fails_when_the_induction_heads_carry_too_little():
     _breaks(lambda *a: _replace(*a, "2l", late_share=0.3), "3")
+
+
+def test_2l_smear_is_shown_under_claim3_but_does_not_decide_it():
+    """The paper's ablation argument is made on vanilla attention-only models; 2l-smear's
+    attributions are shown beside the verdict: a second head of it carrying much is
+    reported as a failed check marked "shown", and the verdict stands."""
+    runs, points, metrics = good_family()
+    abl = np.asarray(runs["2l-smear"]["ablation_icl"])
+    abl[:, 1, 1] = 0.6 * abl.max(axis=(1, 2))
+    runs["2l-smear"]["ablation_icl"] = abl.tolist()
+    c = verdicts(runs, points, metrics)["3"]
+    assert c["verdict"] == "supported", c["evidence"]
+    shown = [ch for ch in c["checks"] if ch["member"] == "2l-smear"]
+    assert shown and all(ch["status"] == "shown" for ch in shown)
+    assert any(ch["note"].startswith("fail;") for ch in shown)
 
 
 def test_claim3_fails_when_another_head_carries_much():
@@ -300,12 +321,18 @@ def _metrics(losses):
 
 
 def test_loss_bump_is_a_faster_fall_inside_the_window():
+    """Per unit ln(step), against the span of equal ln width before the window: a loss
+    falling steadily in ln(step) has ratio 1, with a bump inside the window well above."""
     steps = np.arange(1000)
-    straight = 3 - steps * 1e-3
+    straight = 3 - 0.2 * np.log(np.maximum(steps, 1))
     bumped = straight - 0.5 * np.clip((steps - 400) / 200, 0, 1)
     assert claims.loss_bump(_metrics(straight), (400, 600))[0] == pytest.approx(1.0, abs=0.05)
     assert claims.loss_bump(_metrics(bumped), (400, 600))[0] > 1.5
     assert claims.loss_bump(_metrics(bumped)[:401:200], (400, 600))[0] is None
+    # the span before is [400^2 / 600, 400] = [267, 400] in steps: a window opening early is
+    # not compared with the first steps' steep fall
+    early = 3 - 0.2 * np.log(np.maximum(steps, 1)) - 0.3 * np.clip((steps - 100) / 100, 0, 1)
+    assert claims.loss_bump(_metrics(early), (100, 200))[0] > 1.5
 
 
 def test_pca_speedup_separates_a_jump_from_a_steady_path():
