@@ -37,6 +37,7 @@ def get_config(arg=None):
         d_head=0,  # 0: d_model / n_heads
         mlp=_bool(args.get("mlp", False)),
         d_mlp=256,
+        mlp_out_init=1.0,  # std of the MLP's W_out at init, in units of 1 / sqrt(d_mlp)
         layer_norm=_bool(args.get("layer_norm", False)),
         positions=args.get("positions", "shortformer"),  # or "residual"
         pos_init_std=1.0,  # positions must be on the residual's scale to be usable early

@@ -91,6 +91,7 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
 # runs (or a function of the saved config giving it), so that a saved config still resumes
 # and compares equal.
 ADDED_FIELDS = {("model", "attention"): "auto", ("data", "roots"): "",
+                ("model", "mlp_out_init"): 1.0,
                 # synthetic runs saved before data.placement existed pasted every copy after
                 # its source; other sources never read it, so they get today's default
                 ("data", "placement"):
@@ -169,7 +170,7 @@ ATTENTION = ("auto", "blocked", "dot_product_attention")  # model.attention; see
 SCHEMA = {
     "seed": int,
     "model": {"n_layers": int, "d_model": int, "n_heads": int, "d_head": int, "mlp": bool,
-              "d_mlp": int, "layer_norm": bool, "positions": str, "pos_init_std": float,
+              "d_mlp": int, "mlp_out_init": float, "layer_norm": bool, "positions": str, "pos_init_std": float,
               "smear_keys": bool, "smear_init": float, "context": int, "vocab_size": int,
               "dtype": str, "attention": str},
     "data": {"name": str, "background": str, "markov_branching": int, "segments_min": int,
@@ -240,6 +241,7 @@ def validate(config) -> ml_collections.ConfigDict:
     _need(m.attention in ATTENTION, "model.attention",
           f"must be one of {', '.join(ATTENTION)}, got {m.attention!r}")
     _need(m.pos_init_std >= 0, "model.pos_init_std", "must be >= 0")
+    _need(m.mlp_out_init >= 0, "model.mlp_out_init", f"must be >= 0, got {m.mlp_out_init}")
     _need(m.d_head >= 0, "model.d_head", "must be positive, or 0 for d_model / n_heads")
     if m.d_head == 0:  # the paper's d_head = d_model / n_heads, filled in here
         _need(m.d_model % m.n_heads == 0, "model.d_model",

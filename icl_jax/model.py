@@ -179,6 +179,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     d_mlp: int
     dtype: jnp.dtype = jnp.float32
+    out_scale: float = 1.0  # W_out's init std as a multiple of 1 / sqrt(d_mlp)
 
     @nn.compact
     def __call__(self, x_BTD):
@@ -186,7 +187,7 @@ class MLP(nn.Module):
         h_BTF = nn.Dense(self.d_mlp, dtype=self.dtype, name="W_in",
                          kernel_init=nn.initializers.normal(1.0 / math.sqrt(D)))(x_BTD)
         return nn.Dense(D, dtype=self.dtype, name="W_out",
-                        kernel_init=nn.initializers.normal(1.0 / math.sqrt(self.d_mlp)))(
+                        kernel_init=nn.initializers.normal(self.out_scale / math.sqrt(self.d_mlp)))(
                             jax.nn.gelu(h_BTF))
 
 
@@ -210,7 +211,8 @@ class Block(nn.Module):
             h_BTD, qk_in, mask_H, fill_THK, pattern_BHTS)
         x_BTD = x_BTD + attn_out
         if cfg["mlp"]:
-            x_BTD = x_BTD + MLP(cfg["d_mlp"], dtype, name="mlp")(ln("ln_mlp")(x_BTD))
+            x_BTD = x_BTD + MLP(cfg["d_mlp"], dtype, cfg.get("mlp_out_init", 1.0),
+                                name="mlp")(ln("ln_mlp")(x_BTD))
         return x_BTD, pattern, z
 
 

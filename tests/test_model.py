@@ -166,3 +166,12 @@ def test_auto_attention_follows_the_platform_the_model_is_built_for(platform, ke
     text = jax.jit(lambda t: model.apply({"params": params}, t)[0]).lower(
         jnp.zeros((1, 8), jnp.int32)).as_text(debug_info=True)
     assert ("BTNH,BSNH->BNTS" in text) == (kernel == "dot_product_attention")
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_mlp_out_init_sets_the_std_of_w_out(scale):
+    cfg = tiny_config("layers=2,mlp=true", **{"model.d_mlp": 256, "model.mlp_out_init": scale})
+    params = init_params(make_model(cfg.model), jax.random.key(0))
+    w = np.concatenate([np.ravel(params[f"block_{l}"]["mlp"]["W_out"]["kernel"])
+                        for l in range(2)])
+    assert np.std(w) == pytest.approx(scale / np.sqrt(256), rel=0.05)
