@@ -3,8 +3,8 @@
 check_claims(result) takes analysis.analyze's result for the members 1l, 2l, 3l,
 1l-smear, 2l-smear and 2l-mlp and gives, for each claim (co-occurrence, co-perturbation,
 ablation, mechanism), a verdict: "supported", "not supported" or "inconclusive", from
-checks that each carry their value, threshold and status ("pass", "fail" or
-"unmeasurable"). A claim is not supported when any check fails, inconclusive when none
+checks that each carry their value, threshold and status ("pass", "fail",
+"unmeasurable", or "shown": reported beside the verdict without counting). A claim is not supported when any check fails, inconclusive when none
 fails but one cannot be measured (too few points, no window to measure in), supported
 when every check passes. results_markdown writes that as results.md. The thresholds are
 THRESHOLDS below, stated in README.md ("Reproducing the paper") and in claims.json.
@@ -492,7 +492,9 @@ def results_markdown(rows, claims, profile, train_seconds, analysis_seconds) -> 
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     lines += ["", "## The paper's claims", "",
-              "Each check: value vs threshold, pass / FAIL / UNMEASURABLE. A claim is not "
-              "supported when a check fails, inconclusive when one cannot be measured.", ""]
+              "Each check: value vs threshold, pass / FAIL / UNMEASURABLE, or SHOWN (reported "
+              "beside the verdict, not counted, with its own pass or fail in the note). A "
+              "claim is not supported when a check fails, inconclusive when one cannot be "
+              "measured.", ""]
     lines += [f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}" for c in claims]
     return "\n".join(lines) + "\n"
