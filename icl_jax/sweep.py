@@ -370,8 +370,11 @@ def _run_pool(members, index, jobs, progress, say, cache=None):
     return stop.received
 
 
-def _run_ensemble(group, index, progress, say):
-    """One group of compatible members in this process, through train.train_ensemble."""
+def _run_ensemble(group, index, progress, say) -> bool:
+    """One group of compatible members in this process, through train.train_ensemble.
+    Returns True if training stopped early without an error: a SIGTERM or SIGINT, which
+    the training loop takes (it saves a snapshot and returns), so the sweep must stop too
+    rather than start the next member."""
     from icl_jax import data, distributed, train
     distributed.maybe_initialize()
     names = [m.name for m in group]
@@ -396,8 +399,11 @@ def _run_ensemble(group, index, progress, say):
         index.update(m.name, status=status, exit_code=None if error is None else 1,
                      last_step=workdir_lib.newest_snapshot(m.workdir), wall_s=round(wall, 1),
                      ended=_now(), error=error)
-    say(f"[{', '.join(names)}] " + (f"done in {wall:.0f} s" if error is None
-                                    else f"FAILED: {error}"))
+    stopped = error is None and not all(finished(m) for m in group)
+    say(f"[{', '.join(names)}] " + (f"FAILED: {error}" if error else
+                                    f"stopped after {wall:.0f} s" if stopped else
+                                    f"done in {wall:.0f} s"))
+    return stopped
 
 
 # ----------------------------------------------------------------------------- the command
@@ -467,9 +473,13 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
     cache = compilation_cache(workdir)
     if groups:
         use_compilation_cache(cache)  # members trained in this process
+    interrupted = None
     for g in groups:
-        _run_ensemble(g, index, progress, say)
-    interrupted = _run_pool(singles, index, jobs, progress, say, cache) if singles else None
+        if _run_ensemble(g, index, progress, say):
+            interrupted = "a signal"  # the rest stay pending; the same command resumes
+            break
+    if singles and not interrupted:
+        interrupted = _run_pool(singles, index, jobs, progress, say, cache)
 
     states = {m.name: index.data["members"][m.name]["status"] for m in selected}
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "pending", "failed")}

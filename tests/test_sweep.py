@@ -184,3 +184,27 @@ def test_members_of_one_shape_compile_once_per_sweep(tmp_path, monkeypatch):
     assert sorted(os.listdir(cache)) == after_a
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # '' turns it off
     assert sweep.compilation_cache(wd) is None
+
+
+def test_an_in_process_sweep_stops_when_its_member_is_stopped(tmp_path, monkeypatch):
+    """A SIGTERM reaches the training loop of the member being trained (it saves a snapshot
+    and returns early); the sweep must then stop too, not start the next member (reproduce
+    trains this way), and the same command resumes."""
+    from icl_jax import train
+    real = train.train_and_evaluate
+    calls = []
+
+    def preempted(config, workdir, **kw):  # as the loop returns after a SIGTERM at step 2
+        calls.append(workdir)
+        return real(config, workdir, **kw, stop_after=2)
+
+    monkeypatch.setattr(train, "train_and_evaluate", preempted)
+    spec = _write_sweep(tmp_path, {"a": {}, "b": {"overrides": {"seed": 1}}}, overrides=TINY)
+    wd = str(tmp_path / "runs")
+    index = sweep.run_sweep(spec, wd, in_process=True, progress=False)
+    assert len(calls) == 1  # b never started
+    assert index["members"]["a"]["status"] == "pending" and index["members"]["a"]["last_step"] == 2
+    assert index["members"]["b"]["status"] == "pending"
+    monkeypatch.setattr(train, "train_and_evaluate", real)
+    index = sweep.run_sweep(spec, wd, in_process=True, progress=False)
+    assert {m["status"] for m in index["members"].values()} == {"done"}
