@@ -24,8 +24,9 @@ BIN_DTYPES = ("uint16", "uint32")
 TOKENIZERS = ("bytes", "bpe")
 NAMES = ("synthetic", "pystdlib", "pycode", "files")
 # markov: token t depends on token t-1; lag2: on token t-2, which pays a head that
-# attends to the previous token from the next position (the first half of induction)
-BACKGROUNDS = ("uniform", "markov", "lag2")
+# attends to the previous token from the next position (the first half of induction);
+# mixed: each sequence markov or lag2, half and half (placement "uniform" only)
+BACKGROUNDS = ("uniform", "markov", "lag2", "mixed")
 END_OF_TEXT = "<|endoftext|>"
 ATTEMPTS = 8  # placements tried per segment before a row goes without it
 # fields a config may omit; the values match configs/small.py
@@ -124,9 +125,13 @@ def _background(rng, x, pasted, vocab, table, lag):
     if table is None:
         return np.where(pasted, x, rng.integers(0, vocab, x.shape, dtype=np.int32))
     choice = rng.integers(0, table.shape[1], x.shape)
-    first = rng.integers(0, vocab, (n, lag), dtype=np.int32)
+    # lag 0: "mixed", each row's lag 1 or 2 (drawn only then: other rows' streams unchanged)
+    lags = np.full(n, lag) if lag else rng.integers(1, 3, n)
+    first = rng.integers(0, vocab, (n, int(lags.max())), dtype=np.int32)
+    rows = np.arange(n)
     for t in range(seq_len):
-        bg = first[:, t] if t < lag else table[x[:, t - lag], choice[:, t]]
+        prev = x[rows, np.maximum(t - lags, 0)]
+        bg = np.where(t < lags, first[:, min(t, first.shape[1] - 1)], table[prev, choice[:, t]])
         x[:, t] = np.where(pasted[:, t], x[:, t], bg)
     return x
 
@@ -192,11 +197,13 @@ class SyntheticSource(Source):
                                                segment_len_max))
         self.table = _markov_table(self.vocab_size, int(markov_branching), self.seed) \
             if background != "uniform" else None
-        self.lag = 2 if background == "lag2" else 1
+        self.lag = {"lag2": 2, "mixed": 0}.get(background, 1)
         _need(0 <= fresh_fraction <= 1, f"data.fresh_fraction must be in [0, 1], got {fresh_fraction}")
         self.fresh_fraction = float(fresh_fraction)
         _need(placement in PLACEMENTS,
               f"unknown data.placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
+        _need(background != "mixed" or placement == "uniform",
+              "data.background 'mixed' needs data.placement 'uniform'")
         self.placement = placement
         self._check(self.seq_len)
 

@@ -74,3 +74,23 @@ def test_saved_text_configs_without_placement_still_resume():
 def test_unknown_placement_is_named():
     with pytest.raises(data.DataError, match="data.placement"):
         data.SyntheticSource(64, 0, "lag2", placement="sideways")
+
+
+def test_a_mixed_background_gives_each_row_one_of_the_two_rules():
+    """data.background=mixed: every row's background follows token t-1 (markov) or token t-2
+    (lag2), about half each; only pasted tokens break the row's rule."""
+    source = data.SyntheticSource(64, 0, "mixed", 4, 1, 3, 6, 19, L, 0.5, "uniform")
+    x, pasted = data._uniform_segments(np.random.default_rng(1), 1024, L, 64, source.table,
+                                       1, 3, 6, 19, lag=source.lag)
+
+    def breaks(lag):
+        ok = np.ones(x.shape, bool)
+        for t in range(lag, L):
+            ok[:, t] = (source.table[x[:, t - lag]] == x[:, t][:, None]).any(1)
+        return ~ok & ~pasted
+
+    follows = {lag: ~breaks(lag).any(1) for lag in (1, 2)}
+    assert (follows[1] | follows[2]).all()  # every row keeps one rule wherever it is drawn
+    assert 0.4 < follows[1].mean() < 0.6 and 0.4 < follows[2].mean() < 0.6
+    with pytest.raises(data.DataError, match="mixed"):
+        data.SyntheticSource(64, 0, "mixed", placement="after")
