@@ -69,6 +69,11 @@ def get_config(arg=None):
         # learning; "after" (runs saved before this field): a copy pasted after its source, late
         # indices holding five times the copies, the ICL score starting near +1
         placement="uniform",
+        # where training batches are made: "auto" on the device inside the step on an
+        # accelerator (numpy cannot keep up with it) and by numpy on a CPU; "device" or
+        # "host" force one (the device makes only synthetic data with placement "uniform").
+        # Both draw the same distribution from (seed, step), not the same tokens
+        generate="auto",
         # text (pystdlib, pycode, files)
         path="",  # files: a text file, a glob, a .npy or a .bin of tokens
         bin_dtype="uint16",  # for raw .bin token files

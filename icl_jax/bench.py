@@ -16,6 +16,7 @@ against XLA's cost analysis of the compiled step.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_jax import config as config_lib, data as data_lib, train
+from icl_jax import config as config_lib, data as data_lib, device_data, train
 from icl_jax.flops import train_flops
 from icl_jax.model import QUERY_BLOCK, causal_attention, init_params, make_model
 
@@ -598,23 +599,44 @@ def bench_checkpoint(config, repeats: int) -> list:
     return rows
 
 
+def data_pipelines(config, workdir=None) -> dict:
+    """{"host": numpy's batch of the next step, "device": the same drawn by device_data on
+    the default device (jitted, waited for; only for data it can make)}: one global batch
+    each call."""
+    source = data_lib.make_source(config, workdir)
+    b, s = config.train.batch_size, config.model.context + 1
+    host_steps, device_steps = itertools.count(1), itertools.count(1)
+    fns = {"host": lambda: source.batch(next(host_steps), b, s)}
+    if isinstance(source, data_lib.SyntheticSource) and source.placement == "uniform":
+        gen = device_data.DeviceSynthetic(source)
+        inputs = jax.device_put(gen.inputs())
+        make = jax.jit(lambda inputs, step: gen.batch(inputs, step, b))
+        fns["device"] = lambda: make(inputs, np.int32(next(device_steps))).block_until_ready()
+    return fns
+
+
+def _auto_pipeline(config) -> str:
+    """The pipeline data.generate gives training on this platform."""
+    use = device_data.use_device(config.data, jax.devices()[0].platform)
+    return "device" if use else "host"
+
+
 def bench_data(config, repeats: int) -> list:
-    """The synthetic data pipeline's tokens/s against the training step's."""
+    """The data pipelines' tokens/s (numpy's on the host, device_data's on the device)
+    against the training step's."""
     case, rows = _name(config), []
     t, m = config.train, config.model
-    source = data_lib.make_source(config)
     tokens = t.batch_size * m.context
-    ours = JaxTrainer(config)
-    step = [0]
-
-    def batch():
-        step[0] += 1
-        source.batch(step[0], t.batch_size, m.context + 1)
-
-    times = interleaved({"data": batch, "train": ours}, repeats)
-    rows.append(_row(case, f"data ({config.data.name})", tokens / times["data"], "tok/s"))
-    rows.append(_row(case, "data / train", times["train"] / times["data"], "x",
-                     "how many times faster than training consumes it"))
+    pipelines = data_pipelines(config)
+    times = interleaved({**pipelines, "train": JaxTrainer(config)}, repeats)
+    for name in pipelines:
+        rows.append(_row(case, f"data ({config.data.name}, {name})", tokens / times[name],
+                         "tok/s"))
+        rows.append(_row(case, f"{name} / train", times["train"] / times[name], "x",
+                         "how many times faster it makes tokens than training consumes them"))
+    auto = _auto_pipeline(config)
+    rows.append(_row(case, "data / train", times["train"] / times[auto], "x",
+                     f"the pipeline data.generate={config.data.generate!r} trains on here: {auto}"))
     return rows
 
 
@@ -706,24 +728,24 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
     rows.append(_row(case, "vmapped / loop", times["loop"] / times["vmapped"], "x",
                      "loop time over vmapped time, per repeat"))
 
-    # (4) the data pipeline against the step, both profiles: tokens/s against tokens/s
+    # (4) the data pipelines against the step, both profiles: tokens/s against tokens/s;
+    # "data" is the pipeline training uses here (data.generate), the others are beside it
     for name, config, step_tok_s in (("quick", quick, tokens / quick_step_s),
                                      ("paper", paper_data, paper_tok_s)):
         with tempfile.TemporaryDirectory(prefix="icl_jax_bench_") as tmp:
-            source = data_lib.make_source(config, tmp)  # text: the tokenizer is built here
-        b, s = config.train.batch_size, config.model.context + 1
-        counter = [0]
-
-        def batch():
-            counter[0] += 1
-            source.batch(counter[0], b, s)
-
-        data_tok_s = b * config.model.context / interleaved({"data": batch}, repeats)["data"]
+            pipelines = data_pipelines(config, tmp)  # text: the tokenizer is built here
+        b = config.train.batch_size
+        times = interleaved(pipelines, repeats)
+        auto = _auto_pipeline(config)
         case = f"{name} {_name(config)} {config.data.name}"
-        rows.append(_row(case, "data", data_tok_s, "tok/s"))
         rows.append(_row(case, "step", step_tok_s, "tok/s", "from the rows above"))
-        rows.append(_row(case, "data / step", data_tok_s / np.median(step_tok_s), "x",
-                         "how many times faster the pipeline makes tokens than the step uses them"))
+        for pipe in sorted(pipelines, key=lambda p: p != auto):
+            data_tok_s = b * config.model.context / times[pipe]
+            label = "data" if pipe == auto else f"{pipe} data"
+            rows.append(_row(case, label, data_tok_s, "tok/s", f"made on the {pipe}"))
+            rows.append(_row(case, f"{label} / step", data_tok_s / np.median(step_tok_s), "x",
+                             "how many times faster the pipeline makes tokens than the step "
+                             "uses them"))
 
     # (5) the whole quick reproduction, in a fresh process
     if with_reproduce:

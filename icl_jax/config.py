@@ -90,7 +90,9 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
 # Fields added after runs were saved without them, with the value that reproduces those
 # runs (or a function of the saved config giving it), so that a saved config still resumes
 # and compares equal.
-ADDED_FIELDS = {("model", "attention"): "auto", ("data", "roots"): "",
+# data.generate "auto" makes the same batches as before on a CPU (numpy's); a run saved on an
+# accelerator resumes with batches made on the device: the same distribution, other draws
+ADDED_FIELDS = {("model", "attention"): "auto", ("data", "roots"): "", ("data", "generate"): "auto",
                 ("model", "mlp_out_init"): 1.0,
                 # synthetic runs saved before data.placement existed pasted every copy after
                 # its source; other sources never read it, so they get today's default
@@ -165,6 +167,7 @@ def override(config: ml_collections.ConfigDict, assignments: dict[str, str]):
 
 
 ATTENTION = ("auto", "blocked", "dot_product_attention")  # model.attention; see model.py
+GENERATE = ("auto", "device", "host")  # data.generate; see device_data.py
 
 # field -> (type, allowed values or None); the schema every config must follow.
 SCHEMA = {
@@ -175,7 +178,7 @@ SCHEMA = {
               "dtype": str, "attention": str},
     "data": {"name": str, "background": str, "markov_branching": int, "segments_min": int,
              "segments_max": int, "segment_len_min": int, "segment_len_max": int,
-             "fresh_fraction": float, "placement": str,
+             "fresh_fraction": float, "placement": str, "generate": str,
              "path": str, "bin_dtype": str, "tokenizer": str, "bpe_vocab_size": int,
              "holdout_fraction": float, "roots": str},
     "train": {"steps": int, "batch_size": int, "lr": float, "schedule": str,
@@ -253,6 +256,12 @@ def validate(config) -> ml_collections.ConfigDict:
           f"must be synthetic, pystdlib, pycode or files, got {d.name!r}")
     _need(d.name != "files" or d.path, "data.path", "must name a file, directory or glob "
           "when data.name is 'files'")
+    _need(d.generate in GENERATE, "data.generate",
+          f"must be one of {', '.join(GENERATE)}, got {d.generate!r}")
+    _need(d.generate != "device" or d.name == "synthetic", "data.generate",
+          f"'device' makes only synthetic data, not data.name={d.name!r}; use 'auto' or 'host'")
+    _need(d.generate != "device" or d.placement == "uniform", "data.generate",
+          f"'device' needs data.placement='uniform', got {d.placement!r}; use 'auto' or 'host'")
     _need(d.tokenizer in ("bytes", "bpe"), "data.tokenizer",
           f"must be 'bytes' or 'bpe', got {d.tokenizer!r}")
     if d.name in ("pystdlib", "pycode") or (d.name == "files" and d.tokenizer == "bytes"

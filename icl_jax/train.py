@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from icl_jax import checkpoints, config as config_lib, data as data_lib, scores
+from icl_jax import checkpoints, config as config_lib, data as data_lib, device_data, scores
 from icl_jax import flops as flops_lib, workdir as workdir_lib
 from icl_jax.model import init_params, loss_by_position, make_model
 
@@ -96,13 +96,17 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False, platform=None):
+def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False, platform=None,
+                    generator=None):
     """jit(shard_map(per-device step)): state replicated, batch split over 'data'.
 
     A step whose loss or gradients are not finite is recorded in state["first_bad_step"];
     with t.skip_nonfinite its update is dropped (and counted in state["skipped"]).
     ensemble: the state has a leading member axis and the batch is [member, batch, time];
     the per-device step is vmapped over members (on CPU, mapped by a loop in the program).
+    generator (a device_data.DeviceSynthetic): the step takes the generator's inputs()
+    (replicated; stacked for an ensemble) instead of a batch, and each device makes its own
+    rows of batch state["step"].
     """
     skip_nonfinite = t.skip_nonfinite
 
@@ -134,16 +138,22 @@ def make_train_step(model, tx, mesh: Mesh, t, ensemble: bool = False, platform=N
         return new_state, {"train_loss": loss, "grad_norm": grad_norm, "skipped": new_state["skipped"],
                            "first_bad_step": first_bad}
 
-    fn, batch_spec = per_device_step, P("data")
+    one, batch_spec = per_device_step, P("data")
+    if generator is not None:
+        generate = device_data.step_generator(generator, t.batch_size // mesh.shape["data"])
+        one = lambda st, inputs: per_device_step(st, generate(inputs, st["step"]))  # noqa: E731
+    fn = one
     if ensemble:
         batch_spec = P(None, "data")
         # platform: what the program is compiled for (an AbstractMesh has no devices)
         if (platform or mesh.devices.flat[0].platform) == "cpu":
             # XLA's CPU code runs vmapped small matmuls as slow batched kernels (0.67x of
             # sequential for 8 members); a loop over members inside the program is not
-            fn = lambda st, b: jax.lax.map(lambda x: per_device_step(*x), (st, b))  # noqa: E731
+            fn = lambda st, b: jax.lax.map(lambda x: one(*x), (st, b))  # noqa: E731
         else:
-            fn = jax.vmap(per_device_step)
+            fn = jax.vmap(one)
+    if generator is not None:
+        batch_spec = P()  # the generator's inputs, not rows
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P(), batch_spec), out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=0)
 
@@ -384,6 +394,16 @@ def _train(members, sources, progress, stop_after):
                                   for s in sources])
         return jax.make_array_from_callback(batch_shape, batch_sharding, rows)
 
+    # or made on the device inside the step, from the seed, the table and state["step"]
+    generated = device_data.device_generator(sources, [c.data for c in members.configs],
+                                             mesh.devices.flat[0].platform)
+    generator = None
+    if generated is not None:
+        generator, gen_inputs = generated
+        gen_inputs = jax.tree.map(lambda a: global_array(np.asarray(a), mesh, P()),
+                                  members.stack(gen_inputs))
+        get_batch = lambda step: gen_inputs  # noqa: E731
+
     inputs = [scores.evaluation_inputs(c, s) for c, s in zip(members.configs, sources)]
     eval_BT1 = global_array(members.stack([i["eval_BT1"] for i in inputs]), mesh, P())
     probe_BT = global_array(members.stack([i["probe_BT"] for i in inputs]), mesh, P())
@@ -410,7 +430,8 @@ def _train(members, sources, progress, stop_after):
 
     # --- compile once, ahead of time, and say how much memory the step needs
     peak = flops_lib.peak(config.model.dtype)  # measured before the step competes for cores
-    compiled = make_train_step(model, tx, mesh, t, members.stacked).lower(
+    compiled = make_train_step(model, tx, mesh, t, members.stacked,
+                               generator=generator).lower(
         state, get_batch(start)).compile()
     if progress and jax.process_index() == 0:
         _print_memory(compiled, len(members))

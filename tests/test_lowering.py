@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from icl_jax import config as config_lib, scores, train
+from icl_jax import config as config_lib, data, device_data, scores, train
 from icl_jax.model import init_params, loss_by_position, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +109,34 @@ def test_training_step_lowers_data_parallel_over_8_devices(profile, platform, dt
     text = _check(exported, platform)
     assert DOT_PRODUCT_ATTENTION in text
     _check_precision(text, dtype)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("ensemble", [False, True], ids=["one", "ensemble"])
+def test_training_step_that_makes_its_own_batches_lowers(platform, ensemble):
+    # data.generate: each device draws its rows inside the step (device_data.py), with the
+    # parallel background fill accelerators get, and no host callback
+    config = _config("small", "bfloat16")
+    t = config.train
+    mesh = AbstractMesh((N_DEVICES,), ("data",))
+    source = data.make_source(config)
+    gen = device_data.DeviceSynthetic(source, parallel_fill=True)
+    assert gen.parallel_fill and source.table is not None  # lag2: the fill is exercised
+    model = make_model(config.model, platform=platform)
+    tx = train.make_optimizer(t)
+    step = train.make_train_step(model, tx, mesh, t, ensemble=ensemble, platform=platform,
+                                 generator=gen)
+    state = jax.eval_shape(lambda: train.init_state(model, tx, config.seed, t))
+    inputs = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, gen.inputs()))
+    if ensemble:
+        state, inputs = (jax.tree.map(lambda a: jax.ShapeDtypeStruct((MEMBERS, *a.shape),
+                                                                     a.dtype), tree)
+                         for tree in (state, inputs))
+    exported = jax.export.export(step, platforms=(platform,))(
+        _abstract(state, NamedSharding(mesh, P())), _abstract(inputs, NamedSharding(mesh, P())))
+    text = _check(exported, platform)
+    assert "threefry" in text  # the batch is drawn inside the program
+    assert DOT_PRODUCT_ATTENTION in text
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
