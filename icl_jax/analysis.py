@@ -80,12 +80,17 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
          a candidate's window is the contiguous span around it where rate > frac x its
          rate.
       4. The drop threshold of a window is max(min_drop, noise_factor x se), se the
-         standard error of the score's change across the window: paired when each
-         example's score is given (`icl_by_example` [snapshots, examples]; every snapshot
-         is scored on the same examples, so their shared noise cancels:
-         paired_standard_error), else from the snapshots' own standard errors (`icl_se`,
-         interpolated at the edges) as sqrt(se_start^2 + se_end^2), else 0: a drop the
-         evaluation set's noise could make does not count.
+         standard error of the score's change across the window from two sources, in
+         quadrature. The evaluation set's: paired when each example's score is given
+         (`icl_by_example` [snapshots, examples]; every snapshot is scored on the same
+         examples, so their shared noise cancels: paired_standard_error), else from the
+         snapshots' own standard errors (`icl_se`, interpolated at the edges) as
+         sqrt(se_start^2 + se_end^2), else 0. And training's: the model wobbles from one
+         snapshot to the next with SGD's noise, which no evaluation set removes; its
+         size is a robust spread of the raw score's snapshot-to-snapshot changes (1.4826
+         x their median absolute deviation, over sqrt(2): `wobble`), and a difference
+         of two snapshots carries sqrt(2) x it. A drop either noise could make does not
+         count.
       5. A candidate is the phase change if: its drop (smoothed score at the start minus
          at the end) is at least the threshold, and at least `min_share` of the smoothed
          curve's fall around it (from its highest point within max_width before the
@@ -104,7 +109,8 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
       6. The first candidate that passes is reported; if none does, the steepest one's
          window is, with `reason` naming the condition it failed.
     Returns {detected, reason, start_step, end_step, peak_step, start_tokens,
-    end_tokens, icl_before, icl_after, drop, drop_threshold, se_before, se_after, se_drop,
+    end_tokens, icl_before, icl_after, drop, drop_threshold, se_before, se_after, se_drop
+    (the window's noise, both sources), wobble (training's, one snapshot),
     icl_first, candidates, rule}; steps are those of the window's edges in the smoothed
     curve, ICL before/after the smoothed values there.
     """
@@ -132,6 +138,7 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
         "start_step": None, "end_step": None, "peak_step": None, "start_tokens": None,
         "end_tokens": None, "icl_before": None, "icl_after": None, "drop": None,
         "drop_threshold": None, "se_before": None, "se_after": None, "se_drop": None,
+        "wobble": None,
         "icl_first": float(icl[0]) if len(icl) else None, "candidates": 0}
     if len(steps) == 0:
         out["reason"] = "no finite ICL score"
@@ -145,6 +152,10 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
         out["reason"] = f"too few snapshots ({len(steps)}) to find a phase change"
         return out
     x = np.log(steps) if axis == "log" else steps
+    changes = np.diff(icl)
+    wobble = (1.4826 * float(np.median(np.abs(changes - np.median(changes)))) / math.sqrt(2)
+              if len(changes) >= 4 else 0.0)
+    out["wobble"] = wobble
     xg = np.linspace(x[0], x[-1], grid)
     dx = xg[1] - xg[0]
     sigma = smooth if axis == "log" else smooth * (x[-1] - x[0])
@@ -181,8 +192,9 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
         while b < grid - 1 and above[b + 1]:
             b += 1
         drop = float(yg[a] - yg[b])
-        noise = (paired_standard_error(x, by_ex, xg[a], xg[b]) if by_ex is not None
-                 else math.hypot(seg[a], seg[b]))
+        evaluation = (paired_standard_error(x, by_ex, xg[a], xg[b]) if by_ex is not None
+                      else math.hypot(seg[a], seg[b]))
+        noise = math.hypot(evaluation, math.sqrt(2) * wobble)
         threshold = max(min_drop, noise_factor * noise)
         top = int(np.argmax(yg[:b + 1]))
         floor = min(first_icl, float(yg[:top + 1].min()))  # lowest before the rise's top

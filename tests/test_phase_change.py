@@ -125,12 +125,13 @@ def test_a_real_drop_after_the_transient_is_found():
 
 # ------------------------------------------------------------------ the paired standard error
 
-def _by_example(curve, seed, shared=1.9, own=0.75, n=256):
+def _by_example(curve, seed, shared=1.9, own=0.6, n=256):
     """[snapshots, examples] ICL scores around `curve`: each example has its own difficulty
     (sd `shared`, the same at every snapshot, since every snapshot is scored on the same
-    evaluation set) plus noise of its own at each snapshot (sd `own`). As measured on the
-    quick profile (seed 0): one snapshot's standard error ~0.13 nats, the paired error of
-    a change across a window 0.066 (1L) to 0.095 (2L)."""
+    evaluation set) plus noise of its own at each snapshot (sd `own`): one snapshot's
+    standard error ~0.12 nats, the paired error of a change ~0.05 and the mean's wobble
+    from snapshot to snapshot ~0.04. Measured on the quick profile (seed 0): ~0.13, 0.066
+    (1L) to 0.095 (2L), and 0.02 to 0.04."""
     rng = np.random.default_rng([seed, 7])
     hard = rng.normal(0, shared, n)
     E = np.asarray(curve)[:, None] + hard[None, :] + rng.normal(0, own, (len(curve), n))
@@ -168,7 +169,7 @@ def test_the_paired_error_finds_a_drop_the_unpaired_one_hides():
             pc = analysis.detect_phase_change(QUICK_STEPS, icl, icl_se=se, smooth=smooth,
                                               icl_by_example=E)
             assert pc["detected"] and pc["start_step"] < 2300 < pc["end_step"], (seed, smooth, pc)
-            assert pc["rule"]["standard_error"] == "paired" and pc["se_drop"] < 0.08
+            assert pc["rule"]["standard_error"] == "paired" and pc["se_drop"] < 0.13
             unpaired = analysis.detect_phase_change(QUICK_STEPS, icl, icl_se=se, smooth=smooth)
             assert not unpaired["detected"] and "standard error" in unpaired["reason"], unpaired
         E = _by_example(curve, seed, shared=0.0, own=1.9)
@@ -213,3 +214,27 @@ def test_the_early_transient_is_not_a_phase_change_with_the_paired_error():
         E = _by_example(fall, seed)
         pc = analysis.detect_phase_change(QUICK_STEPS, E.mean(1), icl_by_example=E)
         assert pc["detected"] and pc["start_step"] < 400, pc
+
+
+def test_the_models_own_wobble_between_snapshots_is_noise_too():
+    """Measured on 2L-MLP with the mixed background: the evaluation set's paired error of a
+    change was 0.039 nats, but the score wobbled by ~0.05 from one snapshot to the next (the
+    model itself, SGD's noise), and a 0.14-nat drift that came back was "detected". The
+    threshold counts that wobble (estimated from the curve) too. Such a drift is ~2 sd of a
+    two-snapshot difference, so a few of 20 draws still pass (17 of 20 without the wobble
+    term); a real drop passes on every draw."""
+    drift = -0.14 * np.clip((QUICK_STEPS - 2000) / 800, 0, 1) * (QUICK_STEPS < 3500)
+    found = 0
+    for seed in range(20):
+        rng = np.random.default_rng([seed, 11])
+        curve = -0.15 + drift + np.where(QUICK_STEPS > 0, rng.normal(0, 0.05, len(QUICK_STEPS)), 0)
+        E = _by_example(curve, seed, own=0.3)
+        pc = analysis.detect_phase_change(QUICK_STEPS, E.mean(1), icl_by_example=E)
+        found += pc["detected"]
+        assert 0.02 < pc["wobble"] < 0.1
+        if seed < 5:
+            real = curve - 0.6 / (1 + np.exp(-(QUICK_STEPS - 3000) / 150))
+            E = _by_example(real, seed, own=0.3)
+            pc = analysis.detect_phase_change(QUICK_STEPS, E.mean(1), icl_by_example=E)
+            assert pc["detected"] and pc["start_step"] < 3000 < pc["end_step"], pc
+    assert found <= 5, found
