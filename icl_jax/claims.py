@@ -148,7 +148,8 @@ def icl_drop_over(run, window):
     """(drop, threshold) of the raw ICL score across `window`, the threshold as the phase-change
     rule's: max(min_drop, noise_factor x the standard error of the change), paired over the
     evaluation examples when the run has each example's score (icl_by_example), else
-    sqrt(se_start^2 + se_end^2) of the snapshots' own standard errors."""
+    sqrt(se_start^2 + se_end^2) of the snapshots' own standard errors, with the model's
+    wobble between snapshots (the rule's `wobble`) in quadrature."""
     rule = run["phase_change"]["rule"]
     start, end = window
     drop = _interp_ln(run["steps"], run["icl_score"], start) - _interp_ln(
@@ -165,6 +166,9 @@ def icl_drop_over(run, window):
                                     _interp_ln(run["steps"], se, end))
     else:
         noise = 0.0
+    # and the model's own wobble between snapshots, as the rule counts it
+    wobble = run["phase_change"].get("wobble") or 0.0
+    noise = math.hypot(noise, factor * math.sqrt(2) * wobble)
     return drop, max(rule["min_drop"], noise)
 
 
