@@ -19,8 +19,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from icl_jax import checkpoints, config as config_lib, data as data_lib, scores
-from icl_jax import flops as flops_lib, workdir as workdir_lib
+from icl_jax import flops as flops_lib, prefetch, workdir as workdir_lib
 from icl_jax.model import init_params, loss_by_position, make_model
+
+
+# batches made ahead of the step in a background thread, so that reading them and their
+# copy to the device overlap the running step; 0: made synchronously before each step
+PREFETCH_BATCHES = 2
 
 
 class TrainingError(RuntimeError):
@@ -443,10 +448,13 @@ def _train(members, sources, progress, stop_after):
 
     # --- loop: dispatch step s+1 before reading step s's metrics, so the device never waits
     step = start
+    batches = (prefetch.Prefetcher(get_batch, start, t.steps, PREFETCH_BATCHES)
+               if PREFETCH_BATCHES else None)
     with _StopSignal() as stop:
         try:
             while step < t.steps:
-                state, metrics = compiled(state, get_batch(step))
+                batch = batches.get(step) if batches else get_batch(step)
+                state, metrics = compiled(state, batch)
                 step += 1
                 if stop_after is not None and step >= stop_after and step < t.steps:
                     stop.received = stop.received or f"stop_after={stop_after}"
@@ -466,6 +474,8 @@ def _train(members, sources, progress, stop_after):
                     break
             metrics_log.flush()
         finally:
+            if batches:
+                batches.close()
             for store in stores:
                 store.close()  # always wait for the last asynchronous save
             metrics_log.close()
