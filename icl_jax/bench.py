@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import config as config_lib, data as data_lib, device_data, train
+from icl_jax import workdir as workdir_lib
 from icl_jax.flops import train_flops
 from icl_jax.model import QUERY_BLOCK, causal_attention, init_params, make_model
 
@@ -60,10 +61,15 @@ def default_train() -> tuple:
     if jax.default_backend() == "cpu":
         return DEFAULT_TRAIN
     return DEFAULT_TRAIN + ("paper L2 bf16 T2048",)
-SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "accelerator", "llc")
-# not in the default run: the accelerator suite has its own output and sizes, and the
-# llc suite takes minutes (devinterp's loop)
-OPT_IN = {"accelerator", "llc"}
+SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "accelerator", "llc",
+          "prefetch")
+# not in the default run: the accelerator suite has its own output and sizes, the llc
+# suite takes minutes (devinterp's loop), and prefetch trains whole runs
+OPT_IN = {"accelerator", "llc", "prefetch"}
+# the prefetch suite's runs: the text profile (windows of a memory-mapped byte corpus)
+# and the quick profile's synthetic data, each about a minute a run on 2 cores
+DEFAULT_PREFETCH = ((os.path.join(ROOT, "configs", "text.py") + ":layers=2", {"train.steps": 80}),
+                    ("small L2", {"train.steps": 800}))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -640,6 +646,56 @@ def bench_data(config, repeats: int) -> list:
     return rows
 
 
+def bench_prefetch(config, repeats: int) -> list:
+    """Whole runs of train_and_evaluate with the host batches made ahead in a thread
+    (train.PREFETCH_BATCHES) against made before each step, interleaved run by run;
+    tokens/s from each run's own log, its first and last logged spans left out (warm-up;
+    the last one holds the final evaluation). Runs train.steps steps (100 when the config
+    asks for more than 2,000)."""
+    case, rows = f"{_name(config)} {config.data.name}", []
+    c = config.copy_and_resolve_references()
+    steps = c.train.steps if c.train.steps <= 2000 else 100
+    c.train.steps, c.train.log_every = steps, max(steps // 8, 10)
+    c.train.eval_every = c.checkpoint.every = steps
+    c.checkpoint.log_spaced = 0
+    config_lib.validate(c)
+    depths = {"synchronous": 0, "prefetched": train.PREFETCH_BATCHES or 2}
+    rates = {name: [] for name in depths}
+    saved = train.PREFETCH_BATCHES
+    try:
+        for _ in range(repeats):
+            for name, depth in depths.items():
+                train.PREFETCH_BATCHES = depth
+                with tempfile.TemporaryDirectory() as wd:
+                    train.train_and_evaluate(c, wd, progress=False)
+                    spans = [r for r in workdir_lib.read_metrics(wd) if r.get("tokens_per_s")]
+                pairs = list(zip(spans[:-1], spans[1:]))[:-1]  # (previous, span), inner
+                if not pairs:
+                    raise ValueError(f"bench prefetch: {steps} steps leave no inner timed span; "
+                                     "raise --config.train.steps")
+                tokens = [r["tokens"] - p["tokens"] for p, r in pairs]
+                seconds = sum(n / r["tokens_per_s"] for n, (_, r) in zip(tokens, pairs))
+                rates[name].append(sum(tokens) / seconds)
+    finally:
+        train.PREFETCH_BATCHES = saved
+    for name in depths:
+        rows.append(_row(case, f"train, batches {name}", rates[name], "tok/s",
+                         f"{steps} steps a run, log every {c.train.log_every}"))
+    ratio = np.asarray(rates["prefetched"]) / np.asarray(rates["synchronous"])
+    rows.append(_row(case, "prefetched / synchronous", ratio, "x", "tokens/s ratio, per repeat"))
+    source, t = data_lib.make_source(c), c.train
+    step = [0]
+
+    def batch():
+        step[0] += 1
+        source.batch(step[0], t.batch_size, c.model.context + 1)
+
+    data_s = interleaved({"data": batch}, repeats)["data"]
+    rows.append(_row(case, f"data ({c.data.name}) alone", t.batch_size * c.model.context
+                     / data_s, "tok/s", "source.batch of the whole batch, on the host"))
+    return rows
+
+
 # ----------------------------------------------------------------------------- accelerator
 
 PAPER = os.path.join(ROOT, "configs", "paper.py")
@@ -909,6 +965,9 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
         emit(bench_data(small, repeats))
     if "llc" in parts:
         emit(bench_llc(small))
+    if "prefetch" in parts:
+        for spec, steps in ([(s, {}) for s in specs] or DEFAULT_PREFETCH):
+            emit(bench_prefetch(load_config(spec, {**steps, **(overrides or {})}), repeats))
     meta["loadavg_end"] = os.getloadavg()
     print(f"\n{meta['platform']} x{len(meta['devices'])}, {meta['cpu_count']} cores, jax "
           f"{meta['jax']}; load average {meta['loadavg_start'][0]:.2f} at start, "

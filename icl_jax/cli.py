@@ -98,7 +98,7 @@ def build_parser():
                        "config benchmarked.")
     p.add_argument("--suite", default="default",
                    choices=("default", "train", "score", "ensemble", "checkpoint", "data",
-                            "accelerator"))
+                            "accelerator", "llc", "prefetch"))
     p.add_argument("--out", default="bench_accelerator",
                    help="accelerator suite: folder for accelerator.json and accelerator.md")
     p.add_argument("--tiny", action="store_true", help="accelerator suite: every case shrunk")

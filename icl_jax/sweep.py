@@ -263,13 +263,14 @@ def compilation_cache(workdir: str) -> str | None:
 
 
 def use_compilation_cache(directory: str | None):
-    """Points this process's jax at `directory`, caching every compilation (the small
-    models here compile in well under jax's default 1 s threshold)."""
+    """Points this process's jax at `directory`, caching every compilation: the small
+    models here compile in well under jax's default 1 s threshold, and -1 (no minimum
+    entry size) also keeps jax from raising the size threshold for the filesystem."""
     if directory:
         import jax
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def child_env(jobs: int, cache: str | None = None) -> dict:
@@ -284,7 +285,7 @@ def child_env(jobs: int, cache: str | None = None) -> dict:
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=cache,
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     if jobs > 1:
         if _accelerator_present():
             env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.2f}")

@@ -19,8 +19,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from icl_jax import checkpoints, config as config_lib, data as data_lib, device_data, scores
-from icl_jax import flops as flops_lib, workdir as workdir_lib
+from icl_jax import flops as flops_lib, prefetch, workdir as workdir_lib
 from icl_jax.model import init_params, loss_by_position, make_model
+
+
+# batches made ahead of the step in a background thread, so that reading them and their
+# copy to the device overlap the running step; 0: made synchronously before each step
+PREFETCH_BATCHES = 2
 
 
 class TrainingError(RuntimeError):
@@ -430,11 +435,12 @@ def _train(members, sources, progress, stop_after):
 
     # --- compile once, ahead of time, and say how much memory the step needs
     peak = flops_lib.peak(config.model.dtype)  # measured before the step competes for cores
-    compiled = make_train_step(model, tx, mesh, t, members.stacked,
-                               generator=generator).lower(
-        state, get_batch(start)).compile()
+    lowered = make_train_step(model, tx, mesh, t, members.stacked,
+                              generator=generator).lower(state, get_batch(start))
+    t_compile = time.perf_counter()
+    compiled = lowered.compile()  # from the persistent cache, when a sweep has one
     if progress and jax.process_index() == 0:
-        _print_memory(compiled, len(members))
+        _print_memory(compiled, len(members), time.perf_counter() - t_compile)
     evaluate = make_eval_fn(model, e, members.stacked)
 
     def eval_records(params):
@@ -464,10 +470,14 @@ def _train(members, sources, progress, stop_after):
 
     # --- loop: dispatch step s+1 before reading step s's metrics, so the device never waits
     step = start
+    # host batches are made (and copied) ahead in a thread; device-made ones need nothing
+    batches = (prefetch.Prefetcher(get_batch, start, t.steps, PREFETCH_BATCHES)
+               if PREFETCH_BATCHES and generator is None else None)
     with _StopSignal() as stop:
         try:
             while step < t.steps:
-                state, metrics = compiled(state, get_batch(step))
+                batch = batches.get(step) if batches else get_batch(step)
+                state, metrics = compiled(state, batch)
                 step += 1
                 if stop_after is not None and step >= stop_after and step < t.steps:
                     stop.received = stop.received or f"stop_after={stop_after}"
@@ -487,6 +497,8 @@ def _train(members, sources, progress, stop_after):
                     break
             metrics_log.flush()
         finally:
+            if batches:
+                batches.close()
             for store in stores:
                 store.close()  # always wait for the last asynchronous save
             metrics_log.close()
@@ -496,12 +508,13 @@ def _train(members, sources, progress, stop_after):
     return metrics_log.records
 
 
-def _print_memory(compiled, n_members):
+def _print_memory(compiled, n_members, compile_s):
     mem = compiled.memory_analysis()
     if mem is not None:
         total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                  + mem.temp_size_in_bytes) / 2**20
-        print(f"compiled train step: {total:.1f} MiB per device ({jax.device_count()} "
+        print(f"compiled train step in {compile_s:.2f} s: {total:.1f} MiB per device "
+              f"({jax.device_count()} "
               f"device(s), {jax.process_count()} process(es)"
               f"{f', {n_members} members' if n_members > 1 else ''})", file=sys.stderr)
 
