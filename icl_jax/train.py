@@ -393,16 +393,17 @@ def _train(members, sources, progress, stop_after):
     batch_sharding = NamedSharding(mesh, members.batch_spec)
     batch_shape = members.shape(t.batch_size, seq_len)
 
-    def get_batch(step):
+    def host_batch(step):
         def rows(index):  # index[-2]: the batch rows of one device
             return members.stack([s.batch(step, t.batch_size, seq_len, index[-2])
                                   for s in sources])
         return jax.make_array_from_callback(batch_shape, batch_sharding, rows)
 
-    # or made on the device inside the step, from the seed, the table and state["step"]
+    # or made on the device inside the step, from the seed, the table and state["step"]:
+    # then the step's batch input is only those (the same every step)
     generated = device_data.device_generator(sources, [c.data for c in members.configs],
                                              mesh.devices.flat[0].platform)
-    generator = None
+    generator, get_batch = None, host_batch
     if generated is not None:
         generator, gen_inputs = generated
         gen_inputs = jax.tree.map(lambda a: global_array(np.asarray(a), mesh, P()),
