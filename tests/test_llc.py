@@ -1,4 +1,5 @@
 """The LLC estimator against known answers, its handling of bad chains, and devinterp."""
+import json
 import math
 
 import jax
@@ -171,6 +172,21 @@ def test_snapshots_named_when_their_chains_fail():
         # the padded last chunk and the first see the same batches and noise: same answer
         assert r["llc"][0] == pytest.approx(r["llc"][2], rel=1e-5)
     np.testing.assert_allclose(outs[0]["llc"][[0, 2]], outs[1]["llc"][[0, 2]], rtol=1e-3)
+
+
+def test_snapshots_compile_once_on_cpu():
+    """On CPUs (stacking "map") any number of snapshots runs one compiled program: analyze's
+    short last chunk (33 snapshots in chunks of 16) must not compile a second."""
+    config, model, params, pool = quick_model(1)
+    cfg = config.llc.copy_and_resolve_references()
+    cfg.chains, cfg.draws, cfg.batch_size = 2, 3, 8
+    llc._snapshots_program.cache_clear()
+    a = llc.llc_over_snapshots(model, [params, params], pool, cfg, stacking="map", chunk=2)
+    b = llc.llc_over_snapshots(model, [params], pool, cfg, stacking="map", chunk=2)
+    program = llc._snapshots_program(json.dumps(model.cfg, sort_keys=True), llc._hyper(cfg),
+                                     "map")
+    assert program._cache_size() == 1
+    np.testing.assert_array_equal(a["llc"], np.repeat(b["llc"], 2))
 
 
 @pytest.mark.parametrize("layers", [1, 2])
