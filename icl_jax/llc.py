@@ -17,9 +17,10 @@ preconditioner G; the loss is recorded at w before the step, as devinterp does):
 
 estimate_llc(loss_fn, params, data, cfg) does one params tree (for notebooks);
 llc_over_snapshots(model, stacked_params, data, cfg) does a stack of snapshots, every
-chain of a chunk in one jitted program. Every snapshot sees the same minibatches and the
-same noise (common random numbers), so differences between snapshots are not sampling
-noise. A chain whose loss turns non-finite or diverges is reported by name and left out.
+chain of a snapshot (on accelerators, of a chunk of snapshots) in one jitted program.
+Every snapshot sees the same minibatches and the same noise (common random numbers), so
+differences between snapshots are not sampling noise. A chain whose loss turns non-finite
+or diverges is reported by name and left out.
 """
 from __future__ import annotations
 
@@ -69,19 +70,29 @@ def _hyper(cfg) -> tuple:
             float(cfg.rms_alpha), float(cfg.rms_eps))
 
 
-def _chain(loss_fn, hyper, w_star, pool, idx_SM, key):
+def step_noise(key, tree):
+    """The N(0, 1) draw of one SGLD step, shaped like tree: one key per leaf, in tree order."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [
+        jax.random.normal(k, x.shape, x.dtype)
+        for k, x in zip(jax.random.split(key, len(leaves)), leaves)])
+
+
+def chain_keys(key, chains: int, steps: int):
+    """[chains, steps] the key of every step of every chain (step_noise takes each)."""
+    return jax.vmap(lambda k: jax.random.split(k, steps))(jax.random.split(key, chains))
+
+
+def _chain(loss_fn, hyper, w_star, pool, idx_SM, keys_S):
     """One chain from w*: the minibatch loss [S] at each step, before the step is taken."""
     sampler, eps, gamma, nbeta, alpha, rms_eps = hyper
-    leaves, treedef = jax.tree.flatten(w_star)
     grad_fn = jax.value_and_grad(loss_fn)
 
     def step(carry, xs):
         w, v = carry
         idx_M, k = xs
         loss, g = grad_fn(w, jax.tree.map(lambda a: a[idx_M], pool))
-        noise = jax.tree.unflatten(treedef, [
-            jax.random.normal(kk, x.shape, x.dtype)
-            for kk, x in zip(jax.random.split(k, len(leaves)), leaves)])
+        noise = step_noise(k, w)
         if sampler == "rmsprop_sgld":
             v = jax.tree.map(lambda v, g: alpha * v + (1 - alpha) * g * g, v, g)
             G = jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v) + rms_eps), v)
@@ -92,16 +103,22 @@ def _chain(loss_fn, hyper, w_star, pool, idx_SM, key):
             + jnp.sqrt(eps * G) * z, w, w_star, g, G, noise)
         return (w, v), loss
 
-    keys = jax.random.split(key, idx_SM.shape[0])
     v0 = jax.tree.map(jnp.zeros_like, w_star)
-    _, losses_S = jax.lax.scan(step, (w_star, v0), (idx_SM, keys))
+    _, losses_S = jax.lax.scan(step, (w_star, v0), (idx_SM, keys_S))
     return losses_S
 
 
-def _sample(loss_fn, hyper, w_star, pool, idx_CSM, key):
-    """Every chain of one snapshot, vmapped: (losses [C, S], loss at w* on the whole pool)."""
-    keys = jax.random.split(key, idx_CSM.shape[0])
-    losses_CS = jax.vmap(functools.partial(_chain, loss_fn, hyper, w_star, pool))(idx_CSM, keys)
+def _sample(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key):
+    """Every chain of one snapshot: (losses [C, S], loss at w* on the whole pool). Chains
+    vmapped, or (stacking "map", for CPUs) one after another: XLA's CPU code runs the
+    vmapped chains' per-chain weight products as slow batched kernels (18% more CPU time
+    per chain step on the quick 2L model)."""
+    keys_CS = chain_keys(key, *idx_CSM.shape[:2])
+    chain = functools.partial(_chain, loss_fn, hyper, w_star, pool)
+    if stacking == "vmap":
+        losses_CS = jax.vmap(chain)(idx_CSM, keys_CS)
+    else:
+        losses_CS = jax.lax.map(lambda xs: chain(*xs), (idx_CSM, keys_CS))
     return losses_CS, loss_fn(w_star, pool)
 
 
@@ -141,7 +158,7 @@ def _n_params(tree) -> int:
 
 
 def estimate_llc(loss_fn, params, data, cfg, seed: int = 0, indices=None,
-                 init_loss: float | None = None) -> dict:
+                 init_loss: float | None = None, stacking: str | None = None) -> dict:
     """The LLC of one params tree.
 
     loss_fn(params, batch) -> scalar mean loss of a batch; data: an array (or a tree of
@@ -149,7 +166,9 @@ def estimate_llc(loss_fn, params, data, cfg, seed: int = 0, indices=None,
     all of which L(w*) is taken; cfg: an `llc` config section (eps, gamma, n_beta,
     chains, burn_in, draws, batch_size, sampler, rms_alpha, rms_eps); indices: the
     minibatches [chains, burn_in + draws, batch_size] (default: batch_indices(seed));
-    init_loss: L(w*) if known (default: loss_fn(params, data), all of the data at once).
+    init_loss: L(w*) if known (default: loss_fn(params, data), all of the data at once);
+    stacking: chains "vmap"ped or "map"ped (default: scores.default_stacking()). The noise
+    of step s of chain c is step_noise(chain_keys(jax.random.key(seed), C, S)[c, s], params).
     Returns {llc, llc_std, llc_chains [C], chain_ok [C], init_loss, loss_trace [C, draws],
     nbeta, diverged [{chain, reason}], messages}.
     """
@@ -158,7 +177,7 @@ def estimate_llc(loss_fn, params, data, cfg, seed: int = 0, indices=None,
     idx = batch_indices(n_pool, cfg, seed) if indices is None else np.asarray(indices, np.int32)
     pool = jax.tree.map(jnp.asarray, data)
     run = jax.jit(lambda w, pool, idx, key: _sample(
-        lambda p, b: loss_fn(p, b), _hyper(cfg), w, pool, idx, key))
+        lambda p, b: loss_fn(p, b), _hyper(cfg), _stacking(stacking), w, pool, idx, key))
     losses, init = jax.device_get(run(params, pool, idx, jax.random.key(seed)))
     init = float(init) if init_loss is None else float(init_loss)
     out = _summarise(np.asarray(losses), init, _n_params(params), cfg)
@@ -179,16 +198,27 @@ def token_loss(model):
     return lambda params, tokens_BT1: loss_by_position(model, params, tokens_BT1).mean()
 
 
+def _stacking(stacking: str | None) -> str:
+    if stacking is None:
+        from icl_jax.scores import default_stacking
+        return default_stacking()
+    if stacking not in ("vmap", "map"):
+        raise ValueError(f"stacking must be 'vmap' or 'map', got {stacking!r}")
+    return stacking
+
+
 @functools.lru_cache(maxsize=8)
 def _snapshots_program(model_json: str, hyper: tuple, stacking: str):
-    """One jitted program for a stack of snapshots: chains vmapped inside each snapshot,
-    snapshots vmapped or (stacking "map", faster on CPU) mapped one after another; cached
-    by architecture so that several runs of one compile once."""
-    per = functools.partial(_sample, token_loss(make_model(json.loads(model_json))), hyper)
+    """One jitted program, cached by architecture so that several runs of one compile once:
+    for "vmap" a chunk of snapshots vmapped, their chains vmapped; for "map" (CPUs) one
+    snapshot, its chains one after another. Calling it snapshot by snapshot costs nothing
+    against its chains x draws steps and, unlike a lax.map over a chunk, neither pads a
+    short last chunk nor compiles again for one (analyze's 33rd snapshot did)."""
+    per = functools.partial(_sample, token_loss(make_model(json.loads(model_json))), hyper,
+                            stacking)
     if stacking == "vmap":
         return jax.jit(jax.vmap(per, in_axes=(0, None, None, None)))
-    return jax.jit(lambda stacked, pool, idx, key: jax.lax.map(
-        lambda w: per(w, pool, idx, key), stacked))
+    return jax.jit(per)
 
 
 def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int = 0,
@@ -200,8 +230,9 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     (a list of trees is stacked here); data: held-out tokens [N, T + 1] (e.g.
     data.make_source(config).eval_set(cfg.examples, context + 1)); cfg: the `llc`
     section; steps: the snapshots' training steps, to name a chain that went bad;
-    stacking: "vmap" or "map" (default: scores.default_stacking()). Snapshots run
-    `chunk` at a time, one compiled call each (the last chunk padded, so one compile).
+    stacking: "vmap" or "map" (default: scores.default_stacking()). vmap: snapshots run
+    `chunk` at a time, one compiled call each (the last chunk padded, so one compile);
+    map: one snapshot per call, its chains one after another.
     Returns numpy arrays llc [S], llc_std [S], llc_chains [S, C], chain_ok [S, C],
     init_loss [S], loss_trace [S, C, draws], and nbeta, diverged (a list of {step,
     chain, reason}) and messages (one line each, with what to change).
@@ -213,24 +244,25 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     steps = list(range(n_snap)) if steps is None else [int(s) for s in steps]
     if len(steps) != n_snap:
         raise ValueError(f"{len(steps)} steps given for {n_snap} snapshots")
-    if stacking is None:
-        from icl_jax.scores import default_stacking
-        stacking = default_stacking()
-    if stacking not in ("vmap", "map"):
-        raise ValueError(f"stacking must be 'vmap' or 'map', got {stacking!r}")
+    stacking = _stacking(stacking)
     program = _snapshots_program(json.dumps(model.cfg, sort_keys=True), _hyper(cfg), stacking)
     pool = jnp.asarray(data)
     idx = jnp.asarray(batch_indices(pool.shape[0], cfg, seed))
     key = jax.random.key(seed)
     n_params = _n_params(jax.tree.map(lambda a: a[0], stacked_params))
-    chunk = max(1, min(chunk, n_snap))
+    chunk = max(1, min(chunk, n_snap)) if stacking == "vmap" else 1
     per, t0 = [], time.perf_counter()
     for start in range(0, n_snap, chunk):
         part = jax.tree.map(lambda a: a[start:start + chunk], stacked_params)
         n = jax.tree.leaves(part)[0].shape[0]
-        if n < chunk:  # pad with the last snapshot so the program's shape never changes
-            part = jax.tree.map(lambda a: np.concatenate([a] + [a[-1:]] * (chunk - n)), part)
-        losses_SCT, init_S = jax.device_get(program(part, pool, idx, key))
+        if stacking == "map":
+            losses_SCT, init_S = jax.device_get(jax.tree.map(
+                lambda a: a[None], program(jax.tree.map(lambda a: a[0], part), pool, idx, key)))
+        else:
+            if n < chunk:  # pad with the last snapshot so the program's shape never changes
+                part = jax.tree.map(lambda a: np.concatenate([a] + [a[-1:]] * (chunk - n)),
+                                    part)
+            losses_SCT, init_S = jax.device_get(program(part, pool, idx, key))
         for i in range(n):
             per.append(_summarise(np.asarray(losses_SCT[i]), float(init_S[i]), n_params, cfg,
                                   {"snapshot step": steps[start + i]}))
