@@ -910,7 +910,6 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     for tl in tls:
         devinterp_llc(tl, walk, {}, **kwargs)
     theirs, theirs_cpu = time.perf_counter() - t0, time.process_time() - c0
-    import torch
     return rows + [
         _row(case, "devinterp loop", [theirs], "s", "HookedTransformers built before timing"),
         _row(case, "devinterp loop, process CPU", [theirs_cpu], "s",
