@@ -173,13 +173,12 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
     to_step = (lambda v: float(np.exp(v))) if axis == "log" else float
     spread = _spread_by_smoothing(frac) * sigma
 
-    def from_top(a, b):
-        """Does the window's fall begin at the top of the score's rise, the smoothed score
-        falling all the way from its highest point before the window's end into the window,
-        which starts within max_width of that top (a rise and a fall in one bump, with no
-        plateau between; a heavily smoothed plateau can fall all the way too, but it is
-        longer)?"""
-        top = int(np.argmax(yg[:b + 1]))
+    def from_top(a, top):
+        """Does the window's fall begin at the top of the score's rise (`top`: the smoothed
+        score's highest point before the window's end), the score falling all the way from
+        it into the window, which starts within max_width of it (a rise and a fall in one
+        bump, with no plateau between; a heavily smoothed plateau can fall all the way
+        too, but it is longer)?"""
         return (top <= a and xg[a] - xg[top] <= max_width
                 and bool(np.all(rate[top + 1:a + 1] > 0)))
 
@@ -221,7 +220,7 @@ def detect_phase_change(steps, icl, tokens=None, *, icl_se=None, icl_by_example=
                    f"less the smoothing's own spread; > {max_width}): gradual, not abrupt")
         elif b == grid - 1:
             why = "the score is still falling at the last snapshot"
-        elif from_top(a, b) and below_floor < threshold:
+        elif from_top(a, top) and below_floor < threshold:
             why = (f"the score falls from the top of its first rise and ends ({yg[b]:+.3f}) "
                    f"only {below_floor:.3f} below its lowest value before that rise "
                    f"({floor:+.3f}; needs the drop threshold, {threshold:.3f}): the early "
