@@ -8,16 +8,13 @@ here the context is 2048 and the data the standard library through a locally tra
 BPE (8192 tokens), so a single accelerator finishes a model in hours; raise
 model.context, train.batch_size and data.bpe_vocab_size where memory allows.
 """
-import importlib.util
 import os
+
+from icl_jax.config import load_file
 
 
 def _small():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py")
-    spec = importlib.util.spec_from_file_location("_small_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
 
 
 def get_config(arg=None):

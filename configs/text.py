@@ -18,16 +18,13 @@ Measured on a 2-core CPU (one core a run, ~0.17 s a step), 2 layers, this config
   accelerator raise --config.train.batch_size (256: 8x the tokens a step) and steps.
   A BPE-1024 vocabulary at context 128 formed none by step 4,300.
 """
-import importlib.util
 import os
+
+from icl_jax.config import load_file
 
 
 def _small():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py")
-    spec = importlib.util.spec_from_file_location("_small_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
 
 
 def get_config(arg=None):

@@ -7,19 +7,16 @@ batch, steps, ln (LayerNorm), smear, mlp. The corpus is every .py file the inter
 (see icl_jax/data.py). launch/text_search.py searches these arguments for the cheapest setting
 that forms an induction head; docs/text-search.md has what each setting did.
 """
-import importlib.util
 import os
+
+from icl_jax.config import load_file
 
 ARGS = dict(layers=2, vocab=2048, context=256, d_model=128, heads=4, lr=2e-3, warmup=200,
             batch=32, steps=20_000, ln="true", smear="false", mlp="false")
 
 
 def _small():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py")
-    spec = importlib.util.spec_from_file_location("_small_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
 
 
 def get_config(arg=None):

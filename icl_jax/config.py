@@ -18,8 +18,9 @@ class ConfigError(ValueError):
     """A user's config mistake; the message names the field."""
 
 
-def call_file_function(path: str, function: str, arg, kind: str = "config"):
-    """Runs `function(arg)` from the Python file `path`; every failure is a ConfigError."""
+def load_file(path: str, kind: str = "config"):
+    """The Python file `path` as a module (config files build on each other this way:
+    configs/paper.py on configs/small.py); every failure is a ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"{kind} file {path!r} does not exist")
     mod_spec = importlib.util.spec_from_file_location(f"_icl_jax_{kind}", path)
@@ -28,6 +29,12 @@ def call_file_function(path: str, function: str, arg, kind: str = "config"):
         mod_spec.loader.exec_module(module)
     except Exception as e:  # a broken file is still the user's mistake
         raise ConfigError(f"{kind} file {path!r} failed to load: {e}") from None
+    return module
+
+
+def call_file_function(path: str, function: str, arg, kind: str = "config"):
+    """Runs `function(arg)` from the Python file `path`; every failure is a ConfigError."""
+    module = load_file(path, kind)
     if not hasattr(module, function):
         raise ConfigError(f"{kind} file {path!r} has no {function}(arg) function")
     try:
