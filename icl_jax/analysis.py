@@ -358,6 +358,41 @@ def _stack(trees):
     return jax.tree.map(lambda *a: np.stack(a), *trees)
 
 
+def snapshot_bytes(config) -> int:
+    """A generous estimate of the device memory scoring one snapshot takes in a vmapped chunk:
+    three float32 copies of the evaluation set's logits (logits, log-softmax, the ablation's
+    second run) and two of its attention patterns. At Hoogland et al.'s text shape (512
+    examples x 1024 tokens x 5,000 tokens of vocabulary) that is ~34 GB: a chunk of 16 is
+    more than a GPU holds."""
+    m, e = config.model, config.eval
+    logits = e.n_examples * m.context * m.vocab_size * 4
+    attention = e.n_examples * m.n_layers * m.n_heads * m.context ** 2 * 4
+    return 3 * logits + 2 * attention
+
+
+def device_memory() -> int | None:
+    """Bytes the default device's allocator may hold; None where it does not say (CPUs)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # some backends do not implement memory_stats
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def fitting_chunk(chunk: int, config, stacking: str, memory: int | None) -> int:
+    """`chunk`, or fewer snapshots if a vmapped chunk would take more than half of `memory`
+    (lax.map holds one snapshot's intermediates at a time, and a device that does not say
+    what it holds is not second-guessed)."""
+    if stacking != "vmap" or not memory:
+        return chunk
+    return max(1, min(chunk, int(memory // 2 // snapshot_bytes(config))))
+
+
+def _out_of_memory(err: Exception) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
 def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
               progress: bool = True, stacking: str | None = None, llc: bool = False):
     """(per-snapshot scores as numpy arrays [N, ...], LastSnapshot) of every snapshot of a run.
@@ -365,7 +400,9 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     Snapshots are restored `chunk` at a time, stacked on a leading axis and scored in
     one jitted call (vmapped, or mapped on CPU: see scores.default_stacking); the last chunk is
     padded to `chunk` (by repeating its last snapshot) so that every call has the same
-    shape and nothing recompiles. A snapshot that cannot be restored is skipped, warned of.
+    shape and nothing recompiles. Fewer snapshots go in a call where `chunk` would not fit in
+    the device's memory (fitting_chunk; and half as many each time it runs out). A snapshot
+    that cannot be restored is skipped, warned of.
     llc: also the local learning coefficient of each chunk (llc.llc_over_snapshots, the
     run's `llc` config section, batches from its held-out data), under the keys llc,
     llc_std, llc_loss_trace [N, chain, draw], and llc_diverged / llc_messages.
@@ -373,13 +410,41 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     e, name = run.config.eval, run.workdir
     source = data_lib.make_source(run.config, run.workdir)
     inputs = scores.evaluation_inputs(run.config, source)
+    stacking = stacking or scores.default_stacking()
     score = scorer(run.model, e.icl_early_index, e.icl_late_index, e.probe_tokens, ablation,
-                   stacking or scores.default_stacking())
+                   stacking)
+    size = fitting_chunk(chunk, run.config, stacking, device_memory())  # snapshots a call
+    if size < chunk and progress:
+        print(f"scoring {name}: {size} snapshots a call, not {chunk}: a chunk of {chunk} would "
+              f"not fit in the device's memory", file=sys.stderr)
     steps, results, t0 = run.steps, [], time.perf_counter()
     good, last, llcs = [], None, []
     if llc:
         from icl_jax import llc as llc_lib
         llc_pool = source.eval_set(run.config.llc.examples, run.config.model.context + 1)
+
+    def scored(trees):
+        """Scores `trees` in calls of `size` snapshots (the last padded by repeating its last
+        snapshot, so that nothing recompiles), halving `size` each time the device runs out
+        of memory; appends to results; the last snapshot's probe attention and index."""
+        nonlocal size
+        n = len(trees)
+        try:
+            out = score(_stack(trees + [trees[-1]] * (size - n)), inputs)
+        except jax.errors.JaxRuntimeError as err:
+            if not _out_of_memory(err) or size == 1:
+                raise
+            size //= 2
+            print(f"warning: scoring {name}: out of device memory; {size} snapshots a call "
+                  f"from now on (--chunk {size} skips this)", file=sys.stderr)
+            i = 0
+            while i < n:  # `size` may shrink again inside: the piece's end is taken first
+                j = i + size
+                tail, i = scored(trees[i:j]), j
+            return tail
+        attention = out.pop("probe_attention")  # only the last snapshot's leaves the device
+        results.append(jax.tree.map(lambda a: a[:n], jax.device_get(out)))
+        return attention, n - 1
 
     def score_chunk(trees):
         nonlocal last
@@ -388,10 +453,7 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
             llcs.append(llc_lib.llc_over_snapshots(
                 run.model, trees, llc_pool, run.config.llc, steps=good[len(good) - n:],
                 seed=run.config.seed, stacking=stacking, chunk=chunk))
-        out = score(_stack(trees + [trees[-1]] * (chunk - n)), inputs)
-        attention = out.pop("probe_attention")  # only the last snapshot's leaves the device
-        results.append(jax.tree.map(lambda a: a[:n], jax.device_get(out)))
-        last = (trees[-1], attention, n - 1)
+        last = (trees[-1], *scored(trees))
         if progress:
             print(f"scoring {name}: {len(good)}/{len(steps)} snapshots "
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)

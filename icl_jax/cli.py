@@ -66,8 +66,9 @@ def build_parser():
                        epilog="Config overrides (--config.train.steps=...) apply to every member.")
     p.add_argument("--workdir", default="runs/reproduce", help="one subfolder per member")
     p.add_argument("--profile", default="quick", choices=("quick", "text", "paper"),
-                   help="quick: synthetic data, minutes on a CPU; text: the Python standard "
-                        "library; paper: the paper's shapes, for accelerators")
+                   help="quick: synthetic data, minutes on a CPU; text: Hoogland et al.'s shape on "
+                        "installed Python source (2B tokens a member, for accelerators); paper: the "
+                        "paper's shapes, for accelerators")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llc", action="store_true",
                    help="also the local learning coefficient of every 1l and 2l snapshot")

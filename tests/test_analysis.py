@@ -151,3 +151,58 @@ def test_cli_analyze(trained_2l, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2l: ICL" in out and "phase change" in out
     assert (tmp_path / "a" / "report.html").exists()
+
+
+def test_chunks_shrink_to_fit_device_memory(trained_2l, monkeypatch, capsys):
+    """A GPU ran out of memory scoring 16 snapshots of Hoogland et al.'s text shape at once
+    (156 GiB asked for). Where the device says how much it holds, a vmapped chunk is cut to
+    fit; where the estimate is wrong and it still runs out, the chunk is halved and scored
+    again. Either way every snapshot gets the same scores as in one big chunk."""
+    _, workdir = trained_2l
+    run = checkpoints.Run(str(workdir))
+    assert len(run.steps) == 6
+    whole, _ = analysis.score_run(run, chunk=8, progress=False, stacking="vmap")
+
+    # the estimate: at the text shape a snapshot needs tens of GB, so 16 do not fit an H200
+    text = tiny_config("layers=2")
+    text.model.context, text.model.vocab_size, text.eval.n_examples = 1024, 5000, 512
+    h200 = 143 * 2**30
+    assert 20e9 < analysis.snapshot_bytes(text) < 80e9
+    assert 1 <= analysis.fitting_chunk(16, text, "vmap", h200) <= 2
+    assert analysis.fitting_chunk(16, text, "map", h200) == 16  # one at a time inside
+    assert analysis.fitting_chunk(16, text, "vmap", None) == 16  # CPUs do not say
+    per_snapshot = analysis.snapshot_bytes(run.config)
+    monkeypatch.setattr(analysis, "device_memory", lambda: 2 * 2 * per_snapshot)
+    fitted, _ = analysis.score_run(run, chunk=8, progress=True, stacking="vmap")
+    assert "2 snapshots a call, not 8" in capsys.readouterr().err
+
+    # the fallback: the device refuses any call of more than 2 snapshots
+    monkeypatch.setattr(analysis, "device_memory", lambda: None)
+    real, calls = analysis.scorer, []
+
+    def refusing(*args, **kwargs):
+        score = real(*args, **kwargs)
+
+        def limited(params, inputs):
+            calls.append(len(jax.tree.leaves(params)[0]))
+            if calls[-1] > 2:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while "
+                                                 "trying to allocate 156.27GiB")
+            return score(params, inputs)
+        return limited
+
+    monkeypatch.setattr(analysis, "scorer", refusing)
+    halved, _ = analysis.score_run(run, chunk=8, progress=False, stacking="vmap")
+    assert calls == [8, 4, 2, 2, 2]
+    assert "2 snapshots a call from now on" in capsys.readouterr().err
+    for other in (fitted, halved):  # each snapshot scored once, in order
+        np.testing.assert_array_equal(other["steps"], whole["steps"])
+        for key in ("icl_score", "prefix_matching", "ablation_icl", "loss_by_position"):
+            np.testing.assert_allclose(other[key], whole[key], atol=1e-5, err_msg=key)
+
+    # an error that is not about memory is not swallowed
+    def broken(params, inputs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    monkeypatch.setattr(analysis, "scorer", lambda *args, **kwargs: broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        analysis.score_run(run, chunk=8, progress=False, stacking="vmap")

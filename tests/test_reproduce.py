@@ -18,7 +18,11 @@ def test_every_profile_builds_the_paper_family():
         assert configs["1l-smear"].model.smear_keys and not configs["1l"].model.smear_keys
         assert {c.seed for c in configs.values()} == {4}
     assert reproduce.member_configs("paper")["2l"].model.d_model == 768
-    assert reproduce.member_configs("text")["2l"].data.name == "pystdlib"
+    text = reproduce.member_configs("text")["2l"]  # Hoogland et al.'s shape on pycode
+    assert (text.data.name, text.model.d_model, text.model.n_heads, text.model.d_head,
+            text.model.context, text.model.vocab_size, text.train.batch_size) == (
+        "pycode", 256, 8, 32, 1024, 5000, 100)
+    assert text.model.layer_norm and reproduce.member_configs("text")["2l-mlp"].model.d_mlp == 1024
     with pytest.raises(config_lib.ConfigError, match="profile"):
         reproduce.member_configs("huge")
     with pytest.raises(config_lib.ConfigError, match="train.steps"):

@@ -1,5 +1,5 @@
-"""`icl-jax reproduce --profile text`: the paper's family on natural text, configs/text.py
-(the Python standard library as bytes; hours on a CPU core).
+"""`icl-jax reproduce --profile text`: the paper's family on natural text at Hoogland et al.'s
+shape, configs/text_hoogland.py (the pycode corpus, 2B tokens a member: for accelerators).
 
 The family (1l, 2l, 3l, 1l-smear, 2l-smear, 2l-mlp) is defined once, as paper_small.py's
 `family` subset; quick.py, text.py and paper.py each put it on one base config.
@@ -16,4 +16,4 @@ def get_sweep(arg=None):
     if arg:
         raise ValueError(f"takes no argument, got {arg!r}; override fields with --config.x=y")
     family = load_sweep(os.path.join(HERE, "paper_small.py:family"))
-    return {**family, "base": os.path.normpath(os.path.join(HERE, "..", "text.py"))}
+    return {**family, "base": os.path.normpath(os.path.join(HERE, "..", "text_hoogland.py"))}
