@@ -31,6 +31,11 @@ THRESHOLDS = {
     # the PCA trajectory moves at least this many times faster (distance per unit ln step)
     # inside the window than over an equally long span (in ln step) before it
     "pca_speedup": 2.0,
+    # the 1L control fails only if its in-window excess (rate inside minus rate before, of
+    # the loss's fall and of the PCA movement) is also at least this fraction of the
+    # reference member's excess over the same window: a ratio of two tiny rates (1L's loss
+    # falling 0.04 nats per ln step against 2L's ~1) is not the bump the claim is about
+    "control_fraction": 0.1,
     # claim 3: the induction heads' summed attribution is at least this share of the ICL
     # gained since before the phase change, and every other head's attribution is at most
     # this fraction of the largest induction head's, at the last snapshot and at every
@@ -84,18 +89,24 @@ def rise_step(steps, values, frac: float = 0.5):
 
 
 def loss_bump(metrics, window, min_points: int = THRESHOLDS["loss_points"]):
-    """(ratio, note): how many times faster the held-out loss falls per unit ln(step) inside
-    the window (start, end) than over an equally long span of ln(step) just before it,
+    """(ratio, note) of loss_fall_rates: inside over before; None where unmeasurable."""
+    inside, before, note = loss_fall_rates(metrics, window, min_points)
+    return (None if inside is None else inside / before), note
+
+
+def loss_fall_rates(metrics, window, min_points: int = THRESHOLDS["loss_points"]):
+    """(inside, before, note): how fast the held-out loss falls per unit ln(step) inside
+    the window (start, end) and over an equally long span of ln(step) just before it,
     [start^2 / end, start] (least-squares slopes of the loss logged at evaluation steps
     against ln step). On a log axis, as the paper plots it, early training's fast fall is
     compressed and the bump stands out from the trend; on a linear axis a window that opens
-    early would be compared with the first steps' fall. ratio None (unmeasurable) when
+    early would be compared with the first steps' fall. Rates None (unmeasurable) when
     either span has fewer than `min_points` evaluation points or the loss does not fall
     before the window."""
     recs = [(r["step"], r["eval_loss"]) for r in metrics
             if r.get("eval_loss") is not None and r["step"] > 0]
     if not recs:
-        return None, "no held-out loss logged"
+        return None, None, "no held-out loss logged"
     s, l = (np.asarray(v, np.float64) for v in zip(*recs))
     start, end = max(window[0], 1), max(window[1], window[0] + 1, 2)
 
@@ -107,16 +118,22 @@ def loss_bump(metrics, window, min_points: int = THRESHOLDS["loss_points"]):
     before, n_before = fall_rate(start * start / end, start)
     inside, n_inside = fall_rate(start, end)
     if before is None or inside is None:
-        return None, (f"{n_before} evaluation points before the window and {n_inside} in it "
-                      f"(< {min_points})")
+        return None, None, (f"{n_before} evaluation points before the window and {n_inside} "
+                            f"in it (< {min_points})")
     if before <= 0:
-        return None, "the loss does not fall before the window: no rate to compare with"
-    return inside / before, (f"fall {inside:.3f} nats per ln step in the window, "
-                             f"{before:.3f} before")
+        return None, None, "the loss does not fall before the window: no rate to compare with"
+    return inside, before, (f"fall {inside:.3f} nats per ln step in the window, "
+                            f"{before:.3f} before")
 
 
 def pca_speedup(points, steps, window):
-    """(ratio, note): how far the PCA trajectory moves per unit ln(step) across the window
+    """(ratio, note) of pca_rates: inside over before; None where unmeasurable."""
+    inside, before, note = pca_rates(points, steps, window)
+    return (None if inside is None else inside / before), note
+
+
+def pca_rates(points, steps, window):
+    """(inside, before, note): how far the PCA trajectory moves per unit ln(step) across the window
     against across an equally long span of ln(step) just before it; the points are
     interpolated linearly in ln(step) at the spans' edges, and each distance is the chord
     between them (a path length would count the snapshots' jitter, and later spans hold
@@ -130,13 +147,14 @@ def pca_speedup(points, steps, window):
     a, b = math.log(max(start, 1)), math.log(max(end, 1))
     lo = a - (b - a)
     if len(x) < 2 or lo < x[0] or b > x[-1]:
-        return None, "the span before the window starts before the first snapshot"
+        return None, None, "the span before the window starts before the first snapshot"
     at = lambda v: np.array([np.interp(v, x, P[:, k]) for k in range(P.shape[1])])
-    inside, before = np.linalg.norm(at(b) - at(a)), np.linalg.norm(at(a) - at(lo))
-    if before <= 0:
-        return None, "the trajectory does not move before the window"
     w = b - a
-    return float(inside / before), f"{inside / w:.3g} per ln step in the window, {before / w:.3g} before"
+    inside, before = np.linalg.norm(at(b) - at(a)) / w, np.linalg.norm(at(a) - at(lo)) / w
+    if before <= 0:
+        return None, None, "the trajectory does not move before the window"
+    return float(inside), float(before), (f"{inside:.3g} per ln step in the window, "
+                                          f"{before:.3g} before")
 
 
 def _interp_ln(steps, values, step):
@@ -297,16 +315,38 @@ def _claim1(runs, pca, metrics, t) -> list[dict]:
     checks.append(_check("1l", f"ICL drop over {ref}'s window {win[0]}-{win[1]} below the "
                                "detection threshold", drop, thr, _status(drop < thr)))
     if "1l" in metrics:
-        ratio, note = loss_bump(metrics["1l"], win)
-        checks.append(_check("1l", f"held-out loss bump over {ref}'s window below threshold",
-                             ratio, t["loss_bump"], "unmeasurable" if ratio is None
-                             else _status(ratio < t["loss_bump"]), note))
-    traj = pca["trajectories"].get("1l")
-    ratio, note = pca_speedup(traj["points"], traj["steps"], win) if traj else (None, "no PCA")
-    checks.append(_check("1l", f"PCA speed-up over {ref}'s window below threshold", ratio,
-                         t["pca_speedup"], "unmeasurable" if ratio is None
-                         else _status(ratio < t["pca_speedup"]), note))
+        own = loss_fall_rates(metrics["1l"], win)
+        theirs = loss_fall_rates(metrics[ref], win) if ref in metrics else (None, None, "")
+        checks.append(_control("held-out loss bump", ref, win, own, theirs, t["loss_bump"], t))
+    rates = {}
+    for n in ("1l", ref):
+        traj = pca["trajectories"].get(n)
+        rates[n] = pca_rates(traj["points"], traj["steps"], win) if traj else (None, None, "no PCA")
+    checks.append(_control("PCA speed-up", ref, win, rates["1l"], rates[ref],
+                           t["pca_speedup"], t))
     return checks
+
+
+def _control(signal, ref, win, own, theirs, threshold, t) -> dict:
+    """The 1L control's check of one signal over the reference member's window: it fails
+    when 1L's rate inside over before reaches `threshold` (the members' own test) and its
+    excess (inside minus before) is also at least t["control_fraction"] of the reference's
+    excess; own and theirs are (inside, before, note) rates."""
+    label = (f"{signal} over {ref}'s window {win[0]}-{win[1]}: below {threshold}x, or its excess "
+             f"below {t['control_fraction']} of {ref}'s")
+    (inside, before, note), (r_in, r_before, _) = own, theirs
+    if inside is None:
+        return _check("1l", label, None, threshold, "unmeasurable", note)
+    ratio = inside / before
+    if ratio < threshold:
+        return _check("1l", label, ratio, threshold, "pass", note)
+    if r_in is None or r_in - r_before <= 0:
+        return _check("1l", label, ratio, threshold, "fail",
+                      f"{note}; {ref} has no excess over the window to compare with")
+    fraction = (inside - before) / (r_in - r_before)
+    return _check("1l", label, ratio, threshold, _status(fraction < t["control_fraction"]),
+                  f"{note}; excess {inside - before:.3g} per ln step = {fraction:.3f} of "
+                  f"{ref}'s {r_in - r_before:.3g}")
 
 
 def _claim2(runs) -> list[dict]:

@@ -191,6 +191,26 @@ def test_claim1_fails_when_the_1l_control_shows_it(how):
     assert any(ch["member"] == "1l" and ch["status"] == "fail" for ch in c["checks"])
 
 
+@pytest.mark.parametrize("bump, expected", [(0.03, "supported"), (0.4, "not supported")])
+def test_the_1l_control_weighs_its_bump_against_2ls(bump, expected):
+    """A plateaued 1L whose loss wobbles over 2L's window: its rate inside over before can
+    pass 1.5x (seeds 1 and 5-8 of the quick profile: 1.6-2.7x at ~0.03 nats per ln step,
+    against 2L's ~0.7), but only a bump of at least a tenth of 2L's excess is the bump the
+    claim is about. Both sides of that line are tried."""
+    def small_bump(runs, points, metrics):
+        ev = np.array([r["step"] for r in metrics["1l"]])
+        loss = 3.0 - 0.02 * np.log1p(ev) - bump / (1 + np.exp(-(ev - 2300) / (2300 / 40)))
+        metrics["1l"] = [{"step": int(s), "eval_loss": float(v)} for s, v in zip(ev, loss)]
+    runs, points, metrics = good_family()
+    small_bump(runs, points, metrics)
+    c = verdicts(runs, points, metrics)["1"]
+    check = [ch for ch in c["checks"] if ch["member"] == "1l" and "loss" in ch["check"]][0]
+    assert check["value"] > 1.5  # the plain ratio would call both a bump
+    assert c["verdict"] == expected, c["evidence"]
+    assert check["status"] == ("pass" if expected == "supported" else "fail")
+    assert "of 2l's" in check["note"]
+
+
 # ----------------------------------------------------------------------------- claim 2
 
 def test_claim2_fails_when_1l_smear_has_no_phase_change():
