@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+
+import jax
 
 from icl_jax import analysis, claims, report, sweep, train, workdir as workdir_lib
 from icl_jax.config import ConfigError
@@ -71,6 +74,22 @@ def update_readme(workdir: str, readme: str, figures_dir: str):
 
 # ----------------------------------------------------------------------------- the command
 
+CPU_TOKENS = 5e8  # above this many training tokens in all, a CPU takes days: say so first
+
+
+def scale_warning(configs: dict, platform: str) -> str | None:
+    """A warning when the members' configs ask a CPU for accelerator-sized training (the
+    text and paper profiles: billions of tokens), with the tokens each member sees."""
+    tokens = {n: c.train.steps * c.train.batch_size * c.model.context for n, c in configs.items()}
+    if platform != "cpu" or sum(tokens.values()) < CPU_TOKENS:
+        return None
+    each = max(tokens.values())
+    return (f"warning: this profile trains {len(tokens)} members of up to {each / 1e9:.2f}B "
+            f"tokens each ({sum(tokens.values()) / 1e9:.1f}B in all), sized for an accelerator; "
+            "on this CPU that is days (a 2-core machine trains ~30k tokens/s). Shorten it with "
+            "--config.train.steps=N, or run it where jax sees a GPU or TPU")
+
+
 def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int = 0,
               overrides: dict | None = None, progress: bool = True, llc: bool = False) -> dict:
     """Trains the profile's family (finished members skipped, unfinished resumed), analyses
@@ -78,6 +97,10 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     llc: also the local learning coefficient of every snapshot of the 1l and 2l members."""
     spec, texts = sweep_file(profile), _overrides(seed, overrides)
     names = [m.name for m in sweep.resolve(spec, workdir, texts)]  # config errors first
+    warning = scale_warning(member_configs(profile, seed, overrides),
+                            jax.devices()[0].platform)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # one member after another in this process, as fast as one `train` each (no process
     # and jax start per member): the quick profile must stay under 10 minutes on 2 cores
     index = sweep.run_sweep(spec, workdir, overrides=texts, progress=progress, in_process=True)

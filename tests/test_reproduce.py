@@ -29,6 +29,16 @@ def test_every_profile_builds_the_paper_family():
         reproduce.member_configs("quick", overrides={"train.steps": "0"})
 
 
+def test_accelerator_sized_profiles_warn_on_a_cpu():
+    text = reproduce.member_configs("text")
+    warning = reproduce.scale_warning(text, "cpu")
+    assert "2.05B tokens each" in warning and "12.3B in all" in warning
+    assert reproduce.scale_warning(text, "gpu") is None
+    assert reproduce.scale_warning(reproduce.member_configs("quick"), "cpu") is None
+    short = reproduce.member_configs("text", overrides={"train.steps": "100"})
+    assert reproduce.scale_warning(short, "cpu") is None  # shortened as the warning says
+
+
 def test_the_family_is_defined_once_in_paper_small():
     family = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py:family"))
     every = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py"))
