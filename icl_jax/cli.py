@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEFAULT_CONFIG = "configs/small.py"
+
 def _split_overrides(argv):
     """Pulls '--config.a.b=v' and '--config.a.b v' out of argv."""
     rest, overrides = [], {}
@@ -37,9 +39,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model; resumes from the newest snapshot",
-                       epilog="Any config field can be overridden: --config.train.steps=4000")
-    p.add_argument("--config", default="configs/small.py",
-                   help="config file and argument, e.g. configs/small.py:layers=2")
+                       epilog="Any config field can be overridden: --config.train.steps=4000. "
+                              "Without --config, a --workdir that holds a run continues it "
+                              "with its own config: --config.train.steps=N (more than it "
+                              "had) trains it longer, unless its schedule is cosine.")
+    p.add_argument("--config", default=None,
+                   help=f"config file and argument, e.g. configs/small.py:layers=2 (default: "
+                        f"the run in --workdir, or {DEFAULT_CONFIG})")
     p.add_argument("--workdir", required=True, help="where snapshots and metrics go")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of a different config in --workdir")
@@ -132,7 +138,14 @@ def load_config(spec, overrides):
 def cmd_train(args, overrides):
     from icl_jax import train, workdir
     workdir.check_usable(args.workdir)
-    config = load_config(args.config, overrides)
+    if args.config is None and workdir.has_run(args.workdir):
+        # the run in --workdir, continued (with --config.train.steps=N: trained longer)
+        from icl_jax import config as config_lib
+        config = config_lib.from_dict(workdir.read_config_dict(args.workdir))
+        config_lib.override(config, overrides)
+        config = config_lib.validate(config)
+    else:
+        config = load_config(args.config or DEFAULT_CONFIG, overrides)
     record = train.train_and_evaluate(config, args.workdir, overwrite=args.overwrite,
                                       progress=not args.quiet)
     import jax

@@ -270,3 +270,35 @@ def test_cli_ablation_choices_are_the_scorers(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["analyze", "--workdir", "w", "--ablation", "bogus"])
     assert "must be one of pattern, zero, mean" in capsys.readouterr().err
+
+
+def test_a_run_is_trained_longer_from_its_workdir(tmp_path, capsys):
+    """`icl-jax train --workdir W --config.train.steps=N` (no --config) continues the run in W
+    with its own config to N steps: a seed run whose window was still open at step 6,000
+    needs exactly this. The first steps are not retrained; a change to anything else, or more
+    steps under a cosine schedule (which would have decayed differently), is refused."""
+    from icl_jax import checkpoints, cli, config as config_lib, workdir as workdir_lib
+    work = tmp_path / "run"
+    train.train_and_evaluate(tiny_config("layers=1"), str(work), progress=False)
+    before = checkpoints.Run(str(work))
+    first = before.params(8)
+    assert before.steps[-1] == 12
+    assert cli.main(["train", "--workdir", str(work), "--config.train.steps=20", "--quiet"]) == 0
+    after = checkpoints.Run(str(work))
+    assert after.steps[-1] == 20 and set(before.steps) <= set(after.steps)
+    jax.tree.map(np.testing.assert_array_equal, after.params(8), first)  # not retrained
+    assert after.config.train.steps == 20 and after.config.model.n_layers == 1
+    steps = [r["step"] for r in workdir_lib.read_metrics(str(work)) if "eval_loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 20  # no step logged twice
+    # anything else changed is another run
+    capsys.readouterr()
+    assert cli.main(["train", "--workdir", str(work), "--config.train.steps=24",
+                     "--config.train.lr=0.01", "--quiet"]) != 0
+    assert "train.lr: 0.002 -> 0.01" in capsys.readouterr().err
+    cosine = tmp_path / "cosine"
+    train.train_and_evaluate(tiny_config("layers=1", **{"train.schedule": "cosine"}),
+                             str(cosine), progress=False)
+    assert cli.main(["train", "--workdir", str(cosine), "--config.train.steps=20",
+                     "--quiet"]) != 0
+    assert "train.steps: 12 -> 20" in capsys.readouterr().err
+    assert config_lib.from_dict(workdir_lib.read_config_dict(str(cosine))).train.steps == 12
