@@ -1,4 +1,5 @@
-"""Natural text: the Python standard library's source, as bytes (the text profile).
+"""Natural text on one CPU core: the Python standard library's source, as bytes (the text
+profile before it moved to configs/text_hoogland.py; the prefetch bench reads it).
 
 Usage: --config configs/text.py:layers=2  (same arguments as configs/small.py)
 Positions, widths and the training recipe follow configs/small.py; what changes is the

@@ -66,7 +66,7 @@ SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "accele
 # not in the default run: the accelerator suite has its own output and sizes, the llc
 # suite takes minutes (devinterp's loop), and prefetch trains whole runs
 OPT_IN = {"accelerator", "llc", "prefetch"}
-# the prefetch suite's runs: the text profile (windows of a memory-mapped byte corpus)
+# the prefetch suite's runs: configs/text.py (windows of a memory-mapped byte corpus)
 # and the quick profile's synthetic data, each about a minute a run on 2 cores
 DEFAULT_PREFETCH = ((os.path.join(ROOT, "configs", "text.py") + ":layers=2", {"train.steps": 80}),
                     ("small L2", {"train.steps": 800}))
