@@ -12,7 +12,9 @@ THRESHOLDS below, stated in README.md ("Reproducing the paper") and in claims.js
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -504,6 +506,49 @@ def _evidence(checks) -> str:
                      f"{c['status'].upper() if c['status'] != 'pass' else 'pass'}"
                      + (f" ({c['note']})" if c["note"] and c["status"] != "pass" else "")
                      for c in checks)
+
+
+FAMILY = ("1l", "2l", "3l", "1l-smear", "2l-smear", "2l-mlp")
+
+
+def load_saved(folders) -> dict:
+    """analysis.analyze's result (runs and a shared PCA) rebuilt from analyses saved on disk,
+    possibly made on different machines (members trained on two GPU loans, say): each folder
+    holds <member>/scores.json for some of FAMILY, as `analyze --out` writes them. A member's
+    run folder (config.json, metrics.jsonl) is its recorded workdir where that exists here,
+    else <folder>/../<member> (a run copied back without its snapshots). The phase change is
+    found again and one PCA fitted over all members, with the code as it stands; members of
+    one family share the evaluation set, so their per-token losses line up."""
+    runs = {}
+    for folder in folders:
+        found = [(name, os.path.join(folder, name, "scores.json")) for name in FAMILY]
+        one = os.path.join(folder, "scores.json")  # analyze of a single run writes it here
+        if os.path.exists(one):
+            with open(one) as f:
+                found.append((json.load(f)["name"], one))
+        for name, path in found:
+            if not os.path.exists(path) or name not in FAMILY:
+                continue
+            if name in runs:
+                raise ValueError(f"{name} has scores in two of the folders given "
+                                 f"({runs[name]['scores_file']} and {path}); give one")
+            with open(path) as f:
+                run = json.load(f)
+            homes = [run.get("workdir"), os.path.join(folder, os.pardir, name)]
+            home = next((h for h in homes if h and os.path.exists(os.path.join(h, "config.json"))),
+                        None)
+            if home is None:
+                raise FileNotFoundError(f"no run folder (config.json) for {name}: looked in "
+                                        f"{', '.join(h for h in homes if h)}")
+            run.update(workdir=os.path.normpath(home), scores_file=path)
+            run["phase_change"] = analysis.detect_phase_change(
+                run["steps"], run["icl_score"], run["tokens"], icl_se=run.get("icl_se"),
+                icl_by_example=run.get("icl_by_example"))
+            runs[name] = run
+    if not runs:
+        raise FileNotFoundError(f"no <member>/scores.json of {', '.join(FAMILY)} in "
+                                f"{', '.join(map(str, folders))}")
+    return {"runs": runs, "pca": analysis.shared_pca(runs)}
 
 
 def check_claims(result: dict, metrics: dict | None = None, thresholds: dict | None = None

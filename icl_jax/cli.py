@@ -68,6 +68,13 @@ def build_parser():
                         "(SGLD chains; the config's llc section; minutes on a CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
+    p = sub.add_parser("claims", help="the paper's claims from analyses saved on disk (members "
+                       "analysed apart, on other machines), with the code as it stands")
+    p.add_argument("--scores", nargs="+", required=True,
+                   help="folders holding <member>/scores.json (what analyze --out writes)")
+    p.add_argument("--out", default=None,
+                   help="where results.md and claims.json go (default: the first folder)")
+
     p = sub.add_parser("reproduce", help="train the paper's family, analyse it, check the claims",
                        epilog="Config overrides (--config.train.steps=...) apply to every member.")
     p.add_argument("--workdir", default="runs/reproduce", help="one subfolder per member")
@@ -156,6 +163,25 @@ def cmd_train(args, overrides):
     return 0
 
 
+def cmd_claims(args, overrides):
+    import json
+    import os
+    from icl_jax import claims, workdir as workdir_lib
+    result = claims.load_saved(args.scores)
+    rows, found = claims.check_claims(result)
+    text = claims.results_markdown(rows, found, "saved analyses", 0.0, 0.0).splitlines()
+    text[2] = ("Claims checked again from the saved analyses in " + ", ".join(args.scores)
+               + " (members: " + ", ".join(result["runs"]) + ").")
+    out = args.out or args.scores[0]
+    workdir_lib.write_text(os.path.join(out, "results.md"), "\n".join(text) + "\n")
+    workdir_lib.write_text(os.path.join(out, "claims.json"), json.dumps(
+        {"rows": rows, "claims": found}, indent=1))
+    for c in found:
+        print(f"{c['claim']}: {c['verdict']}")
+    print(f"results: {out}/results.md")
+    return 0
+
+
 def cmd_analyze(args, overrides):
     from icl_jax import analysis
     if args.chunk < 1:
@@ -229,7 +255,8 @@ def cmd_unlock(args, overrides):
     return 0
 
 
-COMMANDS = {"unlock": cmd_unlock, "train": cmd_train, "analyze": cmd_analyze, "export": cmd_export,
+COMMANDS = {"unlock": cmd_unlock, "train": cmd_train, "analyze": cmd_analyze,
+            "claims": cmd_claims, "export": cmd_export,
             "reproduce": cmd_reproduce, "sweep": cmd_sweep, "bench": cmd_bench}
 
 

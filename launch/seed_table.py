@@ -20,7 +20,7 @@ sys.path.insert(0, REPO)
 
 from icl_jax import analysis, claims  # noqa: E402
 
-MEMBERS = ("1l", "2l", "3l", "1l-smear", "2l-smear", "2l-mlp")
+MEMBERS = claims.FAMILY
 
 
 def load(workdir):

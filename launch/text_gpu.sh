@@ -11,7 +11,9 @@
 #    device's memory; a lone small model leaves most of a GPU idle.
 # 3. When they finish or after TRAIN_S seconds, whichever is first, they are stopped
 #    (SIGTERM: each saves a snapshot first) and analysed together (one shared PCA).
-# 4. Everything but the snapshots goes into $OUT/runs.tgz, to bring back.
+# 4. Everything but the snapshots goes into $OUT/runs.tgz, to bring back. Members trained on
+#    separate loans are put together there: `icl-jax claims --scores A/analysis B/analysis`
+#    (one PCA over all of them, the claims, results.md).
 # TRAIN_ARGS adds config overrides to every member (e.g. to shrink it for a test).
 set -u
 MEMBERS=${MEMBERS:-1l,2l,2l-smear}; STEPS=${STEPS:-20000}; TRAIN_S=${TRAIN_S:-1200}

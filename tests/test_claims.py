@@ -381,3 +381,36 @@ def test_a_family_stopped_before_any_induction_head_supports_no_claim():
     assert all(r["induction heads"] == "none" for r in rows)
     for c in found:
         assert c["verdict"] != "supported", c
+
+
+def test_claims_from_analyses_saved_elsewhere(trained_2l, tmp_path, capsys):
+    """Members analysed on another machine (a GPU loan) come back as <analysis>/<member>/
+    scores.json beside a run folder without snapshots, their recorded workdir missing here:
+    `icl-jax claims --scores` gives the same rows and verdicts as the analysis it came from,
+    and refuses a member given twice or folders with no scores, naming them."""
+    import shutil
+    from icl_jax import cli
+    _, workdir = trained_2l
+    result = analysis.analyze([str(workdir)], out=str(tmp_path / "here"), progress=False)
+    rows, found = claims.check_claims(result)
+    back = tmp_path / "back"  # what a tarball of the other machine's folder holds
+    shutil.copytree(workdir, back / "2l", ignore=shutil.ignore_patterns("snapshots"))
+    (back / "analysis" / "2l").mkdir(parents=True)  # as analyze of several runs lays it out
+    shutil.copy(tmp_path / "here" / "scores.json", back / "analysis" / "2l")
+    scores = back / "analysis" / "2l" / "scores.json"
+    saved = json.loads(scores.read_text())
+    saved["workdir"] = "/root/w/2l"  # the other machine's path
+    scores.write_text(json.dumps(saved))
+    assert cli.main(["claims", "--scores", str(back / "analysis")]) == 0
+    out = json.loads((back / "analysis" / "claims.json").read_text())
+    assert out["rows"] == json.loads(json.dumps(rows))
+    assert [c["verdict"] for c in out["claims"]] == [c["verdict"] for c in found]
+    assert [c["evidence"] for c in out["claims"]] == [c["evidence"] for c in found]
+    assert "Claims checked again" in (back / "analysis" / "results.md").read_text()
+    with pytest.raises(ValueError, match="2l has scores in two"):
+        claims.load_saved([str(back / "analysis"), str(tmp_path / "here")])
+    with pytest.raises(FileNotFoundError, match="scores.json"):
+        claims.load_saved([str(tmp_path / "nothing")])
+    shutil.rmtree(back / "2l")
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        claims.load_saved([str(back / "analysis")])
