@@ -50,7 +50,8 @@ while kill -0 $SWEEP 2>/dev/null && [ "$(elapsed)" -lt "$TRAIN_S" ]; do
 done
 if kill -0 $SWEEP 2>/dev/null; then
   echo "stopping the members at $(elapsed) s"
-  pkill -TERM -f "icl_jax train --config" ; sleep 20; kill -TERM $SWEEP 2>/dev/null
+  # only this script's members: a bare "icl_jax train" pattern would stop every run here
+  pkill -TERM -f -- "icl_jax train .*--workdir $W/" ; sleep 20; kill -TERM $SWEEP 2>/dev/null
 fi
 wait $SWEEP 2>/dev/null
 dirs=""; for m in ${MEMBERS//,/ }; do [ -d "$W/$m/snapshots" ] && dirs="$dirs $W/$m"; done
