@@ -78,10 +78,11 @@ def build_parser():
     p = sub.add_parser("reproduce", help="train the paper's family, analyse it, check the claims",
                        epilog="Config overrides (--config.train.steps=...) apply to every member.")
     p.add_argument("--workdir", default="runs/reproduce", help="one subfolder per member")
-    p.add_argument("--profile", default="quick", choices=("quick", "text", "paper"),
+    p.add_argument("--profile", default="quick", choices=("quick", "text", "text-cpu", "paper"),
                    help="quick: synthetic data, minutes on a CPU; text: Hoogland et al.'s shape on "
-                        "installed Python source (2B tokens a member, for accelerators); paper: the "
-                        "paper's shapes, for accelerators")
+                        "installed Python source (2B tokens a member, for accelerators); text-cpu: "
+                        "the same source at the CPU search's setting (hours on 2 cores); paper: "
+                        "the paper's shapes, for accelerators")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llc", action="store_true",
                    help="also the local learning coefficient of every 1l and 2l snapshot")

@@ -20,7 +20,7 @@ from icl_jax import analysis, claims, report, sweep, train, workdir as workdir_l
 from icl_jax.config import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-PROFILES = ("quick", "text", "paper")
+PROFILES = ("quick", "text", "text-cpu", "paper")
 
 
 def sweep_file(profile: str) -> str:

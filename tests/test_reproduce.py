@@ -23,6 +23,9 @@ def test_every_profile_builds_the_paper_family():
             text.model.context, text.model.vocab_size, text.train.batch_size) == (
         "pycode", 256, 8, 32, 1024, 5000, 100)
     assert text.model.layer_norm and reproduce.member_configs("text")["2l-mlp"].model.d_mlp == 1024
+    cpu = reproduce.member_configs("text-cpu")["2l"]  # the CPU search's setting (text_search.py)
+    assert (cpu.data.name, cpu.model.d_model, cpu.model.context, cpu.model.vocab_size,
+            cpu.train.batch_size, cpu.train.lr) == ("pycode", 128, 128, 2048, 64, 5e-3)
     with pytest.raises(config_lib.ConfigError, match="profile"):
         reproduce.member_configs("huge")
     with pytest.raises(config_lib.ConfigError, match="train.steps"):
@@ -99,3 +102,18 @@ def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
     text = readme.read_text()
     assert text.count(reproduce.README_START) == 1 and "| 3l |" in text
     assert (tmp_path / "docs" / "results" / "pca.png").exists()
+
+
+def test_text_cpu_is_the_setting_the_cpu_search_found():
+    """configs/text_cpu.py must train what launch/text_search.py's b64 trial trained (the
+    trial whose 2L formed an induction head), but for its own number of steps."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "text_search", os.path.join(ROOT, "launch", "text_search.py"))
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    trial = next(t for t in search.TRIALS if t["name"] == "d128-c128-v2048-lr5e-3-ln-b64")
+    searched = config_lib.flatten(search.trial_config(trial).to_dict())
+    profile = config_lib.flatten(reproduce.member_configs("text-cpu", seed=0)["2l"].to_dict())
+    differ = {k for k in set(searched) | set(profile) if searched.get(k) != profile.get(k)}
+    assert differ <= {"train.steps", "data.roots"}, differ

@@ -1,0 +1,24 @@
+"""Natural text on this 2-core CPU (the text-cpu profile): the cheapest setting the CPU
+search (launch/text_search.py, docs/text-search.md) found in which a vanilla 2-layer
+attention-only model forms an induction head on the pycode corpus.
+
+Usage: --config configs/text_cpu.py:layers=2  (layers, mlp, smear, ln, steps, batch, lr, ...
+as configs/text_pycode.py takes them)
+d_model 128, 4 heads of 32, LayerNorm, shortformer positions, a 2,048-token BPE
+vocabulary, context 128, batch 64, lr 5e-3 (warm-up 300), weight decay 0.05: 8,192 tokens
+a step. In the search, 2L's best last-layer prefix matching went 0.04 -> 0.22 -> 0.37
+over steps 2,000-3,000 (16-25M tokens, ~0.46 CPU s a step on one core).
+"""
+import os
+
+from icl_jax.config import load_file
+
+CPU = dict(vocab=2048, context=128, d_model=128, heads=4, lr=5e-3, warmup=300, batch=64,
+           steps=5_000, ln="true")
+
+
+def get_config(arg=None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    pycode = load_file(os.path.join(here, "text_pycode.py"))
+    args = load_file(os.path.join(here, "small.py"))._parse(arg)
+    return pycode.get_config(",".join(f"{k}={v}" for k, v in {**CPU, **args}.items()))
