@@ -83,16 +83,31 @@ def chain_keys(key, chains: int, steps: int):
     return jax.vmap(lambda k: jax.random.split(k, steps))(jax.random.split(key, chains))
 
 
-def _chain(loss_fn, hyper, w_star, pool, idx_SM, keys_S):
-    """One chain from w*: the minibatch loss [S] at each step, before the step is taken."""
+NOISE_BLOCK_BYTES = 16 << 20  # "map" stacking: a block's noise, drawn at once, at most this
+
+
+def noise_block(stacking: str, n_params: int, steps: int) -> int:
+    """Steps whose noise a chain draws at once: on CPUs ("map") up to 16, as many as fit in
+    NOISE_BLOCK_BYTES, since XLA's CPU code runs the draw of each of the ~20 leaves as a
+    few small loops whose fixed cost, not the arithmetic, is most of it (0.2-0.6 of 9 ms of
+    CPU per chain step on the quick 2L model); vmapped (accelerators), 1: there the chains' and
+    snapshots' copies multiply the block's memory, and the draws are wide already."""
+    if stacking == "vmap":
+        return 1
+    return max(1, min(16, steps, NOISE_BLOCK_BYTES // (4 * max(n_params, 1))))
+
+
+def _chain(loss_fn, hyper, block, w_star, pool, idx_SM, keys_S):
+    """One chain from w*: the minibatch loss [S] at each step, before the step is taken.
+    The noise of `block` steps at a time is drawn together (the same draws: vmapped
+    step_noise of each step's key)."""
     sampler, eps, gamma, nbeta, alpha, rms_eps = hyper
     grad_fn = jax.value_and_grad(loss_fn)
 
     def step(carry, xs):
         w, v = carry
-        idx_M, k = xs
+        idx_M, noise = xs
         loss, g = grad_fn(w, jax.tree.map(lambda a: a[idx_M], pool))
-        noise = step_noise(k, w)
         if sampler == "rmsprop_sgld":
             v = jax.tree.map(lambda v, g: alpha * v + (1 - alpha) * g * g, v, g)
             G = jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v) + rms_eps), v)
@@ -103,9 +118,22 @@ def _chain(loss_fn, hyper, w_star, pool, idx_SM, keys_S):
             + jnp.sqrt(eps * G) * z, w, w_star, g, G, noise)
         return (w, v), loss
 
-    v0 = jax.tree.map(jnp.zeros_like, w_star)
-    _, losses_S = jax.lax.scan(step, (w_star, v0), (idx_SM, keys_S))
-    return losses_S
+    carry = (w_star, jax.tree.map(jnp.zeros_like, w_star))
+    S, k = idx_SM.shape[0], block
+    if k == 1:  # each step draws its own noise: no more than one step's is ever held
+        return jax.lax.scan(lambda c, xs: step(c, (xs[0], step_noise(xs[1], w_star))),
+                            carry, (idx_SM, keys_S))[1]
+
+    def steps(carry, xs):  # consecutive steps, their noise drawn at once
+        idx_kM, keys_k = xs
+        return jax.lax.scan(step, carry, (idx_kM, jax.vmap(step_noise, (0, None))(keys_k, w_star)))
+
+    n = S // k * k  # whole blocks, then the rest as one shorter block
+    whole = lambda a: a[:n].reshape(n // k, k, *a.shape[1:])
+    carry, losses = jax.lax.scan(steps, carry, (whole(idx_SM), whole(keys_S)))
+    if n == S:
+        return losses.reshape(S)
+    return jnp.concatenate([losses.reshape(n), steps(carry, (idx_SM[n:], keys_S[n:]))[1]])
 
 
 def _sample(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key):
@@ -114,7 +142,8 @@ def _sample(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key):
     vmapped chains' per-chain weight products as slow batched kernels (18% more CPU time
     per chain step on the quick 2L model)."""
     keys_CS = chain_keys(key, *idx_CSM.shape[:2])
-    chain = functools.partial(_chain, loss_fn, hyper, w_star, pool)
+    block = noise_block(stacking, _n_params(w_star), idx_CSM.shape[1])
+    chain = functools.partial(_chain, loss_fn, hyper, block, w_star, pool)
     if stacking == "vmap":
         losses_CS = jax.vmap(chain)(idx_CSM, keys_CS)
     else:
@@ -194,8 +223,17 @@ def check(cfg):
 # ----------------------------------------------------------------------------- snapshots
 
 def token_loss(model):
-    """The model's mean next-token cross-entropy of a batch of [B, T + 1] tokens."""
-    return lambda params, tokens_BT1: loss_by_position(model, params, tokens_BT1).mean()
+    """The model's mean next-token cross-entropy of a batch of [B, T + 1] tokens.
+
+    The targets' logits are taken by a product with their one-hot vectors, not gathered
+    as loss_by_position does: a gather's gradient is a scatter, which XLA's CPU code runs
+    as a slow loop (about 0.5 of 9 ms of CPU per chain step on the quick 2L model)."""
+    def loss(params, tokens_BT1):
+        logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1])
+        target_BTV = jax.nn.one_hot(tokens_BT1[:, 1:], logits_BTV.shape[-1],
+                                    dtype=logits_BTV.dtype)
+        return (jax.nn.logsumexp(logits_BTV, axis=-1) - (logits_BTV * target_BTV).sum(-1)).mean()
+    return loss
 
 
 def _stacking(stacking: str | None) -> str:

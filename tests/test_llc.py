@@ -142,6 +142,25 @@ def test_bad_config_is_named():
         llc.check(llc_cfg(eps=0.0))
 
 
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_noise_drawn_in_blocks_is_each_steps_own(toy, sampler):
+    """A chain that draws the noise of several steps at once (CPUs) walks the same path as
+    one drawing it step by step, including a last block shorter than the others."""
+    data, w_star = toy
+    cfg = llc_cfg(sampler=sampler, eps=5e-4, chains=1, burn_in=0, draws=7)
+    idx_SM = jnp.asarray(llc.batch_indices(N, cfg)[0])
+    keys_S = llc.chain_keys(jax.random.key(0), 1, 7)[0]
+    run = lambda block: np.asarray(llc._chain(singular_loss, llc._hyper(cfg), block, w_star,
+                                              data, idx_SM, keys_S))
+    by_step = run(1)
+    assert by_step.shape == (7,) and len(set(by_step)) == 7
+    for block in (3, 7, 16):  # 2 blocks and a step; one block; one short block
+        np.testing.assert_allclose(run(block), by_step, rtol=1e-6)
+    assert llc.noise_block("vmap", 10**4, 200) == 1
+    assert llc.noise_block("map", 10**4, 200) == 16 and llc.noise_block("map", 10**4, 5) == 5
+    assert llc.noise_block("map", 10**9, 200) == 1  # a block must fit in NOISE_BLOCK_BYTES
+
+
 # ----------------------------------------------------------------------------- transformers
 
 def quick_model(layers):
@@ -152,6 +171,20 @@ def quick_model(layers):
     params = init_params(model, jax.random.key(layers))
     pool = data_lib.make_source(config).eval_set(256, config.model.context + 1)
     return config, model, params, pool
+
+
+def test_token_loss_is_the_models_cross_entropy():
+    """token_loss takes the targets' logits by one-hot products, not loss_by_position's
+    gather: the same loss and the same gradient."""
+    from icl_jax.model import loss_by_position
+    config, model, params, pool = quick_model(1)
+    tokens = jnp.asarray(pool[:8])
+    ours = jax.value_and_grad(llc.token_loss(model))
+    ref = jax.value_and_grad(lambda p, t: loss_by_position(model, p, t).mean())
+    (a, ga), (b, gb) = ours(params, tokens), ref(params, tokens)
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
 
 
 def test_snapshots_named_when_their_chains_fail():
