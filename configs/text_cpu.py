@@ -10,8 +10,13 @@ a step. In the search, 2L's best last-layer prefix matching went 0.04 -> 0.22 ->
 over steps 2,000-3,000 (16-25M tokens, ~0.46 CPU s a step on one core).
 """
 import os
+import sysconfig
 
 from icl_jax.config import load_file
+
+# the interpreter's standard library and installed packages, as the search read them (not
+# sys.path, which holds the working folder too); --config.data.roots=... names others
+ROOTS = ",".join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("stdlib", "purelib")))
 
 CPU = dict(vocab=2048, context=128, d_model=128, heads=4, lr=5e-3, warmup=300, batch=64,
            steps=5_000, ln="true")
@@ -21,4 +26,6 @@ def get_config(arg=None):
     here = os.path.dirname(os.path.abspath(__file__))
     pycode = load_file(os.path.join(here, "text_pycode.py"))
     args = load_file(os.path.join(here, "small.py"))._parse(arg)
-    return pycode.get_config(",".join(f"{k}={v}" for k, v in {**CPU, **args}.items()))
+    c = pycode.get_config(",".join(f"{k}={v}" for k, v in {**CPU, **args}.items()))
+    c.data.roots = ROOTS
+    return c

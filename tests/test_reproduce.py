@@ -116,4 +116,4 @@ def test_text_cpu_is_the_setting_the_cpu_search_found():
     searched = config_lib.flatten(search.trial_config(trial).to_dict())
     profile = config_lib.flatten(reproduce.member_configs("text-cpu", seed=0)["2l"].to_dict())
     differ = {k for k in set(searched) | set(profile) if searched.get(k) != profile.get(k)}
-    assert differ <= {"train.steps", "data.roots"}, differ
+    assert differ <= {"train.steps"}, differ  # the same corpus too
