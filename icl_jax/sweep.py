@@ -71,6 +71,17 @@ def _find(path: str) -> str:
     return in_repo if os.path.exists(in_repo) else path
 
 
+def family_on(sweep_file: str, base: str, arg=None) -> dict:
+    """The paper's family (paper_small.py's `family` subset, beside `sweep_file`) on one base
+    config (a file in the configs folder above it): what each `icl-jax reproduce` profile's
+    sweep file returns, so that the family is defined once."""
+    if arg:
+        raise ValueError(f"takes no argument, got {arg!r}; override fields with --config.x=y")
+    here = os.path.dirname(os.path.abspath(sweep_file))
+    family = load_sweep(os.path.join(here, "paper_small.py:family"))
+    return {**family, "base": os.path.normpath(os.path.join(here, os.pardir, base))}
+
+
 def load_sweep(spec: str) -> dict:
     """'configs/sweeps/paper_small.py:attn' -> {"base", "overrides", "members"} (plain dicts)."""
     path, _, arg = spec.partition(":")

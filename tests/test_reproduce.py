@@ -42,6 +42,12 @@ def test_accelerator_sized_profiles_warn_on_a_cpu():
     assert reproduce.scale_warning(short, "cpu") is None  # shortened as the warning says
 
 
+def test_profile_sweep_files_take_no_argument():
+    for profile in reproduce.PROFILES:
+        with pytest.raises(ValueError, match="takes no argument"):
+            sweep.load_sweep(reproduce.sweep_file(profile) + ":steps=10")
+
+
 def test_the_family_is_defined_once_in_paper_small():
     family = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py:family"))
     every = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py"))
