@@ -521,19 +521,17 @@ def load_saved(folders) -> dict:
     one family share the evaluation set, so their per-token losses line up."""
     runs = {}
     for folder in folders:
-        found = [(name, os.path.join(folder, name, "scores.json")) for name in FAMILY]
-        one = os.path.join(folder, "scores.json")  # analyze of a single run writes it here
-        if os.path.exists(one):
-            with open(one) as f:
-                found.append((json.load(f)["name"], one))
-        for name, path in found:
-            if not os.path.exists(path) or name not in FAMILY:
+        # analyze of several runs writes <member>/scores.json, of a single run scores.json
+        paths = [os.path.join(folder, n, "scores.json") for n in FAMILY]
+        for path in filter(os.path.exists, paths + [os.path.join(folder, "scores.json")]):
+            with open(path) as f:
+                run = json.load(f)
+            name = os.path.basename(os.path.dirname(path)) if path in paths else run["name"]
+            if name not in FAMILY:
                 continue
             if name in runs:
                 raise ValueError(f"{name} has scores in two of the folders given "
                                  f"({runs[name]['scores_file']} and {path}); give one")
-            with open(path) as f:
-                run = json.load(f)
             homes = [run.get("workdir"), os.path.join(folder, os.pardir, name)]
             home = next((h for h in homes if h and os.path.exists(os.path.join(h, "config.json"))),
                         None)
@@ -572,12 +570,15 @@ def check_claims(result: dict, metrics: dict | None = None, thresholds: dict | N
     return rows, found
 
 
-def results_markdown(rows, claims, profile, train_seconds, analysis_seconds) -> str:
+def results_markdown(rows, claims, profile, train_seconds=0.0, analysis_seconds=0.0,
+                     provenance: str | None = None) -> str:
+    """results.md; provenance, where given, says where the numbers came from in place of
+    the training and analysis times (claims checked again from saved analyses)."""
     cols = list(rows[0])
     lines = [f"# Results: profile `{profile}`", "",
-             f"Trained in {train_seconds / 60:.1f} minutes (all members) and analysed in "
-             f"{analysis_seconds / 60:.1f} ({jax.device_count()} "
-             f"{jax.devices()[0].platform} device(s)).", "",
+             provenance or (f"Trained in {train_seconds / 60:.1f} minutes (all members) and "
+                            f"analysed in {analysis_seconds / 60:.1f} ({jax.device_count()} "
+                            f"{jax.devices()[0].platform} device(s))."), "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     lines += ["", "## The paper's claims", "",
@@ -587,3 +588,11 @@ def results_markdown(rows, claims, profile, train_seconds, analysis_seconds) -> 
               "measured.", ""]
     lines += [f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}" for c in claims]
     return "\n".join(lines) + "\n"
+
+
+def write_results(out, rows, claims, text: str):
+    """results.md (text) and claims.json (rows and claims) into the folder `out`."""
+    out = workdir_lib.path(out)
+    workdir_lib.write_text(out / "results.md", text)
+    workdir_lib.write_text(out / "claims.json", json.dumps({"rows": rows, "claims": claims},
+                                                           indent=1))

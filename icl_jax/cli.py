@@ -149,9 +149,8 @@ def cmd_train(args, overrides):
     if args.config is None and workdir.has_run(args.workdir):
         # the run in --workdir, continued (with --config.train.steps=N: trained longer)
         from icl_jax import config as config_lib
-        config = config_lib.from_dict(workdir.read_config_dict(args.workdir))
-        config_lib.override(config, overrides)
-        config = config_lib.validate(config)
+        config = config_lib.with_overrides(
+            config_lib.from_dict(workdir.read_config_dict(args.workdir)), overrides)
     else:
         config = load_config(args.config or DEFAULT_CONFIG, overrides)
     record = train.train_and_evaluate(config, args.workdir, overwrite=args.overwrite,
@@ -165,18 +164,14 @@ def cmd_train(args, overrides):
 
 
 def cmd_claims(args, overrides):
-    import json
-    import os
-    from icl_jax import claims, workdir as workdir_lib
+    from icl_jax import claims
     result = claims.load_saved(args.scores)
     rows, found = claims.check_claims(result)
-    text = claims.results_markdown(rows, found, "saved analyses", 0.0, 0.0).splitlines()
-    text[2] = ("Claims checked again from the saved analyses in " + ", ".join(args.scores)
-               + " (members: " + ", ".join(result["runs"]) + ").")
+    text = claims.results_markdown(rows, found, "saved analyses", provenance=(
+        f"Claims checked again from the saved analyses in {', '.join(args.scores)} "
+        f"(members: {', '.join(result['runs'])})."))
     out = args.out or args.scores[0]
-    workdir_lib.write_text(os.path.join(out, "results.md"), "\n".join(text) + "\n")
-    workdir_lib.write_text(os.path.join(out, "claims.json"), json.dumps(
-        {"rows": rows, "claims": found}, indent=1))
+    claims.write_results(out, rows, found, text)
     for c in found:
         print(f"{c['claim']}: {c['verdict']}")
     print(f"results: {out}/results.md")

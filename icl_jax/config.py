@@ -52,7 +52,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
 def load_validated(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
     """load(spec), then override({'train.steps': 4000, ...}) (values as text or as values),
     then validate: the one way every command turns a config file into a config."""
-    config = load(spec)
+    return with_overrides(load(spec), overrides)
+
+
+def with_overrides(config, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """override(config, ...) with values as text or as values, then validate: what
+    load_validated does to a config file's, and `train --workdir` to a saved run's."""
     override(config, {k: v if isinstance(v, str) else _fmt_value(v)
                       for k, v in (overrides or {}).items()})
     return validate(config)

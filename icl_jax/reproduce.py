@@ -9,14 +9,13 @@ say, from the numbers, whether each of the paper's four claims holds in this run
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 import jax
 
-from icl_jax import analysis, claims, report, sweep, train, workdir as workdir_lib
+from icl_jax import analysis, claims, report, sweep, train
 from icl_jax.config import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -96,9 +95,9 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     it, checks the claims and writes results.md, claims.json and report.html in `workdir`.
     llc: also the local learning coefficient of every snapshot of the 1l and 2l members."""
     spec, texts = sweep_file(profile), _overrides(seed, overrides)
-    names = [m.name for m in sweep.resolve(spec, workdir, texts)]  # config errors first
-    warning = scale_warning(member_configs(profile, seed, overrides),
-                            jax.devices()[0].platform)
+    members = sweep.resolve(spec, workdir, texts)  # config errors first
+    names = [m.name for m in members]
+    warning = scale_warning({m.name: m.config for m in members}, jax.devices()[0].platform)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     # one member after another in this process, as fast as one `train` each (no process
@@ -119,10 +118,7 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     rows, found = claims.check_claims(result)
     text = claims.results_markdown(rows, found, profile, train_seconds,
                                    time.time() - t_analysis)
-    out = workdir_lib.path(workdir)
-    workdir_lib.write_text(out / "results.md", text)
-    workdir_lib.write_text(out / "claims.json", json.dumps({"rows": rows, "claims": found},
-                                                           indent=1))
+    claims.write_results(workdir, rows, found, text)
     report.write_report(result, preamble=text, progress=progress, figures=[
         ("ICL score and prefix matching of every model", "family.png",
          report.plot_family(result))])

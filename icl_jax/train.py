@@ -197,17 +197,17 @@ def fetch(x):
 
 # ----------------------------------------------------------------------------- workdir
 
-def extends(saved: dict, config) -> bool:
-    """Whether `config` only trains the saved run for more steps, with a learning-rate and
+def extends(saved: dict, new: dict) -> bool:
+    """Whether `new` (a config as a dict) only trains the saved run for more steps, with a learning-rate and
     weight-decay schedule that does not depend on the number of steps (constant, or the
     paper's, whose drop step is fixed): then the steps so far are the same run's, and a
     resumed run with more steps is that run trained longer. A cosine schedule would have
     decayed differently, so it is a different run."""
-    new = json.loads(config.to_json())
-    new_steps, old_steps = new["train"].pop("steps"), saved["train"].get("steps")
-    old_train = {k: v for k, v in saved["train"].items() if k != "steps"}
-    return (new_steps > old_steps and config.train.schedule != "cosine"
-            and not workdir_lib.config_diff({**saved, "train": old_train}, new))
+    def without_steps(c):
+        return {**c, "train": {k: v for k, v in c["train"].items() if k != "steps"}}
+    return (new["train"]["steps"] > saved["train"].get("steps", 0)
+            and new["train"]["schedule"] != "cosine"
+            and not workdir_lib.config_diff(without_steps(saved), without_steps(new)))
 
 
 def prepare_workdir(config, workdir, overwrite: bool):
@@ -219,8 +219,9 @@ def prepare_workdir(config, workdir, overwrite: bool):
     text = config.to_json(indent=2, sort_keys=True)
     if workdir_lib.has_run(workdir) and not overwrite:
         saved = config_lib.upgrade(workdir_lib.read_config_dict(workdir))
-        changed = workdir_lib.config_diff(saved, json.loads(text))
-        if changed and extends(saved, config):
+        new = json.loads(text)
+        changed = workdir_lib.config_diff(saved, new)
+        if changed and extends(saved, new):
             changed = []  # training longer: the snapshots so far are the same run's
         if changed:
             raise TrainingError(f"workdir {str(workdir)!r} holds a run of a different config "

@@ -5,9 +5,9 @@
     done
     python launch/seed_table.py runs/seeds/s* > docs/seeds.md
 
-The table is rebuilt from each workdir's saved scores (scores.json of every member and
-pca.json): the phase-change rule and the claims are applied again with the code as it
-stands, so a change to either shows on every seed without retraining. A seed whose
+The table is rebuilt from each workdir's saved scores (claims.load_saved: scores.json of
+every member, one PCA refitted over them): the phase-change rule and the claims are
+applied again with the code as it stands, so a change to either shows on every seed without retraining. A seed whose
 reproduction did not finish is listed with what is missing; none is left out.
 """
 import argparse
@@ -18,29 +18,23 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from icl_jax import analysis, claims  # noqa: E402
+from icl_jax import claims  # noqa: E402
 
 MEMBERS = claims.FAMILY
 
 
 def load(workdir):
     """(result as analysis.analyze returns it, seed, training minutes) or raises OSError."""
-    runs = {}
-    for name in MEMBERS:
-        with open(os.path.join(workdir, name, "scores.json")) as f:
-            run = json.load(f)
-        run["phase_change"] = analysis.detect_phase_change(
-            run["steps"], run["icl_score"], run["tokens"], icl_se=run.get("icl_se"),
-            icl_by_example=run.get("icl_by_example"))
-        runs[name] = run
-    with open(os.path.join(workdir, "pca.json")) as f:
-        pca = json.load(f)
+    result = claims.load_saved([workdir])
+    missing = [n for n in MEMBERS if n not in result["runs"]]
+    if missing:
+        raise FileNotFoundError(f"no scores.json for {', '.join(missing)}")
     with open(os.path.join(workdir, "sweep.json")) as f:
         members = json.load(f)["members"]
     with open(os.path.join(workdir, "2l", "config.json")) as f:
         seed = json.load(f)["seed"]
     minutes = sum(m.get("wall_s") or 0.0 for m in members.values()) / 60
-    return {"runs": runs, "pca": pca}, seed, minutes
+    return result, seed, minutes
 
 
 def _window(run):
