@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax.model import loss_by_position, make_model
+from icl_jax.scores import STACKING, default_stacking
 
 SAMPLERS = ("sgld", "rmsprop_sgld")
 
@@ -238,10 +239,9 @@ def token_loss(model):
 
 def _stacking(stacking: str | None) -> str:
     if stacking is None:
-        from icl_jax.scores import default_stacking
         return default_stacking()
-    if stacking not in ("vmap", "map"):
-        raise ValueError(f"stacking must be 'vmap' or 'map', got {stacking!r}")
+    if stacking not in STACKING:
+        raise ValueError(f"stacking must be one of {STACKING}, got {stacking!r}")
     return stacking
 
 
