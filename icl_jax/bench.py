@@ -13,6 +13,10 @@ attention's T x S products counted in full, as PaLM and nanoGPT count them) and
 divided by the peak of a large matrix product timed in the same repeats (MFU).
 The count of what our blocked causal attention actually executes is cross-checked
 against XLA's cost analysis of the compiled step.
+
+This file holds the timing, the rows, the driver and the suites' benchmarks; the PyTorch
+and TransformerLens peers they are timed against are in bench_torch.py, and the
+accelerator suite (its own sizes, targets and output files) in bench_accelerator.py.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import numpy as np
 from icl_jax import config as config_lib, data as data_lib, device_data, train
 from icl_jax import workdir as workdir_lib
 from icl_jax.flops import train_flops
-from icl_jax.model import QUERY_BLOCK, causal_attention, init_params, make_model
+from icl_jax.model import QUERY_BLOCK, init_params, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(ROOT, "configs", "small.py")
@@ -124,49 +128,6 @@ def matmul_peak_fn(n: int | None = None):
     return (lambda: f(a).block_until_ready()), 2 * n ** 3
 
 
-def attention_fns(m, batch: int):
-    """({name: fn}, bmm FLOPs): one layer's causal attention core, forward and backward,
-    at the model's [B, H, T, K], ours (model.causal_attention) and PyTorch's fused
-    scaled_dot_product_attention, on the same random inputs; and the batched product of
-    its last query block's scores through XLA and through torch.bmm."""
-    import torch
-    B, H, T = batch, m.n_heads, m.context
-    K = m.d_head or m.d_model // H
-    q, k, v, g = (np.random.default_rng(i).normal(size=(B, H, T, K)).astype(np.float32)
-                  for i in range(4))
-    g_jax = jnp.asarray(g)
-    grad = jax.jit(jax.grad(lambda q, k, v: (causal_attention(q, k, v)[0] * g_jax).sum(),
-                            argnums=(0, 1, 2)))
-    qkv = [jnp.asarray(x) for x in (q, k, v)]
-    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
-    tg = torch.from_numpy(g)
-
-    def torch_step():
-        z = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
-                                                             scale=1.0)
-        (z * tg).sum().backward()
-        for x in (tq, tk, tv):
-            x.grad = None
-
-    # the product XLA:CPU is slow at: the last query block's scores, [B*H] x [64 x K] x [K x T]
-    a = np.random.default_rng(5).normal(size=(B * H, min(QUERY_BLOCK, T), K)).astype(np.float32)
-    b = np.random.default_rng(6).normal(size=(B * H, K, T)).astype(np.float32)
-    bmm = jax.jit(lambda x, y: jnp.einsum("nik,nkj->nij", x, y))
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    return {"jax attention": lambda: jax.block_until_ready(grad(*qkv)),
-            "torch attention": torch_step,
-            "jax bmm": lambda: jax.block_until_ready(bmm(ja, jb)),
-            "torch bmm": lambda: torch.bmm(ta, tb)}, 2 * a.size * T
-
-
-def torch_matmul_peak_fn(n: int = 2048):
-    """(fn, flops): the same float32 n^3 product through PyTorch (MKL / oneDNN on CPU)."""
-    import torch
-    a = torch.randn(n, n)
-    return (lambda: torch.mm(a, a)), 2 * n ** 3
-
-
 # ----------------------------------------------------------------------------- FLOPs
 
 def xla_flops(compiled) -> float | None:
@@ -233,161 +194,11 @@ class JaxTrainer:
         return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
 
 
-# ----------------------------------------------------------------------------- PyTorch
-
-def torch_reference_class():
-    """The same architecture as a plain PyTorch module (attention-only or with MLP, no
-    LayerNorm, no smeared keys), with our parameter names and layouts."""
-    import torch
-    import torch.nn.functional as F
-
-    class TorchTransformer(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            D, H, V = m.d_model, m.n_heads, m.vocab_size
-            K = m.d_head or D // H
-            self.m, self.H, self.K = m, H, K
-            P = lambda *shape, std=None: torch.nn.Parameter(  # noqa: E731
-                torch.randn(*shape) * std if std else torch.zeros(*shape))
-            self.W_E, self.W_pos = P(V, D, std=1.0), P(m.context, D, std=m.pos_init_std)
-            self.blocks = torch.nn.ModuleList()
-            for _ in range(m.n_layers):
-                b = torch.nn.Module()
-                for n in ("W_Q", "W_K", "W_V"):
-                    setattr(b, n, P(H, D, K, std=D ** -0.5))
-                b.W_O = P(H, K, D, std=(H * K) ** -0.5)
-                b.b_Q, b.b_K, b.b_V, b.b_O = P(H, K), P(H, K), P(H, K), P(D)
-                if m.mlp:
-                    b.W_in, b.W_out = torch.nn.Linear(D, m.d_mlp), torch.nn.Linear(m.d_mlp, D)
-                self.blocks.append(b)
-            self.W_U, self.b_U = P(D, V, std=D ** -0.5), P(V)
-
-        def forward(self, tokens_BT):
-            B, T = tokens_BT.shape
-            x = self.W_E[tokens_BT]
-            pos = self.W_pos[:T]
-            if self.m.positions == "residual":
-                x = x + pos
-            for b in self.blocks:
-                qk_in = x + pos if self.m.positions == "shortformer" else x
-                q = torch.einsum("btd,hdk->bhtk", qk_in, b.W_Q) + b.b_Q[:, None]
-                k = torch.einsum("btd,hdk->bhtk", qk_in, b.W_K) + b.b_K[:, None]
-                v = torch.einsum("btd,hdk->bhtk", x, b.W_V) + b.b_V[:, None]
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                x = x + torch.einsum("bhtk,hkd->btd", z, b.W_O) + b.b_O
-                if self.m.mlp:
-                    x = x + b.W_out(F.gelu(b.W_in(x), approximate="tanh"))
-            return x @ self.W_U + self.b_U
-
-    return TorchTransformer
-
-
-def torch_reference(m, params=None):
-    """A TorchTransformer for model config m, with our params copied in when given."""
-    import torch
-    if m.layer_norm or m.smear_keys:
-        raise NotImplementedError("the PyTorch reference has no LayerNorm and no smeared keys")
-    net = torch_reference_class()(m)
-    if params is not None:
-        with torch.no_grad():
-            t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731
-            for n in ("W_E", "W_pos", "W_U", "b_U"):
-                getattr(net, n).copy_(t(params[n]))
-            for i, b in enumerate(net.blocks):
-                p = params[f"block_{i}"]
-                for n, v in p["attn"].items():
-                    getattr(b, n).copy_(t(v))
-                if m.mlp:
-                    for n in ("W_in", "W_out"):
-                        getattr(b, n).weight.copy_(t(p["mlp"][n]["kernel"]).T)
-                        getattr(b, n).bias.copy_(t(p["mlp"][n]["bias"]))
-    return net
-
-
-def transformer_lens_model(m):
-    """TransformerLens 3.x HookedTransformer of the same shape (attention-only, no LN)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    if m.mlp or m.layer_norm or m.smear_keys:
-        raise NotImplementedError("the TransformerLens row is attention-only without LayerNorm")
-    cfg = HookedTransformerConfig(
-        n_layers=m.n_layers, d_model=m.d_model, n_ctx=m.context, n_heads=m.n_heads,
-        d_head=m.d_head or m.d_model // m.n_heads, d_vocab=m.vocab_size, attn_only=True,
-        act_fn="gelu", normalization_type=None,
-        positional_embedding_type="shortformer" if m.positions == "shortformer" else "standard",
-        device="cpu", seed=0)
-    return HookedTransformer(cfg)
-
-
-def torch_trainer(net, config, compile_: bool = False):
-    """A standard PyTorch AdamW loop (with the config's clipping) on a fixed batch."""
-    import torch
-    import torch.nn.functional as F
-    t = config.train
-    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=(t.b1, t.b2),
-                            weight_decay=t.weight_decay)
-    fwd = torch.compile(net) if compile_ else net
-    tokens = torch.from_numpy(_batch(config).astype(np.int64))
-    inp, tgt = tokens[:, :-1], tokens[:, 1:]
-
-    def step():
-        logits = fwd(inp)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        opt.step()
-        return loss.item()
-
-    return step
-
-
-TORCH_THREADS = [None]  # None: every core; set by run(torch_threads=...)
-
-
-def _set_torch_threads():
-    # With every core busy elsewhere, OpenMP's spinning barriers can make 2 threads 10-30x
-    # slower than 1; --torch-threads picks the count.
-    import torch
-    torch.set_num_threads(TORCH_THREADS[0] or os.cpu_count() or 1)
-
-
-def _torch_candidates(config, rows, case):
-    """{name: step fn} of the PyTorch rows that can run here; a note row for each that can't."""
-    out = {}
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        rows.append(_note(case, "PyTorch rows", "torch not installed (pip install "
-                          "'icl_jax[bench]')"))
-        return out
-    m = config.model
-    try:
-        out["torch eager"] = torch_trainer(torch_reference(m), config)
-        out["torch.compile"] = torch_trainer(torch_reference(m), config, compile_=True)
-    except NotImplementedError as e:
-        rows.append(_note(case, "PyTorch rows", f"skipped: {e}"))
-    try:
-        out["TransformerLens"] = torch_trainer(transformer_lens_model(m), config)
-    except ImportError:
-        rows.append(_note(case, "TransformerLens", "transformer_lens not installed "
-                          "(pip install 'icl_jax[bench]')"))
-    except NotImplementedError as e:
-        rows.append(_note(case, "TransformerLens", f"skipped: {e}"))
-    _set_torch_threads()
-    for name, fn in list(out.items()):
-        try:
-            fn()  # torch.compile can fail without a C++ toolchain: skip, don't crash
-        except Exception as e:  # noqa: BLE001
-            rows.append(_note(case, name, f"skipped: {type(e).__name__}: {str(e)[:120]}"))
-            del out[name]
-    return out
-
-
 # ----------------------------------------------------------------------------- suites
 
 def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     """Tokens/s and MFU of our step; PyTorch, torch.compile and TransformerLens beside it."""
+    from icl_jax import bench_torch
     case, rows = _name(config), []
     m, t = config.model, config.train
     tokens = t.batch_size * m.context
@@ -398,11 +209,11 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     xla = xla_flops(ours.compiled)  # of the per-device program of the data-parallel step
     xla = xla and xla * jax.device_count()
     fns = {"peak": peak_fn, "jax": ours}
-    peers = _torch_candidates(config, rows, case) if torch_rows else {}
+    peers = bench_torch._torch_candidates(config, rows, case) if torch_rows else {}
     fns.update(peers)
     if peers and jax.devices()[0].platform == "cpu":
-        fns["torch peak"] = torch_matmul_peak_fn()[0]
-        attention, bmm_flops = attention_fns(m, t.batch_size)
+        fns["torch peak"] = bench_torch.torch_matmul_peak_fn()[0]
+        attention, bmm_flops = bench_torch.attention_fns(m, t.batch_size)
         fns.update(attention)
     times = interleaved(fns, repeats)
     # The device's peak is the faster of the two libraries' products, repeat by repeat:
@@ -454,32 +265,10 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     return rows
 
 
-def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
-    """A fn scoring every snapshot with tl_check.score_with_hooks, its HookedTransformers built
-    here, outside the timing; None and a note row where TransformerLens can't run."""
-    try:
-        import torch
-        import transformer_lens  # noqa: F401
-        from icl_jax import tl_check
-    except ImportError:
-        rows.append(_note(case, "TransformerLens hooks", "transformer_lens not installed "
-                          "(pip install 'icl_jax[bench]')"))
-        return None
-    try:
-        tls = [tl_check.hooked_transformer(t, model.cfg) for t in trees]
-    except NotImplementedError as e:
-        rows.append(_note(case, "TransformerLens hooks", f"skipped: {e}"))
-        return None
-    _set_torch_threads()
-    tokens = tuple(torch.from_numpy(np.array(inputs[k])).long()  # a writable copy
-                   for k in ("eval_BT1", "probe_BT", "pca_index_B"))
-    return lambda: [tl_check.score_with_hooks(tl, *tokens, *key) for tl in tls]
-
-
 def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
     """All snapshots scored in one call (vmapped, and lax.map) against a Python loop over them,
     and against a loop scoring each with TransformerLens hooks (tl_check.py)."""
-    from icl_jax import analysis, scores
+    from icl_jax import analysis, bench_torch, scores
     case, rows = f"{_name(config)} x{n_snapshots} snapshots", []
     model, e = make_model(config.model), config.eval
     trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
@@ -494,7 +283,7 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
         "mapped": lambda: jax.block_until_ready(mapped(stacked, inputs)),
         "loop": lambda: [jax.block_until_ready(single(p, inputs)) for p in trees],
     }
-    tl = _tl_hooks_scorer(model, trees, inputs, key, rows, case)
+    tl = bench_torch._tl_hooks_scorer(model, trees, inputs, key, rows, case)
     if tl is not None:
         fns["TL hooks"] = tl
     times = interleaved(fns, repeats, min_s=0)
@@ -696,168 +485,6 @@ def bench_prefetch(config, repeats: int) -> list:
     return rows
 
 
-# ----------------------------------------------------------------------------- accelerator
-
-PAPER = os.path.join(ROOT, "configs", "paper.py")
-# Everything shrunk, so that a CPU test runs the whole accelerator suite in seconds.
-TINY_MODEL = {"model.d_model": 32, "model.n_heads": 2, "model.d_head": 16, "model.d_mlp": 64,
-              "model.context": 32, "model.vocab_size": 64, "train.batch_size": 8,
-              "eval.n_examples": 8, "eval.icl_early_index": 2, "eval.icl_late_index": 20,
-              "eval.probe_tokens": 7, "eval.probe_sequences": 2, "data.segment_len_min": 3,
-              "data.segment_len_max": 8}
-# (metric, target as text, test of the median) for the rows that have a target on an H100/H200
-ACCELERATOR_TARGETS = {
-    "paper MFU": (">= 40%", lambda x: x >= 40),
-    "K=64 summed / one": (">= 20x", lambda x: x >= 20),
-    "vmapped / loop": (">= 5x", lambda x: x >= 5),
-    "data / step": (">= 5x", lambda x: x >= 5),
-    "reproduce --profile quick": ("< 120 s", lambda x: x < 120),
-}
-
-
-def _accelerator_configs(tiny: bool):
-    """(paper, quick, paper-with-its-own-data) configs of the accelerator suite.
-
-    The paper row trains on synthetic tokens of the paper's vocabulary (what the tokens
-    are does not change the speed); the data row reads the paper profile's own data.
-    """
-    shrink = TINY_MODEL if tiny else {}
-    paper = load_config(f"{PAPER}:layers=2", {"train.batch_size": 16, **shrink,
-                                              "data.name": "synthetic"})
-    paper_data = load_config(f"{PAPER}:layers=2", {**shrink, **(
-        {"data.tokenizer": "bytes", "model.vocab_size": 257} if tiny else {})})
-    quick = load_config("small L2", shrink)
-    return paper, quick, paper_data
-
-
-def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
-    from icl_jax import analysis, scores
-    rows = []
-    paper, quick, paper_data = _accelerator_configs(tiny)
-
-    # (1) the paper's shape: tokens/s and MFU against a bf16 matmul timed alongside
-    m, t = paper.model, paper.train
-    paper_step = JaxTrainer(paper)
-    peak_fn, peak_flops = matmul_peak_fn(256 if tiny else None)
-    times = interleaved({"peak": peak_fn, "paper": paper_step}, repeats)
-    case = f"paper {_name(paper)} {m.dtype}"
-    tokens = t.batch_size * m.context
-    rows.append(_row(case, "matmul peak", peak_flops / times["peak"], "TFLOP/s",
-                     f"{'bfloat16' if jax.default_backend() != 'cpu' else 'float32'} "
-                     "square product, same repeats", 1e-12))
-    paper_tok_s = tokens / times["paper"]
-    rows.append(_row(case, "paper train", paper_tok_s, "tok/s",
-                     f"attention: {paper_step.model.kernel}"))
-    rows.append(_row(case, "paper MFU", train_flops(m, t.batch_size, m.context) / times["paper"]
-                     / (peak_flops / times["peak"]), "%", "full T x S FLOPs over the peak", 100))
-
-    # (2) ensembles of the quick model in one program against one member
-    sizes = (2, 4) if tiny else (4, 16, 64)
-    one = JaxTrainer(quick)
-    ensembles = {k: JaxTrainer(quick, ensemble=k) for k in sizes}
-    times = interleaved({"one": one, **{f"K={k}": e for k, e in ensembles.items()}}, repeats)
-    case, tokens = f"quick {_name(quick)}", quick.train.batch_size * quick.model.context
-    rows.append(_row(case, "one member train", tokens / times["one"], "tok/s"))
-    for k in sizes:
-        rows.append(_row(case, f"K={k} summed", k * tokens / times[f"K={k}"], "tok/s"))
-        rows.append(_row(case, f"K={k} summed / one", k * times["one"] / times[f"K={k}"], "x",
-                         f"{k} would be perfect scaling"))
-    quick_step_s = times["one"]
-
-    # (3) scoring stacked snapshots in one vmapped call against a Python loop over them
-    n = 4 if tiny else 64
-    model = make_model(quick.model)
-    inputs = scores.evaluation_inputs(quick, data_lib.make_source(quick))
-    inputs = jax.tree.map(jnp.asarray, inputs)
-    trees = [init_params(model, jax.random.key(i)) for i in range(n)]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
-    e = quick.eval  # the analysis's own scorer (scores.snapshot_scores), both ways
-    vmapped, single = (analysis.scorer(model, e.icl_early_index, e.icl_late_index,
-                                       e.probe_tokens, stacking=s) for s in ("vmap", None))
-    times = interleaved({
-        "vmapped": lambda: jax.block_until_ready(vmapped(stacked, inputs)),
-        "loop": lambda: [jax.block_until_ready(single(p, inputs)) for p in trees]},
-        repeats, min_s=0)
-    case = f"quick x{n} snapshots"
-    rows.append(_row(case, "score vmapped", times["vmapped"], "s"))
-    rows.append(_row(case, "score loop", times["loop"], "s"))
-    rows.append(_row(case, "vmapped / loop", times["loop"] / times["vmapped"], "x",
-                     "loop time over vmapped time, per repeat"))
-
-    # (4) the data pipelines against the step, both profiles: tokens/s against tokens/s;
-    # "data" is the pipeline training uses here (data.generate), the others are beside it
-    for name, config, step_tok_s in (("quick", quick, tokens / quick_step_s),
-                                     ("paper", paper_data, paper_tok_s)):
-        with tempfile.TemporaryDirectory(prefix="icl_jax_bench_") as tmp:
-            pipelines = data_pipelines(config, tmp)  # text: the tokenizer is built here
-        b = config.train.batch_size
-        times = interleaved(pipelines, repeats)
-        auto = _auto_pipeline(config)
-        case = f"{name} {_name(config)} {config.data.name}"
-        rows.append(_row(case, "step", step_tok_s, "tok/s", "from the rows above"))
-        for pipe in sorted(pipelines, key=lambda p: p != auto):
-            data_tok_s = b * config.model.context / times[pipe]
-            label = "data" if pipe == auto else f"{pipe} data"
-            rows.append(_row(case, label, data_tok_s, "tok/s", f"made on the {pipe}"))
-            rows.append(_row(case, f"{label} / step", data_tok_s / np.median(step_tok_s), "x",
-                             "how many times faster the pipeline makes tokens than the step "
-                             "uses them"))
-
-    # (5) the whole quick reproduction, in a fresh process
-    if with_reproduce:
-        import subprocess
-        with tempfile.TemporaryDirectory(prefix="icl_jax_reproduce_") as tmp:
-            cmd = [sys.executable, "-m", "icl_jax", "reproduce", "--profile", "quick",
-                   "--workdir", tmp, "--quiet"]
-            if tiny:
-                cmd += [f"--config.{k}={v}" for k, v in TINY_MODEL.items()] + [
-                    "--config.train.steps=4"]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-            rows.append(_row("quick reproduction", "reproduce --profile quick",
-                             [time.perf_counter() - t0], "s", "wall time, one run"))
-    return rows
-
-
-def bench_accelerator(out_dir: str, repeats: int = 3, tiny: bool = False,
-                      with_reproduce: bool = False, out=None) -> dict:
-    """The accelerator suite: writes accelerator.json and accelerator.md to out_dir.
-
-    Rows with a target (ACCELERATOR_TARGETS, for an H100 or H200) say whether the median
-    meets it; on other devices the targets are shown but not judged.
-    """
-    out = out or sys.stdout
-    rows = _accelerator_rows(repeats, tiny, with_reproduce)
-    gpu = "H100" in str(jax.devices()[0]) or "H200" in str(jax.devices()[0])
-    for r in rows:
-        if r["metric"] in ACCELERATOR_TARGETS and r.get("median") is not None:
-            text, ok = ACCELERATOR_TARGETS[r["metric"]]
-            r["target"] = text
-            r["met"] = bool(ok(r["median"])) if gpu else None
-    meta = {"devices": [str(d) for d in jax.devices()], "platform": jax.devices()[0].platform,
-            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "repeats": repeats, "tiny": tiny, "suite": "accelerator",
-            "command": " ".join(["icl-jax"] + sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None}
-    result = {"meta": meta, "rows": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "accelerator.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    lines = [f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, median of "
-             f"{repeats} repeats{' (tiny)' if tiny else ''}", "",
-             "| case | metric | median | IQR | unit | target | met | note |",
-             "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
-    for r in rows:
-        met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
-        lines.append(f"| {r['case']} | {r['metric']} | {_fmt(r['median'])} | {_fmt(r['p25'])} - "
-                     f"{_fmt(r['p75'])} | {r['unit']} | {r.get('target', '')} | {met} | "
-                     f"{r['note']} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "accelerator.md"), "w") as f:
-        f.write(table)
-    print(table, file=out, flush=True)
-    return result
-
-
 def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) -> list:
     """The LLC of n_snapshots snapshots (chains x draws each, the config's other llc
     settings): llc_over_snapshots against devinterp's llc() called on each snapshot in
@@ -865,7 +492,7 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     One run of each (devinterp's takes minutes), in wall and in process CPU seconds (on a
     shared machine the CPU seconds are the fairer comparison). Ours is warmed (on CPUs,
     compiled) on the first snapshot alone, then timed on all of them."""
-    from icl_jax import export, llc, scores
+    from icl_jax import bench_torch, export, llc, scores
     case = f"{_name(config)} LLC x{n_snapshots} snapshots, {chains}x{draws}"
     model, cfg = make_model(config.model), config.llc.copy_and_resolve_references()
     cfg.chains, cfg.draws = chains, draws
@@ -890,7 +517,7 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
         from devinterp.slt.llc import llc as devinterp_llc
     except ImportError as e:
         return rows + [_note(case, "devinterp", f"skipped: {e}")]
-    _set_torch_threads()
+    bench_torch._set_torch_threads()
 
     def per_token_loss(net, ids):
         logits = net(ids[:, :-1])
@@ -928,9 +555,11 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
     """Runs a suite, prints its table, writes JSON if asked; returns {"meta", "rows"}."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
-    if suite == "accelerator":  # its own configs and output (bench_accelerator)
-        return bench_accelerator(out_dir, repeats, tiny, with_reproduce, out)
-    TORCH_THREADS[0] = torch_threads
+    # the suites' modules import this one's helpers, so they are imported here, not above
+    from icl_jax import bench_accelerator, bench_torch
+    if suite == "accelerator":  # its own configs and output (bench_accelerator.py)
+        return bench_accelerator.bench_accelerator(out_dir, repeats, tiny, with_reproduce, out)
+    bench_torch.TORCH_THREADS[0] = torch_threads
     out = out or sys.stdout
     specs = list(configs or [])
     train_configs = [load_config(s, overrides) for s in (specs or default_train())]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_jax import bench, cli, train
+from icl_jax import bench, bench_torch, cli, train
 from icl_jax.model import init_params, make_model
 from conftest import ROOT, tiny_config
 
@@ -41,7 +41,7 @@ def test_torch_reference_computes_our_logits_from_our_weights(arg):
     params = init_params(model, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 80))
     ours, _ = model.apply({"params": params}, tokens)
-    net = bench.torch_reference(cfg.model, params)
+    net = bench_torch.torch_reference(cfg.model, params)
     with torch.no_grad():
         theirs = net(torch.from_numpy(tokens)).numpy()
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=2e-4, rtol=2e-4)
@@ -50,7 +50,7 @@ def test_torch_reference_computes_our_logits_from_our_weights(arg):
 def test_transformer_lens_model_has_our_shapes():
     pytest.importorskip("transformer_lens")
     cfg = tiny_config("layers=2")
-    tl = bench.transformer_lens_model(cfg.model)
+    tl = bench_torch.transformer_lens_model(cfg.model)
     assert tl.cfg.positional_embedding_type == "shortformer" and tl.cfg.attn_only
     assert tuple(tl.blocks[1].attn.W_Q.shape) == (2, 32, 16)
 
