@@ -55,7 +55,7 @@ def test_hooks_compute_our_scores(arg, overrides, ablation):
     theirs = tl_check.score_with_hooks(tl, *inputs, e.icl_early_index, e.icl_late_index,
                                    e.probe_tokens, ablation)
     flat = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
-    assert len(flat) == len(jax.tree.leaves(ours)) == 12
+    assert len(flat) == len(jax.tree.leaves(ours)) == 13
     for path, want in jax.tree_util.tree_flatten_with_path(ours)[0]:
         got = flat[path]
         assert got.shape == want.shape, jax.tree_util.keystr(path)
