@@ -4,7 +4,7 @@ Usage: --config configs/text_pycode.py:vocab=2048,context=256,d_model=128,heads=
 Arguments (all optional): layers, vocab (BPE size), context, d_model, heads, lr, warmup,
 batch, steps, ln (LayerNorm), smear, mlp. The corpus is every .py file the interpreter reaches
 (data.roots to pin folders), deduplicated, tokenized once into the shared cache
-(see icl_jax/data.py). launch/text_search.py searches these arguments for the cheapest setting
+(see icl_jax/corpus.py). launch/text_search.py searches these arguments for the cheapest setting
 that forms an induction head; docs/text-search.md has what each setting did.
 """
 import os

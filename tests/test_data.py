@@ -1,4 +1,5 @@
-"""Tests for icl_jax.data: determinism, host slicing, synthetic structure, files, errors."""
+"""Tests for icl_jax.data and icl_jax.corpus: determinism, host slicing, synthetic structure,
+files, the token cache, errors."""
 import importlib.util
 import os
 import pathlib
@@ -10,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from icl_jax import data
+from icl_jax import corpus, data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 L = 65  # configs/small.py: context 64 + 1 shifted target
@@ -181,28 +182,28 @@ def test_pystdlib_bytes():
 
 
 def test_bpe_is_trained_cached_and_reused(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    source_text = (ROOT / "icl_jax" / "data.py").read_text()
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    source_text = (ROOT / "icl_jax" / "corpus.py").read_text()
     for i in range(4):
-        (corpus / f"{i}.py").write_text(source_text[i * 3000:(i + 1) * 3000] * 3)
-    fields = dict(name="files", path=str(corpus), tokenizer="bpe", bpe_vocab_size=300,
+        (texts / f"{i}.py").write_text(source_text[i * 3000:(i + 1) * 3000] * 3)
+    fields = dict(name="files", path=str(texts), tokenizer="bpe", bpe_vocab_size=300,
                   vocab_size=300, holdout_fraction=0.25)
     source = data.make_source(_small_config(**fields), str(tmp_path / "work"))
     assert 257 <= source.vocab_size <= 300
-    (cache,) = os.listdir(data.cache_root())
+    (cache,) = os.listdir(corpus.cache_root())
     assert {"tokenizer.json", "train.bin", "eval.bin", "meta.json"} == set(
-        os.listdir(os.path.join(data.cache_root(), cache)))
+        os.listdir(os.path.join(corpus.cache_root(), cache)))
     assert isinstance(source.train, np.memmap) and source.train.dtype == np.uint16
     assert len(source.train) < 0.8 * 3 * 9000  # merges compress the 3 training files' bytes
     again = data.make_source(_small_config(**fields))  # any workdir, or none: the same cache
     np.testing.assert_array_equal(again.batch(2, 8, L), source.batch(2, 8, L))
     # a different vocabulary, or an edited file, must not reuse stale tokens
     small = data.make_source(_small_config(**{**fields, "bpe_vocab_size": 280}))
-    assert small.vocab_size <= 280 and len(os.listdir(data.cache_root())) == 2
-    (corpus / "0.py").write_text("x = 1\n" * 3000)
+    assert small.vocab_size <= 280 and len(os.listdir(corpus.cache_root())) == 2
+    (texts / "0.py").write_text("x = 1\n" * 3000)
     edited = data.make_source(_small_config(**fields))
-    assert len(os.listdir(data.cache_root())) == 3
+    assert len(os.listdir(corpus.cache_root())) == 3
     total = lambda s: s.meta["train"]["bytes"] + s.meta["eval"]["bytes"]  # noqa: E731
     assert total(source) == 4 * 9000 and total(edited) == 3 * 9000 + 18000
 
@@ -212,7 +213,7 @@ def test_bpe_is_trained_cached_and_reused(tmp_path):
 
 def _pycode_root(root, n=12):
     """n distinct .py files (one nested, one duplicated under another name, one empty)."""
-    text = (ROOT / "icl_jax" / "data.py").read_text()
+    text = (ROOT / "icl_jax" / "corpus.py").read_text()
     (root / "pkg").mkdir(parents=True)
     for i in range(n):
         folder = root / "pkg" if i % 3 == 0 else root
@@ -232,7 +233,7 @@ def _pycode(root, **fields):
 
 def test_pycode_dedups_files_by_content(tmp_path):
     root = _pycode_root(tmp_path / "root")
-    files = data.pycode_files([str(root)])
+    files = corpus.pycode_files([str(root)])
     names = sorted(os.path.relpath(p, root) for p, _, _ in files)
     assert len(names) == 12 and "zz_copy_of_m1.py" not in names and "m1.py" in names
     assert "pkg/m0.py" in names and "__init__.py" not in names
@@ -245,15 +246,15 @@ def test_pycode_dedups_files_by_content(tmp_path):
 
 def test_pycode_split_is_by_file_hash_and_stable_when_files_are_added(tmp_path):
     root = _pycode_root(tmp_path / "root", n=40)
-    train, held = data.split_by_hash(data.pycode_files([str(root)]), 0.25)
+    train, held = corpus.split_by_hash(corpus.pycode_files([str(root)]), 0.25)
     assert 4 <= len(held) <= 18 and len(train) + len(held) == 40
     assert all(int(d[:16], 16) < 0.25 * 2**64 for _, d, _ in held)
     for i in range(40, 80):
         (root / f"new{i}.py").write_text(f"value_{i} = {i * 7919}\n" * 20)
-    train2, held2 = data.split_by_hash(data.pycode_files([str(root)]), 0.25)
+    train2, held2 = corpus.split_by_hash(corpus.pycode_files([str(root)]), 0.25)
     assert set(held) <= set(held2) and set(train) <= set(train2)  # no old file changed sides
     # one file per side at least, even when the fraction would leave a side empty
-    train, held = data.split_by_hash(data.pycode_files([str(root)])[:3], 1e-9)
+    train, held = corpus.split_by_hash(corpus.pycode_files([str(root)])[:3], 1e-9)
     assert len(held) == 1 and len(train) == 2
 
 
@@ -265,8 +266,8 @@ def test_pycode_cache_is_built_once_and_reused(tmp_path, monkeypatch):
 
     def no_rebuild(*args):
         raise AssertionError("the cached corpus was rebuilt")
-    monkeypatch.setattr(data, "_build_tokens", no_rebuild)
-    monkeypatch.setattr(data, "pycode_files", no_rebuild)
+    monkeypatch.setattr(corpus, "_build_tokens", no_rebuild)
+    monkeypatch.setattr(corpus, "pycode_files", no_rebuild)
     second = _pycode(root, tokenizer="bpe", bpe_vocab_size=300, vocab_size=300)
     np.testing.assert_array_equal(second.batch(0, 4, 33), first.batch(0, 4, 33))
     np.testing.assert_array_equal(second.eval_set(4, 33), first.eval_set(4, 33))
@@ -275,9 +276,9 @@ def test_pycode_cache_is_built_once_and_reused(tmp_path, monkeypatch):
 def test_pycode_build_is_atomic(tmp_path, monkeypatch):
     root = _pycode_root(tmp_path / "root")
     reference = _pycode(root)
-    (built,) = os.listdir(data.cache_root())
+    (built,) = os.listdir(corpus.cache_root())
     monkeypatch.setenv("ICL_JAX_CACHE", str(tmp_path / "cache2"))
-    final = os.path.join(data.cache_root(), built)
+    final = os.path.join(corpus.cache_root(), built)
     # a killed build left its folder: half a file, no meta.json; its process is gone
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -287,29 +288,29 @@ def test_pycode_build_is_atomic(tmp_path, monkeypatch):
         os.makedirs(folder)
         pathlib.Path(folder, "train.bin").write_bytes(b"\1\2\3")
     # a build that crashes midway publishes nothing
-    real = data._build_tokens
+    real = corpus._build_tokens
 
     def crash(out, *args):
         pathlib.Path(out, "train.bin").write_bytes(b"half")
         raise KeyboardInterrupt
-    monkeypatch.setattr(data, "_build_tokens", crash)
+    monkeypatch.setattr(corpus, "_build_tokens", crash)
     with pytest.raises(KeyboardInterrupt):
         _pycode(root)
     # the dead builder's folder is cleared, the crashed one's too; the other host's is kept
-    assert os.listdir(data.cache_root()) == [os.path.basename(other_host)]
-    monkeypatch.setattr(data, "_build_tokens", real)
+    assert os.listdir(corpus.cache_root()) == [os.path.basename(other_host)]
+    monkeypatch.setattr(corpus, "_build_tokens", real)
     source = _pycode(root)
     np.testing.assert_array_equal(source.train, reference.train)
-    assert sorted(os.listdir(data.cache_root())) == sorted([built, os.path.basename(other_host)])
+    assert sorted(os.listdir(corpus.cache_root())) == sorted([built, os.path.basename(other_host)])
 
 
 def test_pycode_waits_for_a_live_builder_on_this_host(tmp_path, monkeypatch):
     root = _pycode_root(tmp_path / "root")
     _pycode(root)
-    (built,) = os.listdir(data.cache_root())
+    (built,) = os.listdir(corpus.cache_root())
     monkeypatch.setenv("ICL_JAX_CACHE", str(tmp_path / "cache2"))
     builder = subprocess.Popen(["sleep", "1.5"])  # stands in for a process still building
-    os.makedirs(os.path.join(data.cache_root(), f"{built}.{socket.gethostname()}.{builder.pid}.tmp"))
+    os.makedirs(os.path.join(corpus.cache_root(), f"{built}.{socket.gethostname()}.{builder.pid}.tmp"))
     t = time.perf_counter()
     _pycode(root)
     assert time.perf_counter() - t >= 1.0  # waited for it to end before building itself
@@ -327,11 +328,11 @@ def test_pycode_mistakes(tmp_path):
     (tmp_path / "one" / "a.py").write_text("x = 1\n" * 100)
     with pytest.raises(data.DataError, match="only one distinct .py file"):
         _pycode(tmp_path / "one")
-    assert not os.path.exists(data.cache_root()) or not os.listdir(data.cache_root())
+    assert not os.path.exists(corpus.cache_root()) or not os.listdir(corpus.cache_root())
 
 
 def test_pycode_default_roots_are_the_interpreters_path():
-    roots = data.pycode_roots("")
+    roots = corpus.pycode_roots("")
     assert sysconfig.get_paths()["stdlib"] in roots or os.path.realpath(
         sysconfig.get_paths()["stdlib"]) in map(os.path.realpath, roots)
     assert all(os.path.isabs(r) and os.path.isdir(r) for r in roots)

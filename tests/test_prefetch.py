@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from icl_jax import checkpoints, data, prefetch, train
+from icl_jax import checkpoints, corpus, data, prefetch, train
 
 
 def _prefetch_threads():
@@ -96,14 +96,14 @@ def test_resumed_prefetched_run_equals_a_straight_synchronous_one(tmp_path, monk
 
 def test_an_error_in_the_source_during_training_surfaces_in_the_caller(tmp_path, monkeypatch):
     cfg = _text_config(tmp_path)
-    read = data.TokenSource.batch
+    read = corpus.TokenSource.batch
 
     def failing(self, step, *args, **kwargs):
         if step == 7:
             raise data.DataError("data.path tokens.npy: read error at step 7")
         return read(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(data.TokenSource, "batch", failing)
+    monkeypatch.setattr(corpus.TokenSource, "batch", failing)
     with pytest.raises(data.DataError, match="read error at step 7"):
         train.train_and_evaluate(cfg, str(tmp_path / "run"), progress=False)
     # the steps before it ran and were saved as usual
