@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_jax.model import loss_by_position, make_model
+from icl_jax.model import make_model
 from icl_jax.scores import STACKING, default_stacking
 
 SAMPLERS = ("sgld", "rmsprop_sgld")

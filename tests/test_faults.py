@@ -1,7 +1,6 @@
 """Fault injection: a run killed with SIGKILL at random moments, restarted each time,
 ends bit for bit where an uninterrupted run ends (CPU, same config and seed)."""
 import glob
-import json
 import os
 import signal
 import subprocess

@@ -5,9 +5,7 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from icl_jax import checkpoints, cli, data, flops, scores, train, workdir
