@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 
@@ -544,6 +545,63 @@ def _record(name, run, s, ablation) -> dict:
     }
 
 
+# the modules whose code decides a snapshot's scores: an edit to any of them rescores
+SCORING_CODE = ("scores", "model", "data", "corpus", "llc")
+# what a saved scores.json keeps per snapshot (the rest, phase change and induction heads,
+# is derived again by _record with the code as it stands)
+_PER_SNAPSHOT = ("icl_score", "icl_se", "icl_by_example", "loss_by_position", "prefix_matching",
+                 "previous_token", "copying", "copying_empirical", "ablation_icl",
+                 "per_token_loss", "llc", "llc_std", "llc_loss_trace")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    import hashlib
+    import importlib
+    h = hashlib.sha256()
+    for name in SCORING_CODE:
+        h.update(pathlib.Path(importlib.import_module(f"icl_jax.{name}").__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def scoring_key(run: checkpoints.Run, ablation: str, llc: bool) -> str:
+    """A digest of everything a run's scores follow from: its snapshots' steps, its whole
+    config, the ablation kind, whether the LLC is estimated, and the scoring code."""
+    import hashlib
+    what = json.dumps({"steps": [int(s) for s in run.steps], "config": run.config.to_dict(),
+                       "ablation": ablation, "llc": bool(llc), "code": _code_digest()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(what.encode()).hexdigest()[:24]
+
+
+def saved_scores(path, key: str) -> dict | None:
+    """The per-snapshot scores of a scores.json written under the same scoring_key (numeric
+    series as numpy arrays), or None: no file, an unreadable one, or other settings."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return _per_snapshot(saved) if saved.get("scored_with") == key else None
+
+
+def _per_snapshot(saved: dict) -> dict:
+    """Per-snapshot scores as saved (lists, rounded, None for non-finite) -> numpy arrays."""
+    per = {k: (np.asarray(v, dtype=float) if k in _PER_SNAPSHOT else v) for k, v in saved.items()}
+    per["steps"], per["tokens"] = np.asarray(saved["steps"]), np.asarray(saved["tokens"])
+    return per
+
+
+def last_snapshot(run: checkpoints.Run, step: int) -> LastSnapshot:
+    """The LastSnapshot score_run would have kept, for a run whose scores are reused: its
+    params, the evaluation inputs and the attention on the first probe sequence."""
+    source = data_lib.make_source(run.config, run.workdir)
+    inputs = scores.evaluation_inputs(run.config, source)
+    params = run.params(step)
+    _, cache = run.model.apply({"params": params}, inputs["probe_BT"])
+    return LastSnapshot(run, step, params, inputs, np.asarray(cache["attention"][0]))
+
+
 def shared_pca(runs: dict) -> dict:
     """One PCA over every snapshot's per-token losses of every run, and each run's trajectory
     in it (with its turn at the phase change); none if the runs' vectors differ in length."""
@@ -562,9 +620,14 @@ def shared_pca(runs: dict) -> dict:
 
 
 def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = True,
-            ablation: str = "pattern", llc=False) -> dict:
+            ablation: str = "pattern", llc=False, rescore: bool = False) -> dict:
     """Scores every snapshot of every run and writes scores.json and pca.json; the figures
     and report.html are report.write_report's, from what this returns.
+
+    A run whose scores.json was written under the same scoring_key (same snapshots, config,
+    ablation, LLC or not, and scoring code) is not scored again: its per-snapshot scores are
+    read back (the phase change and induction heads derived again) and only its last
+    snapshot is restored, for the figures. rescore: score every run regardless.
 
     One run: everything goes to `out` (default <workdir>/analysis). Several runs: each
     run's files go to out/<run name>/ and the shared PCA and report to `out` (default
@@ -587,9 +650,20 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     runs, last = {}, {}
     for name, run in opened.items():
         with_llc = llc is True or (bool(llc) and name in llc)
-        per, last[name] = score_run(run, chunk, ablation, progress, llc=with_llc)
-        runs[name] = _jsonable(_record(name, run, per, ablation))
         run_dir = workdir_lib.path(out) if single else workdir_lib.path(out) / name
+        key = scoring_key(run, ablation, with_llc)
+        per = None if rescore else saved_scores(run_dir / "scores.json", key)
+        if per is not None:
+            last[name] = last_snapshot(run, int(per["steps"][-1]))
+            if progress:
+                print(f"scoring {run.workdir}: reusing {run_dir / 'scores.json'} (same "
+                      f"{len(per['steps'])} snapshots, config, ablation and scoring code; "
+                      "--rescore scores again)", file=sys.stderr, flush=True)
+        else:
+            per, last[name] = score_run(run, chunk, ablation, progress, llc=with_llc)
+            # derived from the numbers as saved, so that a reuse derives the same
+            per = _per_snapshot(_jsonable(per))
+        runs[name] = _jsonable({**_record(name, run, per, ablation), "scored_with": key})
         workdir_lib.write_text(run_dir / "scores.json", json.dumps(runs[name]))
     pca = shared_pca(runs)
     workdir_lib.write_text(workdir_lib.path(out) / "pca.json", json.dumps(_jsonable(pca)))

@@ -66,6 +66,9 @@ def build_parser():
     p.add_argument("--llc", action="store_true",
                    help="also estimate the local learning coefficient of every snapshot "
                         "(SGLD chains; the config's llc section; minutes on a CPU)")
+    p.add_argument("--rescore", action="store_true",
+                   help="score every snapshot again, even where a scores.json written with "
+                        "the same snapshots, config and scoring code could be reused")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("claims", help="the paper's claims from analyses saved on disk (members "
@@ -185,7 +188,8 @@ def cmd_analyze(args, overrides):
               file=sys.stderr)
         return 2
     result = analysis.analyze(args.workdir, out=args.out, chunk=args.chunk,
-                              ablation=args.ablation, progress=not args.quiet, llc=args.llc)
+                              ablation=args.ablation, progress=not args.quiet, llc=args.llc,
+                              rescore=args.rescore)
     from icl_jax import report
     report.write_report(result, progress=not args.quiet)
     for row in analysis.headline(result):

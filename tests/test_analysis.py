@@ -84,6 +84,35 @@ def test_the_kept_last_snapshot_is_the_runs_newest(trained_2l):
     np.testing.assert_allclose(last.probe_attention_LHTS, attention_BLHTS[0], atol=1e-6)
 
 
+def test_analyze_reuses_scores_saved_under_the_same_settings(trained_2l, tmp_path, monkeypatch):
+    """A second analyze of an unchanged run reads its scores.json back instead of scoring
+    again, and gives what scoring gives; another ablation, other scoring code or --rescore
+    score again."""
+    _, workdir = trained_2l
+    first = analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False)
+    calls = []
+    score_run = analysis.score_run
+    monkeypatch.setattr(analysis, "score_run", lambda *a, **k: calls.append(1) or score_run(*a, **k))
+
+    again = analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False)
+    assert calls == []
+    assert json.dumps(again["runs"]) == json.dumps(first["runs"])
+    assert again["pca"] == first["pca"]
+    a, b = first["last"]["2l"], again["last"]["2l"]
+    assert a.step == b.step
+    np.testing.assert_allclose(b.probe_attention_LHTS, a.probe_attention_LHTS, atol=1e-6)
+    report.write_report(again, progress=False)  # the figures need nothing more
+
+    analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False, ablation="zero")
+    assert len(calls) == 1
+    monkeypatch.setattr(analysis, "_code_digest", lambda: "edited scores.py")
+    analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False, ablation="zero")
+    assert len(calls) == 2
+    analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False, ablation="zero",
+                     rescore=True)
+    assert len(calls) == 3
+
+
 def test_notebook_example_in_docs_runs(trained_2l, monkeypatch):
     root, _ = trained_2l
     text = (ROOT / "README.md").read_text()
