@@ -347,11 +347,17 @@ class LastSnapshot:
     probe_attention_LHTS: np.ndarray
 
 
-def open_run(workdir: str) -> checkpoints.Run:
-    """The run in `workdir`; FileNotFoundError naming it if it holds no run or no snapshot."""
+def open_run(workdir: str, measure: dict | None = None) -> checkpoints.Run:
+    """The run in `workdir`; FileNotFoundError naming it if it holds no run or no snapshot.
+    measure: overrides of its eval and llc fields ({"eval.n_examples": 1024}) to measure it
+    with (config.MEASUREMENT; ConfigError for any other field)."""
+    from icl_jax import config as config_lib
+    measure = config_lib.measurement_overrides(measure)
     run = checkpoints.Run(workdir)
     if not run.steps:
         raise FileNotFoundError(f"{workdir!r} has no snapshots yet")
+    if measure:
+        run.config = config_lib.with_overrides(run.config, measure)
     return run
 
 
@@ -620,7 +626,8 @@ def shared_pca(runs: dict) -> dict:
 
 
 def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = True,
-            ablation: str = "pattern", llc=False, rescore: bool = False) -> dict:
+            ablation: str = "pattern", llc=False, rescore: bool = False,
+            measure: dict | None = None) -> dict:
     """Scores every snapshot of every run and writes scores.json and pca.json; the figures
     and report.html are report.write_report's, from what this returns.
 
@@ -628,6 +635,8 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     ablation, LLC or not, and scoring code) is not scored again: its per-snapshot scores are
     read back (the phase change and induction heads derived again) and only its last
     snapshot is restored, for the figures. rescore: score every run regardless.
+    measure: eval and llc overrides every run is measured with instead of its saved values
+    (more evaluation examples for a less noisy ICL score, for example); see open_run.
 
     One run: everything goes to `out` (default <workdir>/analysis). Several runs: each
     run's files go to out/<run name>/ and the shared PCA and report to `out` (default
@@ -646,7 +655,7 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
         out = (str(workdir_lib.path(workdirs[0]) / "analysis") if single else
                os.path.join(os.path.commonpath([workdir_lib.absolute(w) for w in workdirs]),
                             "analysis"))
-    opened = {name: open_run(w) for name, w in zip(names, workdirs)}  # fail fast on all
+    opened = {name: open_run(w, measure) for name, w in zip(names, workdirs)}  # fail fast
     runs, last = {}, {}
     for name, run in opened.items():
         with_llc = llc is True or (bool(llc) and name in llc)

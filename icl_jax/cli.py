@@ -55,7 +55,10 @@ def build_parser():
                                       "(object storage; a local lock frees itself)")
     p.add_argument("--workdir", required=True)
 
-    p = sub.add_parser("analyze", help="score every snapshot; phase change, PCA, figures, report")
+    p = sub.add_parser("analyze", help="score every snapshot; phase change, PCA, figures, report",
+                       epilog="Overrides of the eval and llc fields (--config.eval.n_examples="
+                              "1024) measure the runs with other values than they were trained "
+                              "with; no other field can change.")
     p.add_argument("--workdir", required=True, nargs="+", help="one or more training runs")
     p.add_argument("--out", default=None,
                    help="output folder (default: <workdir>/analysis, or <common parent>/analysis)")
@@ -189,7 +192,7 @@ def cmd_analyze(args, overrides):
         return 2
     result = analysis.analyze(args.workdir, out=args.out, chunk=args.chunk,
                               ablation=args.ablation, progress=not args.quiet, llc=args.llc,
-                              rescore=args.rescore)
+                              rescore=args.rescore, measure=overrides)
     from icl_jax import report
     report.write_report(result, progress=not args.quiet)
     for row in analysis.headline(result):

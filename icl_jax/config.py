@@ -85,6 +85,28 @@ ENSEMBLE_FREE = ("seed", "train.lr", "train.weight_decay", "train.weight_decay_a
                  "llc.")
 
 
+# Sections that say how a run is measured, not which run it is: nothing in them reaches the
+# parameters (the trainer's evaluations only log), so a finished or resumed run may be
+# measured with other values, and `analyze` may override them (--config.eval.n_examples=...).
+MEASUREMENT = ("eval", "llc")
+
+
+def run_identity(d: dict) -> dict:
+    """A config dict without its MEASUREMENT sections: what decides a run's parameters."""
+    return {k: v for k, v in d.items() if k not in MEASUREMENT}
+
+
+def measurement_overrides(overrides: dict | None) -> dict:
+    """`overrides` if each names a MEASUREMENT field; ConfigError naming the first that does
+    not (it would change the run itself, which analysing cannot)."""
+    for key in overrides or {}:
+        if key.split(".")[0] not in MEASUREMENT:
+            raise ConfigError(f"--config.{key}: analysing a run can change only how it is "
+                              f"measured ({', '.join(s + '.*' for s in MEASUREMENT)}); "
+                              f"{key} would make it another run: train one")
+    return dict(overrides or {})
+
+
 def ensemble_free(field: str) -> bool:
     return field in ENSEMBLE_FREE or field.startswith(
         tuple(f for f in ENSEMBLE_FREE if f.endswith(".")))

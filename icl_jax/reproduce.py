@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from icl_jax import analysis, claims, report, sweep, train
+from icl_jax import analysis, claims, config as config_lib, report, sweep, train
 from icl_jax.config import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -97,6 +97,11 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     spec, texts = sweep_file(profile), _overrides(seed, overrides)
     members = sweep.resolve(spec, workdir, texts)  # config errors first
     names = [m.name for m in members]
+    # measured as the profile says now: finished members keep the eval and llc values they
+    # were trained with in their folders (config.MEASUREMENT), which may be older
+    measure = [config_lib.flatten({k: m.config[k].to_dict() for k in config_lib.MEASUREMENT})
+               for m in members]
+    measure = measure[0] if all(x == measure[0] for x in measure) else None
     warning = scale_warning({m.name: m.config for m in members}, jax.devices()[0].platform)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -114,7 +119,7 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     t_analysis = time.time()
     result = analysis.analyze([os.path.join(workdir, n) for n in names], out=workdir,
                               progress=progress,
-                              llc={"1l", "2l"} if llc else False)
+                              llc={"1l", "2l"} if llc else False, measure=measure)
     rows, found = claims.check_claims(result)
     text = claims.results_markdown(rows, found, profile, train_seconds,
                                    time.time() - t_analysis)

@@ -207,7 +207,8 @@ def extends(saved: dict, new: dict) -> bool:
         return {**c, "train": {k: v for k, v in c["train"].items() if k != "steps"}}
     return (new["train"]["steps"] > saved["train"].get("steps", 0)
             and new["train"]["schedule"] != "cosine"
-            and not workdir_lib.config_diff(without_steps(saved), without_steps(new)))
+            and not workdir_lib.config_diff(without_steps(config_lib.run_identity(saved)),
+                                            without_steps(config_lib.run_identity(new))))
 
 
 def prepare_workdir(config, workdir, overwrite: bool):
@@ -220,7 +221,10 @@ def prepare_workdir(config, workdir, overwrite: bool):
     if workdir_lib.has_run(workdir) and not overwrite:
         saved = config_lib.upgrade(workdir_lib.read_config_dict(workdir))
         new = json.loads(text)
-        changed = workdir_lib.config_diff(saved, new)
+        # a run measured with other eval or llc values is the same run (config.MEASUREMENT):
+        # the new values are written below, for the analysis
+        changed = workdir_lib.config_diff(config_lib.run_identity(saved),
+                                          config_lib.run_identity(new))
         if changed and extends(saved, new):
             changed = []  # training longer: the snapshots so far are the same run's
         if changed:

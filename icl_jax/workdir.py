@@ -232,7 +232,8 @@ def newest_snapshot(workdir):
 
 
 def is_finished(workdir, config) -> bool:
-    """The newest snapshot is the config's last step, and the workdir holds this config."""
+    """The newest snapshot is the config's last step, and the workdir holds this config's
+    run (its measurement sections aside)."""
     from icl_jax import config as config_lib  # jax-free
     if newest_snapshot(workdir) != config.train.steps:
         return False
@@ -240,7 +241,8 @@ def is_finished(workdir, config) -> bool:
         saved = config_lib.upgrade(read_config_dict(workdir))
     except (OSError, ValueError):
         return False
-    return saved == json.loads(config.to_json())
+    # the run is finished whatever it is measured with (config.MEASUREMENT)
+    return config_lib.run_identity(saved) == config_lib.run_identity(json.loads(config.to_json()))
 
 
 # ----------------------------------------------------------------------------- the lock

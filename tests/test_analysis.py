@@ -113,6 +113,25 @@ def test_analyze_reuses_scores_saved_under_the_same_settings(trained_2l, tmp_pat
     assert len(calls) == 3
 
 
+def test_analyze_measures_with_overridden_eval_fields_only(trained_2l, tmp_path, capsys):
+    """--config.eval.n_examples scores a finished run on more examples than it was trained
+    with (its saved config untouched); a field that would change the run is refused first."""
+    from icl_jax import config as config_lib, workdir as workdir_lib
+    _, workdir = trained_2l
+    saved = workdir_lib.read_config_dict(str(workdir))
+    result = analysis.analyze([str(workdir)], out=str(tmp_path), chunk=8, progress=False,
+                              measure={"eval.n_examples": 24})
+    run = result["runs"]["2l"]
+    assert saved["eval"]["n_examples"] != 24
+    assert np.asarray(run["icl_by_example"]).shape == (len(run["steps"]), 24)
+    assert workdir_lib.read_config_dict(str(workdir)) == saved
+    with pytest.raises(config_lib.ConfigError, match="model.d_model.*another run"):
+        analysis.analyze([str(workdir)], out=str(tmp_path), measure={"model.d_model": 16})
+    assert cli.main(["analyze", "--workdir", str(workdir), "--out", str(tmp_path / "x"),
+                     "--config.train.lr=1e-3"]) == 2
+    assert "train.lr" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_notebook_example_in_docs_runs(trained_2l, monkeypatch):
     root, _ = trained_2l
     text = (ROOT / "README.md").read_text()

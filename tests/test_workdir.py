@@ -69,6 +69,21 @@ def test_is_finished_needs_the_last_step_and_the_same_config(tmp_path):
     (workdir.snapshots_dir(w) / str(cfg.train.steps)).mkdir()
     assert workdir.is_finished(w, cfg)
     assert not workdir.is_finished(w, tiny_config(**{"train.lr": 3e-3}))
+    # how a run is measured is not which run it is (config.MEASUREMENT)
+    assert workdir.is_finished(w, tiny_config(**{"eval.n_examples": 1024, "llc.chains": 2}))
+
+
+def test_a_run_resumes_under_other_eval_values_and_keeps_them(tmp_path):
+    from icl_jax import train
+    w, cfg = str(tmp_path), tiny_config()
+    train.prepare_workdir(cfg, w, overwrite=False)
+    (workdir.snapshots_dir(w) / "4").mkdir(parents=True)  # a run there now
+    more = tiny_config(**{"eval.n_examples": 96})
+    train.prepare_workdir(more, w, overwrite=False)
+    assert workdir.read_config_dict(w)["eval"]["n_examples"] == 96
+    with pytest.raises(train.TrainingError, match="different config.*d_model"):
+        train.prepare_workdir(tiny_config(**{"model.d_model": 48, "eval.n_examples": 8}), w,
+                              overwrite=False)
 
 
 def test_clear_run_removes_snapshots_and_metrics(tmp_path):
