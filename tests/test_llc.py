@@ -342,3 +342,38 @@ def test_analyze_llc_adds_every_snapshots_estimate_and_a_figure(tmp_path):
     assert cli.build_parser().parse_args(["analyze", "--workdir", "w", "--llc"]).llc
     no_llc = analysis.analyze([str(workdir)], out=str(tmp_path / "b"), progress=False)
     assert "llc" not in no_llc["runs"]["2l"]
+
+
+def test_llc_of_chosen_snapshots_matches_analyze(tmp_path, capsys):
+    """launch/llc_steps.py: the LLC of two chosen snapshots equals what analyze --llc finds
+    at those steps (same batches and noise per snapshot), under the same --config.llc.*
+    overrides; a step with no snapshot is refused by name, before any sampling."""
+    import importlib.util
+    import json
+    import os
+    from conftest import ROOT, tiny_config
+    from icl_jax import analysis, train
+    spec = importlib.util.spec_from_file_location(
+        "llc_steps", os.path.join(ROOT, "launch", "llc_steps.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = tiny_config("layers=1", **{"llc.draws": 4, "llc.examples": 64,
+                                        "llc.batch_size": 8})
+    workdir = tmp_path / "1l"
+    train.train_and_evaluate(config, str(workdir), progress=False)
+    result = analysis.analyze([str(workdir)], out=str(tmp_path / "a"), progress=False,
+                              llc=True, measure={"llc.chains": 2})
+    run = result["runs"]["1l"]
+    chosen = [run["steps"][1], run["steps"][-1]]
+    out = tmp_path / "llc.json"
+    assert script.main(["--workdir", str(workdir), "--steps", ",".join(map(str, chosen)),
+                        "--out", str(out), "--config.llc.chains=2",
+                        "--scores", str(tmp_path / "a" / "scores.json"),
+                        "--plot", str(tmp_path / "llc.png")]) == 0
+    got = json.loads(out.read_text())
+    want = [run["llc"][run["steps"].index(s)] for s in chosen]
+    np.testing.assert_allclose(got["llc"], want, rtol=1e-3, atol=1e-4)
+    assert (tmp_path / "llc.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        script.main(["--workdir", str(workdir), "--steps", "7777", "--out", str(out)])
+    assert "no snapshot at step(s) [7777]" in capsys.readouterr().err
