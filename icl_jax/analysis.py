@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -551,8 +552,9 @@ def _record(name, run, s, ablation) -> dict:
     }
 
 
-# the modules whose code decides a snapshot's scores: an edit to any of them rescores
-SCORING_CODE = ("scores", "model", "data", "corpus", "llc")
+# the modules whose code decides a snapshot's scores (this one too: scorer, score_run): an
+# edit to any of them rescores
+SCORING_CODE = ("analysis", "scores", "model", "data", "corpus", "llc")
 # what a saved scores.json keeps per snapshot (the rest, phase change and induction heads,
 # is derived again by _record with the code as it stands)
 _PER_SNAPSHOT = ("icl_score", "icl_se", "icl_by_example", "loss_by_position", "prefix_matching",
@@ -562,7 +564,6 @@ _PER_SNAPSHOT = ("icl_score", "icl_se", "icl_by_example", "loss_by_position", "p
 
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
-    import hashlib
     import importlib
     h = hashlib.sha256()
     for name in SCORING_CODE:
@@ -573,7 +574,6 @@ def _code_digest() -> str:
 def scoring_key(run: checkpoints.Run, ablation: str, llc: bool) -> str:
     """A digest of everything a run's scores follow from: its snapshots' steps, its whole
     config, the ablation kind, whether the LLC is estimated, and the scoring code."""
-    import hashlib
     what = json.dumps({"steps": [int(s) for s in run.steps], "config": run.config.to_dict(),
                        "ablation": ablation, "llc": bool(llc), "code": _code_digest()},
                       sort_keys=True, default=str)
@@ -604,7 +604,7 @@ def last_snapshot(run: checkpoints.Run, step: int) -> LastSnapshot:
     source = data_lib.make_source(run.config, run.workdir)
     inputs = scores.evaluation_inputs(run.config, source)
     params = run.params(step)
-    _, cache = run.model.apply({"params": params}, inputs["probe_BT"])
+    _, cache = run.model.apply({"params": params}, inputs["probe_BT"][:1])  # the figure's one
     return LastSnapshot(run, step, params, inputs, np.asarray(cache["attention"][0]))
 
 

@@ -6,7 +6,7 @@ import sys
 
 DEFAULT_CONFIG = "configs/small.py"
 
-def _split_overrides(argv):
+def split_overrides(argv):
     """Pulls '--config.a.b=v' and '--config.a.b v' out of argv."""
     rest, overrides = [], {}
     i = 0
@@ -265,7 +265,7 @@ COMMANDS = {"unlock": cmd_unlock, "train": cmd_train, "analyze": cmd_analyze,
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    rest, overrides = _split_overrides(argv)
+    rest, overrides = split_overrides(argv)
     args = build_parser().parse_args(rest)
     from icl_jax import distributed
     from icl_jax.config import ConfigError

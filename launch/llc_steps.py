@@ -5,7 +5,8 @@ about a minute at 2 chains x 100 draws.
   python launch/llc_steps.py --workdir runs/2l --steps 0,500,1000,2000,3000,5000 \
       --out llc.json [--scores runs/2l/analysis/scores.json --plot llc.png] [--config.llc.chains=2]
 
-Overrides of the llc section (--config.llc.*) apply as `analyze` takes them. With --scores
+Overrides of the llc section (--config.llc.*) apply as `analyze` takes them (any field
+outside eval and llc is refused). With --scores
 (an analysis' scores.json of the same run) the figure puts the ICL score and its phase
 change beside the LLC, as the report does.
 """
@@ -15,22 +16,20 @@ import sys
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = {a[len("--config."):].split("=", 1)[0]: a.split("=", 1)[1]
-                 for a in argv if a.startswith("--config.") and "=" in a}
+    from icl_jax import cli
+    rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", required=True, help="comma-separated snapshot steps")
     p.add_argument("--out", required=True, help="a JSON file for the estimates")
     p.add_argument("--scores", help="the run's scores.json, for the ICL score in the figure")
     p.add_argument("--plot", help="a PNG of the LLC beside the ICL score (needs --scores)")
-    args = p.parse_args([a for a in argv if not a.startswith("--config.")])
+    args = p.parse_args(rest)
     if args.plot and not args.scores:
         p.error("--plot needs --scores (the ICL score it is drawn beside)")
 
     from icl_jax import analysis, data as data_lib, llc as llc_lib
-    run = analysis.open_run(args.workdir, {k: v for k, v in overrides.items()
-                                           if k.startswith("llc.")} or None)
+    run = analysis.open_run(args.workdir, overrides)  # eval.* and llc.* only
     try:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
     except ValueError:

@@ -57,7 +57,7 @@ import sys
 from icl_jax import cli, sweep
 from icl_jax.config import ConfigError
 spec, workdir, members, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-_, overrides = cli._split_overrides(extra)
+_, overrides = cli.split_overrides(extra)
 try:
     chosen = sweep.resolve(spec, workdir, overrides, [m for m in members.split(",") if m] or None)
 except ConfigError as e:
