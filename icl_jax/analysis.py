@@ -525,6 +525,14 @@ def _run_names(workdirs):
     return names
 
 
+def phase_change_of(scores: dict) -> dict:
+    """detect_phase_change on a run's scores (as score_run returns them or scores.json holds
+    them): the one place the rule is fed, for fresh analyses and saved ones alike."""
+    return detect_phase_change(scores["steps"], scores["icl_score"], scores["tokens"],
+                               icl_se=scores.get("icl_se"),
+                               icl_by_example=scores.get("icl_by_example"))
+
+
 def _record(name, run, s, ablation) -> dict:
     """What scores.json holds for one run."""
     e = run.config.eval
@@ -543,9 +551,7 @@ def _record(name, run, s, ablation) -> dict:
         "per_token_loss": s["per_token_loss"],
         **{k: s[k] for k in ("llc", "llc_std", "llc_loss_trace", "llc_diverged",
                              "llc_messages") if k in s},
-        "phase_change": detect_phase_change(s["steps"], s["icl_score"], s["tokens"],
-                                            icl_se=s["icl_se"],
-                                            icl_by_example=s["icl_by_example"]),
+        "phase_change": phase_change_of(s),
         "induction_heads": induction_heads(s["prefix_matching"][-1], s["copying"][-1],
                                            e.induction_prefix_threshold,
                                            e.induction_copying_threshold),

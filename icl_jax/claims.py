@@ -539,9 +539,7 @@ def load_saved(folders) -> dict:
                 raise FileNotFoundError(f"no run folder (config.json) for {name}: looked in "
                                         f"{', '.join(h for h in homes if h)}")
             run.update(workdir=os.path.normpath(home), scores_file=path)
-            run["phase_change"] = analysis.detect_phase_change(
-                run["steps"], run["icl_score"], run["tokens"], icl_se=run.get("icl_se"),
-                icl_by_example=run.get("icl_by_example"))
+            run["phase_change"] = analysis.phase_change_of(run)
             runs[name] = run
     if not runs:
         raise FileNotFoundError(f"no <member>/scores.json of {', '.join(FAMILY)} in "
