@@ -13,8 +13,14 @@ EVAL_KEY, TABLE_KEY, FREQ_KEY = 2**32 - 1, 2**32 - 2, 2**32 - 3
 NAMES = ("synthetic", "pystdlib", "pycode", "files")
 # markov: token t depends on token t-1; lag2: on token t-2, which pays a head that
 # attends to the previous token from the next position (the first half of induction);
-# mixed: each sequence markov or lag2, half and half (placement "uniform" only)
-BACKGROUNDS = ("uniform", "markov", "lag2", "mixed")
+# mixed: each sequence markov or lag2, half and half (placement "uniform" only);
+# copy2: token t repeats token t-2 (probability COPY2_PROB) or else follows token t-1 as in
+# markov (placement "uniform" only). Its previous-token reward is the token itself, which
+# no MLP can precompute better than the embedding: a layer-0 previous-token head serves it
+# as well as a layer-1 one in models with MLPs too (lag2's lookup goes to a layer-1 head
+# reading the layer-0 MLP's output; docs/claims-notes.md)
+BACKGROUNDS = ("uniform", "markov", "lag2", "mixed", "copy2")
+COPY2_PROB = 0.5
 ATTEMPTS = 8  # placements tried per segment before a row goes without it
 # fields a config may omit; the values match configs/small.py
 _DEFAULTS = dict(name="synthetic", background="uniform", markov_branching=4, segments_min=1,
@@ -104,14 +110,17 @@ def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag
     return x, pasted
 
 
-def _background(rng, x, pasted, vocab, table, lag):
+def _background(rng, x, pasted, vocab, table, lag, copy_prob=0.0):
     """Fills the positions not pasted, in order, with the background process, so that the
     background's rule holds at every position whose predecessor it depends on was drawn by it
-    or pasted: only pasted tokens break it."""
+    or pasted: only pasted tokens break it. copy_prob > 0 (copy2, lag 1): from position 2 on,
+    each token repeats the token two back with that probability instead."""
     n, seq_len = x.shape
     if table is None:
         return np.where(pasted, x, rng.integers(0, vocab, x.shape, dtype=np.int32))
     choice = rng.integers(0, table.shape[1], x.shape)
+    # drawn only for copy2: the other backgrounds' streams stay as they were
+    copy = rng.random(x.shape) < copy_prob if copy_prob else np.zeros(x.shape, bool)
     # lag 0: "mixed", each row's lag 1 or 2 (drawn only then: other rows' streams unchanged)
     lags = np.full(n, lag) if lag else rng.integers(1, 3, n)
     first = rng.integers(0, vocab, (n, int(lags.max())), dtype=np.int32)
@@ -119,11 +128,14 @@ def _background(rng, x, pasted, vocab, table, lag):
     for t in range(seq_len):
         prev = x[rows, np.maximum(t - lags, 0)]
         bg = np.where(t < lags, first[:, min(t, first.shape[1] - 1)], table[prev, choice[:, t]])
+        if t >= 2:
+            bg = np.where(copy[:, t], x[:, t - 2], bg)
         x[:, t] = np.where(pasted[:, t], x[:, t], bg)
     return x
 
 
-def _uniform_segments(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1):
+def _uniform_segments(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1,
+                      copy_prob=0.0):
     """(tokens int32 [n, seq_len], bool mask of pasted positions): fresh random strings, each
     written twice, at two starts drawn independently and uniformly from [-(length - 1),
     seq_len - 1] (the earlier one is the source; either may run over an edge of the context).
@@ -156,14 +168,15 @@ def _uniform_segments(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag
             inside = (p >= 0) & (p < seq_len)
             x[r[inside], p[inside]] = new[r[inside], jj[inside]]
             pasted[r[inside], p[inside]] = True
-    return _background(rng, x, pasted, vocab, table, lag), pasted
+    return _background(rng, x, pasted, vocab, table, lag, copy_prob), pasted
 
 
 PLACEMENTS = ("uniform", "after")
 
 
 class SyntheticSource(Source):
-    """A uniform or sparse-Markov background with segments pasted again later in the sequence."""
+    """A uniform, sparse-Markov (markov, lag2, mixed) or copy2 background with segments pasted
+    again later in the sequence."""
     name = "synthetic"
 
     def __init__(self, vocab_size, seed, background="uniform", markov_branching=4, segments_min=1,
@@ -185,12 +198,13 @@ class SyntheticSource(Source):
         self.table = _markov_table(self.vocab_size, int(markov_branching), self.seed) \
             if background != "uniform" else None
         self.lag = {"lag2": 2, "mixed": 0}.get(background, 1)
+        self.copy_prob = COPY2_PROB if background == "copy2" else 0.0
         _need(0 <= fresh_fraction <= 1, f"data.fresh_fraction must be in [0, 1], got {fresh_fraction}")
         self.fresh_fraction = float(fresh_fraction)
         _need(placement in PLACEMENTS,
               f"unknown data.placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
-        _need(background != "mixed" or placement == "uniform",
-              "data.background 'mixed' needs data.placement 'uniform'")
+        _need(background not in ("mixed", "copy2") or placement == "uniform",
+              f"data.background {background!r} needs data.placement 'uniform'")
         self.placement = placement
         self._check(self.seq_len)
 
@@ -203,7 +217,7 @@ class SyntheticSource(Source):
         self._check(seq_len)
         if self.placement == "uniform":
             return _uniform_segments(rng, n, seq_len, self.vocab_size, self.table,
-                                     *self.segments, lag=self.lag)[0]
+                                     *self.segments, lag=self.lag, copy_prob=self.copy_prob)[0]
         return _synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments,
                                  lag=self.lag, fresh_fraction=self.fresh_fraction)[0]
 

@@ -58,12 +58,16 @@ class DeviceSynthetic:
                                                          source.lag, source.seed)
         self.smin, self.smax, self.lmin, self.lmax = source.segments
         self.table = source.table  # None: the uniform background
+        self.copy_prob = float(source.copy_prob)
         # both fills make the same tokens from the same draws: the parallel one suits an
-        # accelerator (a loop of seq_len tiny steps would be launch-bound), the scan a CPU
+        # accelerator (a loop of seq_len tiny steps would be launch-bound), the scan a CPU.
+        # copy2 reads two tokens back, a map of pairs the parallel fill does not compose:
+        # it takes the scan everywhere
         if parallel_fill is None:
             parallel_fill = jax.default_backend() != "cpu"
-        self.parallel_fill = parallel_fill and self.seq_len * self.vocab <= PARALLEL_FILL_MAX
-        self.shape = (self.vocab, self.seq_len, self.lag, *source.segments,
+        self.parallel_fill = (parallel_fill and self.seq_len * self.vocab <= PARALLEL_FILL_MAX
+                              and not self.copy_prob)
+        self.shape = (self.vocab, self.seq_len, self.lag, self.copy_prob, *source.segments,
                       None if self.table is None else self.table.shape)
 
     def inputs(self) -> dict:
@@ -93,14 +97,18 @@ class DeviceSynthetic:
         # one draw of random words per row, cut into every choice below: each jax.random call
         # is a separate threefry in the program, and XLA's compile time grows with their number
         T, V, lag, n, lmax = self.seq_len, self.vocab, self.lag, data_lib.ATTEMPTS, self.lmax
-        sizes = [1] + [n, n, n, lmax] * self.smax + [T, lag]
+        # copy2's extra words only for copy2: the other backgrounds' draws stay as they were
+        sizes = [1] + [n, n, n, lmax] * self.smax + [T, lag] + [T] * bool(self.copy_prob)
         words = jnp.split(jax.random.bits(key, (sum(sizes),), jnp.uint32),
                           np.cumsum(sizes)[:-1])
-        x, pasted = self._segments(words[0][0], words[1:-2])
-        bg, first = words[-2:]
+        x, pasted = self._segments(words[0][0], words[1:1 + 4 * self.smax])
+        bg, first, *copy = words[1 + 4 * self.smax:]
         if self.table is None:
             return jnp.where(pasted, x, _below(bg, V)), pasted
         choice, first = _below(bg, table.shape[1]), _below(first, V)
+        if self.copy_prob:  # copy2: which tokens repeat the token two back
+            copy = copy[0] < jnp.uint32(min(round(self.copy_prob * 2**32), 2**32 - 1))
+            return self._fill_scan(x, pasted, table, choice, first, copy), pasted
         fill = self._fill_parallel if self.parallel_fill else self._fill_scan
         return fill(x, pasted, table, choice, first), pasted
 
@@ -150,18 +158,24 @@ class DeviceSynthetic:
         composed = jax.lax.associative_scan(then, maps, axis=0)
         return composed[..., 0].reshape(-1)[:T]
 
-    def _fill_scan(self, x, pasted, table, choice, first):
-        """The same fill, one position after another (large vocabulary x context)."""
+    def _fill_scan(self, x, pasted, table, choice, first, copy=None):
+        """The same fill, one position after another (large vocabulary x context; copy2,
+        whose token t repeats token t-2 where `copy` is set, from position 2 on)."""
         lag = self.lag
+        back = 2 if copy is not None else lag  # tokens the carry keeps
 
-        def body(prev, t):  # prev[0]: the token `lag` places back
-            bg = jnp.where(t < lag, first[jnp.minimum(t, lag - 1)], table[prev[0], choice[t]])
+        def body(prev, t):  # prev[-k]: the token k places back
+            bg = jnp.where(t < lag, first[jnp.minimum(t, lag - 1)], table[prev[-lag], choice[t]])
+            if copy is not None:
+                bg = jnp.where(copy[t] & (t >= 2), prev[-2], bg)
             v = jnp.where(pasted[t], x[t], bg)
             return jnp.concatenate([prev[1:], v[None]]), v
 
-        # the carry starts as `first` (unread: t < lag takes first itself) so that it varies
-        # over the devices as the tokens do, which shard_map's scan requires
-        return jax.lax.scan(body, first, jnp.arange(self.seq_len))[1]
+        # the carry starts from `first` (unread: t < lag takes first itself, and a copy needs
+        # t >= 2) so that it varies over the devices as the tokens do, which shard_map's scan
+        # requires
+        start = jnp.resize(first, back)
+        return jax.lax.scan(body, start, jnp.arange(self.seq_len))[1]
 
 
 def device_generator(sources, data_configs, platform: str):

@@ -19,9 +19,8 @@ N = 4096  # rows per sample: a share's standard error is under 0.008
 def _samples(background, parallel_fill=False):
     """((numpy tokens, pasted), (device tokens, pasted), source) for configs/small.py's data."""
     source = data.SyntheticSource(V, 0, background, 4, 1, 3, 6, 19, L, 0.5, "uniform")
-    lag = 2 if background == "lag2" else 1
     host = data._uniform_segments(np.random.default_rng(1), N, L, V, source.table, 1, 3, 6, 19,
-                                  lag=lag)
+                                  lag=source.lag, copy_prob=source.copy_prob)
     gen = device_data.DeviceSynthetic(source, parallel_fill=parallel_fill)
     fn = jax.jit(lambda inputs: gen.rows_and_pasted(inputs, 7, jnp.arange(N)))
     dev = tuple(np.asarray(a) for a in fn(gen.inputs()))
@@ -29,11 +28,14 @@ def _samples(background, parallel_fill=False):
 
 
 def _breaks_rule(source, x):
-    """Targets that the background could not have drawn from the token `lag` before."""
+    """Targets that the background could not have drawn from the token `lag` before (or,
+    for copy2, that are not the token two before either)."""
     lag = source.lag
     ok = np.ones(x.shape, bool)
     for t in range(lag, x.shape[1]):
         ok[:, t] = (source.table[x[:, t - lag]] == x[:, t][:, None]).any(1)
+        if source.copy_prob and t >= 2:
+            ok[:, t] |= x[:, t] == x[:, t - 2]
     return ~ok
 
 
@@ -44,7 +46,7 @@ def _runs(pasted):
     return ends[1] - starts[1], np.bincount(starts[0], minlength=len(pasted))
 
 
-@pytest.mark.parametrize("background", ["lag2", "markov"])
+@pytest.mark.parametrize("background", ["lag2", "markov", "copy2"])
 def test_device_batches_have_the_numpy_sources_distribution(background):
     (xh, ph), (xd, pd), source = _samples(background)
     assert xd.shape == (N, L) and xd.dtype == np.int32
@@ -69,6 +71,11 @@ def test_device_batches_have_the_numpy_sources_distribution(background):
     fh, fd = (np.bincount(x.ravel(), minlength=V) / x.size for x in (xh, xd))
     assert fh.max() > 1.5 / V
     assert np.abs(fh - fd).max() < 0.15 / V
+    # copy2: the share of background tokens that repeat the token two back (copy_prob, plus
+    # the markov draws that happen to), in both
+    if source.copy_prob:
+        share = [(x[:, 2:] == x[:, :-2])[~p[:, 2:]].mean() for x, p in ((xh, ph), (xd, pd))]
+        assert abs(share[0] - share[1]) < 0.01 and 0.5 < share[0] < 0.6, share
 
 
 def test_uniform_background_and_both_fills():

@@ -94,3 +94,33 @@ def test_a_mixed_background_gives_each_row_one_of_the_two_rules():
     assert 0.4 < follows[1].mean() < 0.6 and 0.4 < follows[2].mean() < 0.6
     with pytest.raises(data.DataError, match="mixed"):
         data.SyntheticSource(64, 0, "mixed", placement="after")
+
+
+def test_a_copy2_background_repeats_the_token_two_back_or_follows_the_previous_one():
+    """data.background=copy2: each background token (from position 2) is the token two back
+    with probability data.COPY2_PROB, else one of the previous token's markov successors;
+    only pasted tokens break that, and every index is as likely pasted as with lag2."""
+    source = data.SyntheticSource(64, 0, "copy2", 4, 1, 3, 6, 19, L, 0.5, "uniform")
+    x, pasted = data._uniform_segments(np.random.default_rng(1), 4096, L, 64, source.table,
+                                       1, 3, 6, 19, lag=source.lag, copy_prob=source.copy_prob)
+    copies = np.zeros(x.shape, bool)
+    follows = np.zeros(x.shape, bool)
+    copies[:, 2:] = x[:, 2:] == x[:, :-2]
+    follows[:, 1:] = (source.table[x[:, :-1]] == x[:, 1:, None]).any(-1)
+    background = ~pasted
+    background[:, 0] = False  # the first token is drawn at random
+    assert (copies | follows)[background].all()
+    assert (~(copies | follows) & pasted).mean() > 0.1  # fresh strings break it
+    # copies: COPY2_PROB plus the markov draws that land on the token two back (~4/64 of the
+    # rest at most); markov successors: the rest, plus copies that happen to be successors
+    share = copies[:, 2:][background[:, 2:]].mean()
+    assert data.COPY2_PROB <= share < data.COPY2_PROB + 0.05, share
+    assert follows[background].mean() > 1 - data.COPY2_PROB
+    early, late = pasted[:, EARLY + 1].mean(), pasted[:, LATE + 1].mean()
+    assert abs(early - late) < 0.04, (early, late)
+    with pytest.raises(data.DataError, match="copy2"):
+        data.SyntheticSource(64, 0, "copy2", placement="after")
+    # the data a config names
+    cfg = config_lib.load_validated("configs/small.py:layers=2", {"data.background": "copy2"})
+    made = data.make_source(cfg)
+    assert made.copy_prob == data.COPY2_PROB and made.lag == 1
