@@ -55,10 +55,13 @@ def get_config(arg=None):
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic",  # synthetic | pystdlib | pycode | files
         # synthetic: a background process with segments pasted again later
-        # lag2: token t follows from token t-2 (4 successors each), which pays a head that
-        # attends to the previous token: induction forms in ~2,000 steps instead of ~8,000
-        background="lag2",  # uniform | markov | lag2
-        markov_branching=4,  # successors per token for the markov background
+        # copy2: token t repeats token t-2 (probability 1/2) or else follows token t-1 (4
+        # successors each), which pays a head that attends to the previous token in layer 0,
+        # with MLPs too: the 2L models' induction heads form by ~3,000 steps. lag2 (token t
+        # follows token t-2 by a table) pays it as well, but a layer-0 MLP hands that lookup
+        # to a layer-1 head and 2L-MLP forms no induction head (docs/claims-notes.md)
+        background="copy2",  # uniform | markov | lag2 | mixed | copy2
+        markov_branching=4,  # successors per token for the markov, lag2 and copy2 backgrounds
         segments_min=1,
         segments_max=3,
         segment_len_min=6,

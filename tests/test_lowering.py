@@ -112,16 +112,20 @@ def test_training_step_lowers_data_parallel_over_8_devices(profile, platform, dt
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("ensemble", [False, True], ids=["one", "ensemble"])
-def test_training_step_that_makes_its_own_batches_lowers(platform, ensemble):
+@pytest.mark.parametrize("ensemble, background", [(False, "lag2"), (True, "lag2"),
+                                                  (False, "copy2")],
+                         ids=["one", "ensemble", "copy2"])
+def test_training_step_that_makes_its_own_batches_lowers(platform, ensemble, background):
     # data.generate: each device draws its rows inside the step (device_data.py), with the
-    # parallel background fill accelerators get, and no host callback
+    # parallel background fill accelerators get (lag2), or the scan over positions (copy2,
+    # the quick profile's, which reads two tokens back), and no host callback
     config = _config("small", "bfloat16")
+    config.data.background = background
     t = config.train
     mesh = AbstractMesh((N_DEVICES,), ("data",))
     source = data.make_source(config)
     gen = device_data.DeviceSynthetic(source, parallel_fill=True)
-    assert gen.parallel_fill and source.table is not None  # lag2: the fill is exercised
+    assert source.table is not None and gen.parallel_fill == (background == "lag2")
     model = make_model(config.model, platform=platform)
     tx = train.make_optimizer(t)
     step = train.make_train_step(model, tx, mesh, t, ensemble=ensemble, platform=platform,
