@@ -8,9 +8,8 @@ Usage: icl-jax sweep --config configs/sweeps/paper_small.py[:SUBSET[,steps=N]] -
   SUBSET: attn | mlp | smear | all (default all) | family (the six models `icl-jax
           reproduce` trains: 1l, 2l, 3l, 1l-smear, 2l-smear, 2l-mlp; the sweep files
           quick.py, text.py and paper.py beside this one are that family on each profile)
-  steps=N: train N steps instead of configs/small.py's 5,000 (on its lag2 synthetic data
-           the 2L and 3L models' phase changes come at ~1,700-2,600 steps; the 2L model with
-           MLPs had none within 4,000 steps in one try, so give the MLP family more).
+  steps=N: train N steps instead of configs/small.py's 6,000 (on its copy2 synthetic data
+           the 2L models' phase changes come at ~1,000-3,000 steps, 2L-MLP's last).
 
 Measured on this 2-core CPU, `all` with --jobs 2 --analyze: 50 min of training and 6 min
 of analysis, with two other single-core runs sharing the machine for most of it (alone,
