@@ -119,8 +119,8 @@ def _background(rng, x, pasted, vocab, table, lag, copy_prob=0.0):
     if table is None:
         return np.where(pasted, x, rng.integers(0, vocab, x.shape, dtype=np.int32))
     choice = rng.integers(0, table.shape[1], x.shape)
-    # drawn only for copy2: the other backgrounds' streams stay as they were
-    copy = rng.random(x.shape) < copy_prob if copy_prob else np.zeros(x.shape, bool)
+    # drawn only for copy2: the other backgrounds' streams (and loop) stay as they were
+    copy = rng.random(x.shape) < copy_prob if copy_prob else None
     # lag 0: "mixed", each row's lag 1 or 2 (drawn only then: other rows' streams unchanged)
     lags = np.full(n, lag) if lag else rng.integers(1, 3, n)
     first = rng.integers(0, vocab, (n, int(lags.max())), dtype=np.int32)
@@ -128,7 +128,7 @@ def _background(rng, x, pasted, vocab, table, lag, copy_prob=0.0):
     for t in range(seq_len):
         prev = x[rows, np.maximum(t - lags, 0)]
         bg = np.where(t < lags, first[:, min(t, first.shape[1] - 1)], table[prev, choice[:, t]])
-        if t >= 2:
+        if copy is not None and t >= 2:
             bg = np.where(copy[:, t], x[:, t - 2], bg)
         x[:, t] = np.where(pasted[:, t], x[:, t], bg)
     return x

@@ -106,11 +106,12 @@ class DeviceSynthetic:
         if self.table is None:
             return jnp.where(pasted, x, _below(bg, V)), pasted
         choice, first = _below(bg, table.shape[1]), _below(first, V)
-        if self.copy_prob:  # copy2: which tokens repeat the token two back
-            copy = copy[0] < jnp.uint32(min(round(self.copy_prob * 2**32), 2**32 - 1))
-            return self._fill_scan(x, pasted, table, choice, first, copy), pasted
-        fill = self._fill_parallel if self.parallel_fill else self._fill_scan
-        return fill(x, pasted, table, choice, first), pasted
+        if self.parallel_fill:  # never for copy2 (__init__)
+            return self._fill_parallel(x, pasted, table, choice, first), pasted
+        # copy2: which tokens repeat the token two back
+        copy = (copy[0] < jnp.uint32(min(round(self.copy_prob * 2**32), 2**32 - 1))
+                if self.copy_prob else None)
+        return self._fill_scan(x, pasted, table, choice, first, copy), pasted
 
     def _segments(self, count_word, words):
         """(tokens, pasted mask): as data._uniform_segments, for one row. Each segment tries
