@@ -429,7 +429,7 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     good, last, llcs = [], None, []
     if llc:
         from icl_jax import llc as llc_lib
-        llc_pool = source.eval_set(run.config.llc.examples, run.config.model.context + 1)
+        llc_pool = llc_lib.held_out_pool(source, run.config)
 
     def scored(trees):
         """Scores `trees` in calls of `size` snapshots (the last padded by repeating its last

@@ -498,7 +498,7 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     cfg.chains, cfg.draws = chains, draws
     trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
-    pool = data_lib.make_source(config).eval_set(cfg.examples, config.model.context + 1)
+    pool = llc.held_out_pool(data_lib.make_source(config), config)
     t0 = time.perf_counter()  # on accelerators (vmap) this compiles a one-snapshot program
     jax.block_until_ready(llc.llc_over_snapshots(
         model, jax.tree.map(lambda a: a[:1], stacked), pool, cfg)["llc"])

@@ -49,6 +49,13 @@ def nbeta_of(cfg) -> float:
     return float(cfg.n_beta) if cfg.n_beta > 0 else default_nbeta(int(cfg.batch_size))
 
 
+def held_out_pool(source, config) -> np.ndarray:
+    """int32 [llc.examples, context + 1]: the held-out sequences an LLC's minibatches are
+    drawn from (the source's evaluation set, its first llc.examples rows), the same for
+    analyze --llc, launch/llc_steps.py and the bench."""
+    return source.eval_set(config.llc.examples, config.model.context + 1)
+
+
 def batch_indices(n_pool: int, cfg, seed: int = 0) -> np.ndarray:
     """int32 [chains, burn_in + draws, batch_size]: each chain's minibatches, fixed by the
     seed; as a shuffled data loader dropping the last partial batch: every pass over the
@@ -265,8 +272,8 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     """The LLC of every snapshot of a stack.
 
     model: a model.Transformer; stacked_params: its params with a leading snapshot axis
-    (a list of trees is stacked here); data: held-out tokens [N, T + 1] (e.g.
-    data.make_source(config).eval_set(cfg.examples, context + 1)); cfg: the `llc`
+    (a list of trees is stacked here); data: held-out tokens [N, T + 1] (held_out_pool
+    gives the ones analyze uses); cfg: the `llc`
     section; steps: the snapshots' training steps, to name a chain that went bad;
     stacking: "vmap" or "map" (default: scores.default_stacking()). vmap: snapshots run
     `chunk` at a time, one compiled call each (the last chunk padded, so one compile);

@@ -38,7 +38,7 @@ def main(argv=None):
     if missing:
         p.error(f"no snapshot at step(s) {missing} in {args.workdir}; it has {run.steps}")
     source = data_lib.make_source(run.config, run.workdir)
-    pool = source.eval_set(run.config.llc.examples, run.config.model.context + 1)
+    pool = llc_lib.held_out_pool(source, run.config)
     res = llc_lib.llc_over_snapshots(run.model, [run.params(s) for s in steps], pool,
                                      run.config.llc, steps=steps, seed=run.config.seed,
                                      progress=True)
