@@ -524,8 +524,7 @@ def load_saved(folders) -> dict:
         # analyze of several runs writes <member>/scores.json, of a single run scores.json
         paths = [os.path.join(folder, n, "scores.json") for n in FAMILY]
         for path in filter(os.path.exists, paths + [os.path.join(folder, "scores.json")]):
-            with open(path) as f:
-                run = json.load(f)
+            run = workdir_lib.read_json(path)  # a damaged one: an error naming it
             name = os.path.basename(os.path.dirname(path)) if path in paths else run["name"]
             if name not in FAMILY:
                 continue
