@@ -458,7 +458,7 @@ class Lock:
                 return
             except FileExistsError:
                 owner = self._existing_owner(fs, key)
-                if owner is not None and not self._owner_is_dead_here(owner):
+                if owner is not None and not self.owner_is_dead_here(owner):
                     self._refuse(owner)
                 fs.rm_file(key)  # its process is gone (or it vanished): try once more
         self._refuse(self._existing_owner(fs, key))
@@ -471,7 +471,7 @@ class Lock:
             return None
 
     @staticmethod
-    def _owner_is_dead_here(owner) -> bool:
+    def owner_is_dead_here(owner) -> bool:
         """The owner ran on this host and its pid is gone: the lock is stale for certain."""
         if owner.get("host") != socket.gethostname():
             return False
