@@ -90,6 +90,11 @@ def build_parser():
                         "the same source at the CPU search's setting (hours on 2 cores); paper: "
                         "the paper's shapes, for accelerators")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, metavar="0-9",
+                   help="train and check several seeds (0-9, 0,3,5), each in <workdir>/s<seed>, "
+                        "and write the claims' robustness over them into <workdir>/results.md "
+                        "and report.html (on an accelerator each member's seeds train as one "
+                        "ensemble)")
     p.add_argument("--llc", action="store_true",
                    help="also the local learning coefficient of every 1l and 2l snapshot")
     p.add_argument("--update-readme", action="store_true",
@@ -216,6 +221,12 @@ def cmd_export(args, overrides):
 
 def cmd_reproduce(args, overrides):
     from icl_jax import reproduce
+    if args.seeds is not None:
+        seeds = reproduce.parse_seeds(args.seeds)
+        reproduce.reproduce_seeds(args.profile, args.workdir, seeds, overrides,
+                                  progress=not args.quiet, llc=args.llc)
+        print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
+        return 0
     reproduce.reproduce(args.profile, args.workdir, args.seed, overrides,
                         progress=not args.quiet, llc=args.llc)
     print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
