@@ -16,7 +16,7 @@ the workers (default: icl_jax, relative to the home directory there).
 mounted at the same path on every worker (see launch/README.md).
 
   launch/tpu_pod.sh --tpu my-v4-32 --zone us-central2-b -- \
-    train --config configs/paper.py --workdir gs://my-bucket/runs/paper
+    train --config paper --workdir gs://my-bucket/runs/paper
 
 --dry-run prints the gcloud command and runs nothing.
 USAGE
