@@ -7,7 +7,7 @@ checks that each carry their value, threshold and status ("pass", "fail",
 "unmeasurable", or "shown": reported beside the verdict without counting). A claim is not supported when any check fails, inconclusive when none
 fails but one cannot be measured (too few points, no window to measure in), supported
 when every check passes. results_markdown writes that as results.md. The thresholds are
-THRESHOLDS below, stated in README.md ("Reproducing the paper") and in claims.json.
+THRESHOLDS below, named in docs/reproducing.md ("The claims") and in claims.json.
 """
 from __future__ import annotations
 

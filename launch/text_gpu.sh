@@ -1,6 +1,6 @@
 #!/bin/bash
 # The text profile's members on one lent accelerator, in the order that uses a short loan
-# best (README, "The text profile": the first H200 session ran this by hand).
+# best (docs/text.md, "The text profile": the first H200 session ran this by hand).
 #
 #   MEMBERS=1l,2l,2l-smear STEPS=10000 TRAIN_S=1200 W=/root/w OUT=/some/dir bash launch/text_gpu.sh
 #

@@ -35,7 +35,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def trained_2l(tmp_path_factory):
     """(root, root/runs/2l): a 2-layer model trained 20 steps, 6 snapshots; shared by the
-    analysis and export tests (and the README's notebook example, which reads runs/2l)."""
+    analysis and export tests (and the notebook example in docs/getting-started.md, which reads runs/2l)."""
     from icl_jax import config as config_lib, train
     root = tmp_path_factory.mktemp("trained")
     config = config_lib.load(f"{SMALL}:layers=2")

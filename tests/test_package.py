@@ -64,3 +64,14 @@ def test_the_wheel_installs_and_trains_outside_the_checkout(tmp_path):
                *[f"--config.{k}={v}" for k, v in TINY.items()], cwd=empty, env=env)
     assert (empty / "run" / "snapshots" / "4").is_dir(), out
     assert os.listdir(empty) == ["run"]  # nothing written anywhere else here
+
+
+def test_the_front_page_is_short_and_its_links_and_commands_hold():
+    import re
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert len(readme.encode()) <= 12 * 1024  # the details live on the docs site
+    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        if not link.startswith("http"):
+            assert os.path.exists(os.path.join(ROOT, link)), link
+    test_command = next(l for l in readme.splitlines() if "pytest -q" in l).strip()
+    assert test_command in open(os.path.join(ROOT, ".ci", "run")).read()
