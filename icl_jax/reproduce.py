@@ -1,7 +1,7 @@
 """icl-jax reproduce: train the paper's small-model family, analyse it, and check the claims.
 
-A profile is a sweep file, configs/sweeps/<profile>.py: the family (1l, 2l, 3l, 1l-smear,
-2l-smear, 2l-mlp) on one base config. The sweep runner trains each member in
+A profile is the built-in sweep of its name (icl_jax/configs/sweeps/<profile>.py): the
+family (1l, 2l, 3l, 1l-smear, 2l-smear, 2l-mlp) on one base config. The sweep runner trains each member in
 <workdir>/<name> (finished members are skipped, unfinished ones resume; sweep.json keeps
 each one's training time); then all are analysed together (one shared PCA), the claims
 checked (claims.py), and <workdir>/results.md, claims.json, family.png and report.html
@@ -20,15 +20,14 @@ from icl_jax import analysis, claims, config as config_lib, report, sweep, train
 from icl_jax import workdir as workdir_lib
 from icl_jax.config import ConfigError
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PROFILES = ("quick", "text", "text-cpu", "paper")
 
 
 def sweep_file(profile: str) -> str:
-    """configs/sweeps/<profile>.py; ConfigError for an unknown profile."""
+    """The profile's built-in sweep, by name; ConfigError for an unknown profile."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return os.path.join(CONFIGS, "sweeps", f"{profile}.py")
+    return profile
 
 
 def _overrides(seed: int, overrides: dict | None) -> dict:
@@ -39,38 +38,6 @@ def member_configs(profile: str, seed: int = 0, overrides: dict | None = None) -
     """{member name: validated config} of a profile; raises ConfigError on a bad override."""
     members = sweep.resolve(sweep_file(profile), "", _overrides(seed, overrides))
     return {m.name: m.config for m in members}
-
-
-# ----------------------------------------------------------------------------- README
-
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def update_readme(workdir: str, readme: str, figures_dir: str):
-    """Copies results.md and three figures of a reproduction into the README's Results section."""
-    import shutil
-    os.makedirs(figures_dir, exist_ok=True)
-    picks = {"family.png": "family.png", "pca.png": "pca.png",
-             os.path.join("2l", "head_scores.png"): "2l_head_scores.png"}
-    for src, dst in picks.items():
-        shutil.copyfile(os.path.join(workdir, src), os.path.join(figures_dir, dst))
-    with open(os.path.join(workdir, "results.md")) as f:
-        results = f.read().split("\n", 1)[1].strip()  # without its title
-    rel = os.path.relpath(figures_dir, os.path.dirname(os.path.abspath(readme)))
-    body = "\n".join([
-        README_START, "", results.replace("## The paper's claims", "**The paper's claims**"), "",
-        f"![ICL score and prefix matching of every model]({rel}/family.png)", "",
-        f"![per-token loss PCA]({rel}/pca.png) ![2L heads]({rel}/2l_head_scores.png)", "",
-        README_END])
-    with open(readme) as f:
-        text = f.read()
-    if README_START in text:
-        a, b = text.index(README_START), text.index(README_END) + len(README_END)
-        text = text[:a] + body + text[b:]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    with open(readme, "w") as f:
-        f.write(text)
 
 
 # ----------------------------------------------------------------------------- the command

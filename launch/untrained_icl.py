@@ -31,7 +31,7 @@ def _scaled(params, name, factor):
 
 
 def measure(arg: str, seed: int) -> dict:
-    cfg = config_lib.load_validated(os.path.join(REPO, "configs", "small.py") + ":" + arg,
+    cfg = config_lib.load_validated("small:" + arg,
                                     {"seed": str(seed)})
     tokens = scores.evaluation_inputs(cfg, data_lib.make_source(cfg))["eval_BT1"]
     model = make_model(cfg.model)

@@ -49,29 +49,33 @@ def test_profile_sweep_files_take_no_argument():
 
 
 def test_the_family_is_defined_once_in_paper_small():
-    family = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py:family"))
-    every = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py"))
+    family = sweep.load_sweep("paper_small:family")
+    every = sweep.load_sweep("paper_small")
     assert list(family["members"]) == FAMILY
     assert all(family["members"][n] == every["members"][n] for n in FAMILY)
     quick = sweep.load_sweep(reproduce.sweep_file("quick"))
     assert quick["members"] == family["members"]
-    assert os.path.samefile(quick["base"], os.path.join(ROOT, "configs", "small.py"))
+    assert quick["base"] == "small"
 
 
 def test_cli_passes_every_reproduce_option_through(monkeypatch, tmp_path, capsys):
     calls = {}
     monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.setdefault("run", (a, k)))
-    monkeypatch.setattr(reproduce, "update_readme",
-                        lambda *a: calls.setdefault("readme", a))
     work = str(tmp_path / "r")
     assert cli.main(["reproduce", "--profile", "text", "--seed", "3", "--workdir", work,
-                     "--update-readme", "--quiet", "--llc", "--config.train.steps=50"]) == 0
+                     "--quiet", "--llc", "--config.train.steps=50"]) == 0
     args, kwargs = calls["run"]
     assert args == ("text", work, 3, {"train.steps": "50"})
     assert kwargs == {"progress": False, "llc": True}
-    assert calls["readme"] == (work, os.path.join(ROOT, "README.md"),
-                               os.path.join(ROOT, "docs", "results"))
     assert f"{work}/results.md" in capsys.readouterr().out
+
+
+def _launch_module(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "launch", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -101,17 +105,21 @@ def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
     again = reproduce.reproduce("quick", str(work), seed=1, overrides=overrides, progress=False)
     assert (work / "2l" / "metrics.jsonl").stat().st_mtime == mtime
     assert again["rows"] == out["rows"] and again["claims"] == out["claims"]
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Results\n\nold\n")
-    reproduce.update_readme(str(work), str(readme), str(tmp_path / "docs" / "results"))
-    reproduce.update_readme(str(work), str(readme), str(tmp_path / "docs" / "results"))
-    text = readme.read_text()
-    assert text.count(reproduce.README_START) == 1 and "| 3l |" in text
+    # the docs' results page, regenerated from the run by launch/publish_results.py
+    publish = _launch_module("publish_results")
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Results\n\nprose kept\n\n" + publish.START + "\nSTALE BLOCK\n" + publish.END + "\n")
+    for _ in range(2):
+        publish.publish(str(work), str(page))
+    text = page.read_text()
+    assert text.count(publish.START) == 1 and "| 3l |" in text and "STALE BLOCK" not in text
+    assert "prose kept" in text and "](results/family.png)" in text
     assert (tmp_path / "docs" / "results" / "pca.png").exists()
 
 
 def test_text_cpu_is_the_setting_the_cpu_search_found():
-    """configs/text_cpu.py must train what launch/text_search.py's b64 trial trained (the
+    """The text_cpu config must train what launch/text_search.py's b64 trial trained (the
     trial whose 2L formed an induction head), but for its own number of steps."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
