@@ -4,8 +4,8 @@ check_claims(result) takes analysis.analyze's result for the members 1l, 2l, 3l,
 2l-smear and 2l-mlp (or claims.load_saved's, from scores.json files) and gives, for each
 claim (co-occurrence, co-perturbation, ablation, mechanism), a verdict: "supported", "not
 supported" or "inconclusive". Each claim rests on a sentence of the paper (Olsson et al.
-2022, arXiv 2209.11895; CLAIMS[...]["quote"]), and each of its checks on the sentence it
-operationalizes (the check's "basis"), on the members the paper names. Where the paper
+2022, arXiv 2209.11895; the "quote" of each entry of CLAIMS), and each of its checks on
+the sentence it operationalizes (the check's "basis"), on the members the paper names. Where the paper
 gives no number, the threshold is ours, and the check's "ours" says why it sits where it
 does (THRESHOLDS holds them all, OURS the reasons). A check's status is "pass", "fail",
 "unmeasurable", or "shown": reported beside the verdict without counting, for what the
