@@ -109,7 +109,7 @@ class Bar:
             self._bar = tqdm(total=total, initial=start, file=self.stream, unit="step",
                              desc=self.member or "training", dynamic_ncols=True, leave=True,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                        "[{elapsed}<{remaining}] {postfix}")
+                                        "[{elapsed}<{remaining}]{postfix}")
 
     def fields(self, step: int, record: dict) -> list[str]:
         """The record's numbers as "name value" strings, in the order shown."""
