@@ -13,8 +13,6 @@ import sys
 
 import numpy as np
 
-from icl_jax import analysis
-
 
 def pyplot():
     """matplotlib.pyplot, on the Agg backend (files, no display) unless in a notebook, whose

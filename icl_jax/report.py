@@ -155,9 +155,10 @@ def markdown_html(markdown: str) -> str:
                 rows.append([c.strip() for c in line.strip("|").split("|")])
             continue
         if rows:
+            cell = lambda tag, c: f"<{tag}>{_inline(c)}</{tag}>"  # noqa: E731
             out.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{_inline(c)}</{'th' if i == 0 else 'td'}>"
-                                 for c in r) + "</tr>" for i, r in enumerate(rows)) + "</table>")
+                "<tr>" + "".join(cell("th" if i == 0 else "td", c) for c in r) + "</tr>"
+                for i, r in enumerate(rows)) + "</table>")
             rows = []
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
