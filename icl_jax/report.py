@@ -92,8 +92,10 @@ def load_sweep(out, workdirs) -> dict | None:
     """The sweep.json that trained these runs: in `out` or its parent (sweep --analyze)."""
     for folder in (str(out), os.path.dirname(os.path.normpath(str(out)))):
         saved = _read_json(os.path.join(folder, "sweep.json"))
-        if saved and any(os.path.normpath(m.get("workdir", "")) in workdirs
-                         for m in saved.get("members", {}).values()):
+        # sweep.json keeps each member's workdir as given (relative to where it ran),
+        # scores.json the absolute one
+        if saved and any(os.path.normpath(workdir_lib.absolute(m["workdir"])) in workdirs
+                         for m in saved.get("members", {}).values() if m.get("workdir")):
             return saved
     return None
 
@@ -462,7 +464,8 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
     out, runs = result["out"], result["runs"]
     single = len(runs) == 1
     claims = claims if claims is not None else load_claims(out, list(runs))
-    sweep = load_sweep(out, {os.path.normpath(r["workdir"]) for r in runs.values()})
+    sweep = load_sweep(out, {os.path.normpath(workdir_lib.absolute(r["workdir"]))
+                             for r in runs.values()})
     configs, metrics = _configs(result), _metrics(result)
     lead = _lead(runs)
     F = Figures(out)

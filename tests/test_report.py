@@ -3,6 +3,7 @@ that do not collide; the claims table from claims.json of either shape; the page
 captions and setup; nothing fetched from a network."""
 import html
 import json
+import os
 import re
 
 import matplotlib
@@ -275,3 +276,18 @@ def test_one_run_gets_a_page_without_claims(tmp_path):
                  "attention", "composition", "loss", "pca"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
     assert not (tmp_path / "family.png").exists()
+
+
+def test_the_sweep_is_found_with_its_members_workdirs_as_given(family, tmp_path, monkeypatch):
+    """sweep.json keeps the workdirs a sweep was given (relative, as `reproduce` passes
+    runs/reproduce/2l); the runs' scores keep absolute ones."""
+    monkeypatch.chdir(tmp_path.parent)
+    rel = {n: os.path.relpath(r["workdir"]) for n, r in family["runs"].items()}
+    (tmp_path / "sweep.json").write_text(json.dumps({
+        "sweep": "configs/sweeps/quick.py",
+        "members": {n: {"workdir": w, "wall_s": 30.0} for n, w in rel.items()}}))
+    assert not any(os.path.isabs(w) for w in rel.values())
+    found = report.load_sweep(str(tmp_path), {os.path.normpath(r["workdir"])
+                                              for r in family["runs"].values()})
+    assert found is not None and set(found["members"]) == set(family["runs"])
+    assert report.load_sweep(str(tmp_path), {"/elsewhere/2l"}) is None
