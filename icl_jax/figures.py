@@ -59,6 +59,16 @@ def window_tokens(run: dict):
             pc.get("end_tokens") or pc["end_step"] * per)
 
 
+def onset_tokens(run: dict):
+    """Tokens at which the detected phase change's fall begins (its onset_step, where the
+    rule gives one and it precedes the window's start), else None."""
+    pc = run["phase_change"]
+    onset = pc.get("onset_step")
+    if not pc.get("detected") or onset is None or onset >= pc["start_step"]:
+        return None
+    return onset * tokens_per_step(run)
+
+
 def _shade(ax, run, color="0.55", alpha=0.25, label="phase change"):
     w = window_tokens(run)
     if w is not None:
@@ -136,6 +146,9 @@ def plot_icl(run: dict):
         a.fill_between(tokens, icl - se, icl + se, color="C0", alpha=0.2, lw=0,
                        label="± standard error")
     _shade(a, run, label="phase change" if run["phase_change"].get("detected") else None)
+    onset = onset_tokens(run)
+    if onset is not None:
+        a.axvline(onset, color="0.3", ls=":", lw=1, label="its onset (the fall begins)")
     a.axhline(0, color="0.5", lw=0.5)
     e, l = run.get("icl_indices", {}).get("early"), run.get("icl_indices", {}).get("late")
     a.set(ylabel="ICL score (nats)", title=f"{run['name']}: in-context learning score"
@@ -179,6 +192,19 @@ def _metrics_series(metrics, key):
     return s, v
 
 
+def held_out_series(run: dict, metrics) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, held-out loss) of a run past step 0: from its metrics.jsonl records, else from
+    what its scores.json keeps of them ("eval_loss": {"steps", "loss"}), for an analysis
+    whose run folder is not at hand."""
+    s, v = _metrics_series(metrics or [], "eval_loss")
+    saved = run.get("eval_loss")
+    if not len(s) and isinstance(saved, dict) and saved.get("steps"):
+        rows = [(a, b) for a, b in zip(saved["steps"], saved["loss"]) if a > 0 and b is not None]
+        if rows:
+            s, v = (np.asarray(x, np.float64) for x in zip(*rows))
+    return s, v
+
+
 def loss_fall_rate(steps, loss, smooth: float = 0.15, grid: int = 256):
     """(steps, -dLoss/d ln step) of a loss series on an even grid in ln step, smoothed with a
     Gaussian of `smooth` in ln step (the held-out loss is evaluated every few hundred steps;
@@ -211,7 +237,7 @@ def plot_loss(result, metrics: dict, names=None):
     ref_w = window_tokens(ref) if ref is not None else None
     fig, axes = plt.subplots(2, len(names), figsize=(5.2 * len(names) + 1, 6.4),
                              sharex=True, sharey="row", squeeze=False, layout="constrained")
-    held = {n: _metrics_series(metrics.get(n, []), "eval_loss") for n in names}
+    held = {n: held_out_series(runs[n], metrics.get(n, [])) for n in names}
     starts = [runs[n]["phase_change"]["start_step"] for n in names
               if runs[n]["phase_change"].get("detected")]
     # the y range: from the lowest loss to the highest after the early fall (a third of the
@@ -295,16 +321,37 @@ def plot_loss_heatmap(run: dict):
     return fig
 
 
+def pivot_label(traj: dict) -> str:
+    """What the analysis says of a trajectory at its phase change, in a word or two: its
+    "pivot" (stats.pca_pivot's dict: pivots, no pivot, unmeasurable), "" without one (no
+    phase change, or an analysis that predates the pivot)."""
+    p = traj.get("pivot")
+    if not isinstance(p, dict):
+        return ""
+    return {True: "pivots", False: "no pivot"}.get(p.get("pivot"), "pivot unmeasurable")
+
+
+def _at_step(steps, P, s):
+    """The trajectory's point at step s, linear in steps between snapshots (as the pivot is
+    measured)."""
+    return np.array([np.interp(s, steps, P[:, k]) for k in range(P.shape[1])])
+
+
 def plot_pca(pca: dict, runs: dict | None = None):
     """Every run's trajectory in the first two principal components of per-token losses, the
     phase change's span drawn thick between its edge markers (runs: the analysis's runs, for
-    their windows; the PCA's own steps otherwise carry none)."""
+    their windows; the PCA's own steps otherwise carry none). Where the analysis judged a
+    pivot, the legend says its verdict and the two chords it compared (equal spans of steps
+    before and after the fall's onset) are drawn dashed."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
+    chords = False
     for i, (name, traj) in enumerate(pca["trajectories"].items()):
         P = np.asarray(traj["points"], np.float64)
         steps = np.asarray(traj["steps"], np.float64)
-        ax.plot(P[:, 0], P[:, 1], "-o", ms=2, lw=1, color=f"C{i}", label=name)
+        verdict = pivot_label(traj)
+        ax.plot(P[:, 0], P[:, 1], "-o", ms=2, lw=1, color=f"C{i}",
+                label=f"{name}: {verdict}" if verdict else name)
         ax.plot(*P[0], "k^", ms=6)
         pc = (runs or {}).get(name, {}).get("phase_change", {})
         if pc.get("detected"):
@@ -316,6 +363,15 @@ def plot_pca(pca: dict, runs: dict | None = None):
             ax.plot(seg[:, 0], seg[:, 1], "-", lw=4, color=f"C{i}", alpha=0.55)
             ax.plot(*x[0], "o", mfc="w", mec=f"C{i}", ms=8, mew=2)
             ax.plot(*x[1], "s", mfc="w", mec=f"C{i}", ms=8, mew=2)
+            p = traj.get("pivot")
+            if isinstance(p, dict) and p.get("inside") is not None:
+                corner = min(pc.get("onset_step") or pc["start_step"], pc["start_step"])
+                end = pc["end_step"]
+                lo = max(corner - (end - corner), float(steps[0]))
+                c = np.stack([_at_step(steps, P[:, :2], s) for s in (lo, corner, end)])
+                ax.plot(c[:, 0], c[:, 1], "--", color="k", lw=0.9, alpha=0.8,
+                        label=None if chords else "the chords the pivot compares")
+                chords = True
     ev = pca["explained"]
     ax.set_xlabel(f"PC1 ({ev[0]:.0%} of variance)" if ev else "PC1")
     ax.set_ylabel(f"PC2 ({ev[1]:.0%} of variance)" if len(ev) > 1 else "PC2")

@@ -25,7 +25,7 @@ from icl_jax import analysis, attention_view, workdir as workdir_lib
 from icl_jax.figures import (plot_ablation, plot_attention, plot_composition,  # noqa: F401
                              plot_copying_vs_prefix, plot_coperturbation, plot_family,
                              plot_head_scores, plot_icl, plot_llc, plot_loss,
-                             plot_loss_heatmap, plot_pca, pyplot,
+                             plot_loss_heatmap, plot_pca, pivot_label, pyplot,
                              strongest_prefix_matching_head)
 
 PAPER = ("Olsson et al. (2022), “In-context Learning and Induction Heads”",
@@ -254,8 +254,13 @@ def claims_html(claims: dict) -> str:
         checks = claim.get("checks", [])
         quote = claim.get("quote") or CLAIM_QUOTES.get(n, "")
         decide = deciding_checks(claim)
+        section = next((a for a, h, _, _ in SECTIONS if h.split(".")[0] == n), None)
+        where = claim.get("argument") or next(
+            (arg for a, _, arg, _ in SECTIONS if a == section), "")
         rows.append(
-            f"<tr id='claim-{_e(n)}'><td class='claim'>{_e(claim.get('claim', ''))}</td>"
+            f"<tr id='claim-{_e(n)}'><td class='claim'>{_e(claim.get('claim', ''))}"
+            + (f"<div class='small'><a href='#{section}'>the paper's {_e(where)}: "
+               "figures</a></div>" if section else "") + "</td>"
             f"<td class='quote'>“{_e(quote)}”</td><td>{_verdict(claim.get('verdict'))}</td>"
             f"<td>{''.join(_check_line(checks[i]) for i in decide)}"
             f"<a class='more' href='#checks-{_e(n)}'>all {len(checks)} checks</a></td></tr>")
@@ -285,10 +290,54 @@ def claims_html(claims: dict) -> str:
            "<i>shown</i> are reported beside the verdict without counting. Every check, with "
            "the sentence of the paper it rests on where claims.json gives it:</p>"
            + "".join(details))
+    if isinstance(claims.get("thresholds"), dict) and claims["thresholds"]:
+        ours = claims.get("ours") or {}
+        out += ("<details id='thresholds'><summary>The thresholds, and why ours where the "
+                "paper gives no number</summary>" + table(
+                    [{"threshold": k, "value": v, "why": ours.get(k, "")}
+                     for k, v in claims["thresholds"].items()], "wide") + "</details>")
     if claims.get("robustness"):
-        out += ("<h3 id='robustness'>Across seeds</h3>"
-                + _generic_table(claims["robustness"]))
+        out += "<h3 id='robustness'>Across seeds</h3>" + robustness_html(claims["robustness"])
     return out
+
+
+VERDICTS = ("supported", "not supported", "inconclusive", "not run")
+
+
+def robustness_html(rob) -> str:
+    """claims.robustness's {"claims": {claim: {verdict: [seeds]}}, "seeds": {seed: {claim:
+    {"verdict", "why"}} or {"error"}}} as two tables: per claim the seeds of each verdict,
+    per seed each claim's verdict and what decided it short of supported. Any other shape
+    as a plain table."""
+    if not (isinstance(rob, dict) and isinstance(rob.get("claims"), dict)
+            and isinstance(rob.get("seeds"), dict)):
+        return _generic_table(rob)
+    titles = list(rob["claims"])
+    rows = "".join(
+        f"<tr><td class='claim'>{_e(t)}</td>" + "".join(
+            f"<td>{len(by.get(v) or [])}" + (f" <span class='small'>(seeds "
+                                              f"{_e(', '.join(map(str, by[v])))})</span>"
+                                              if by.get(v) else "") + "</td>"
+            for v in VERDICTS) + "</tr>"
+        for t, by in rob["claims"].items())
+    per_claim = ("<table class='robust'><tr><th>claim</th>"
+                 + "".join(f"<th>{_e(v)}</th>" for v in VERDICTS) + f"</tr>{rows}</table>")
+    seeds = []
+    for seed, entry in rob["seeds"].items():
+        if "error" in entry:
+            seeds.append(f"<tr><td>{_e(seed)}</td>" + "<td>–</td>" * len(titles)
+                         + f"<td>not run: {_e(entry['error'])}</td></tr>")
+            continue
+        why = "; ".join(f"{t.split('.')[0]}: {w}" for t in titles
+                        for w in (entry.get(t) or {}).get("why") or [])
+        seeds.append(f"<tr><td>{_e(seed)}</td>" + "".join(
+            f"<td>{_verdict((entry.get(t) or {}).get('verdict', '–'))}</td>" for t in titles)
+            + f"<td class='small'>{_e(why or '–')}</td></tr>")
+    per_seed = ("<table class='robust'><tr><th>seed</th>"
+                + "".join(f"<th>{_e(t)}</th>" for t in titles)
+                + "<th>what decided a verdict short of supported</th></tr>"
+                + "".join(seeds) + "</table>")
+    return per_claim + per_seed
 
 
 # ----------------------------------------------------------------------------- what was run
@@ -332,7 +381,9 @@ def setup_html(result, configs: dict, sweep: dict | None) -> str:
                       c["train"].get("lr"), c["train"].get("schedule")) for c in cs.values()})
     items.append(("training", "; ".join(
         f"{s:,} steps of {b} sequences of {t} tokens ({s * b * t / 1e6:.1f}M tokens), "
-        f"lr {lr}, {sch} schedule" for s, b, t, lr, sch in trains)))
+        f"lr {lr}, {sch} schedule" for s, b, t, lr, sch in trains) or "; ".join(sorted({
+            f"{int(r['steps'][-1]):,} steps ({float(r['tokens'][-1]) / 1e6:.1f}M tokens)"
+            for r in result["runs"].values()}))))  # no config.json at hand: the scores' own
     devices = jax.devices()
     items.append(("device", f"{len(devices)} × {devices[0].device_kind} "
                   f"({devices[0].platform}), where this report was made; `icl-jax reproduce` "
@@ -348,7 +399,9 @@ def setup_html(result, configs: dict, sweep: dict | None) -> str:
     for name, run in result["runs"].items():
         c = cs.get(name)
         pm = np.asarray(run["prefix_matching"])
-        m = (c or {}).get("model", {})
+        # the run's config.json, else what scores.json keeps of the model (a run folder
+        # that is not at hand: an analysis copied from a bucket)
+        m = (c or {}).get("model") or run.get("model") or {}
         models.append({"member": name, "layers": pm.shape[1], "heads": pm.shape[2],
                        "d_model": m.get("d_model"),
                        "d_head": m.get("d_head") or (m["d_model"] // m["n_heads"] if m else None),
@@ -432,6 +485,25 @@ def _per_member(runs, lead, make, title):
             f"{', '.join(n for n, _ in rest)}</summary>{''.join(h for _, h in rest)}</details>")
 
 
+def pca_measures(pca: dict) -> list[str]:
+    """Per trajectory, what the analysis measured of it at its phase change: the pivot's
+    verdict and note (stats.pca_pivot), or, from an analysis that predates it, its scalar
+    measures but the turn angle (an angle the jitter of a plateau makes as well)."""
+    out = []
+    for name, traj in pca.get("trajectories", {}).items():
+        p = traj.get("pivot")
+        if isinstance(p, dict):
+            out.append(f"{name}: {pivot_label(traj)}" + (f" ({p['note']})" if p.get("note")
+                                                         else ""))
+            continue
+        kv = [f"{k.replace('_', ' ')} {fmt(v)}" for k, v in traj.items()
+              if k not in ("steps", "points", "turn_deg", "pivot") and v is not None
+              and not isinstance(v, (list, dict))]
+        if kv:
+            out.append(f"{name}: {', '.join(kv)}")
+    return out
+
+
 def untrained_sentence(result) -> str:
     """The untrained models' ICL scores, and the analysis's account of them where it gives
     one (a run's or the result's "untrained_icl_note")."""
@@ -511,18 +583,17 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
                   "of per-token loss, and its derivative with respect to the log of the token "
                   "index, over training (where it defines the in-context learning score)."))
     if result["pca"]["trajectories"]:
-        measures = []
-        for name, traj in result["pca"]["trajectories"].items():
-            kv = [f"{k.replace('_', ' ')} {fmt(v)}" for k, v in traj.items()
-                  if k not in ("steps", "points", "turn_deg") and not isinstance(v, (list, dict))]
-            if kv:
-                measures.append(f"{name}: {', '.join(kv)}")
+        measures = pca_measures(result["pca"])
         s.append(F.add(plot_pca(result["pca"], runs), "pca.png",
                        "Per-token loss PCA: every model's trajectory",
                        "the multi-layer models' trajectories change direction (pivot) in "
                        "their phase change (thick, from ○ to □); the one-layer model's does "
-                       "not.", "the paper's per-token-loss principal-component trajectories "
-                       "(Argument 1).",
+                       "not. The legend gives the analysis's verdict: two chords of equal "
+                       "length in steps (dashed), before and after the fall's onset, must "
+                       "both move more than the trajectory's own jitter and turn, or the "
+                       "trajectory must set off from rest.",
+                       "the paper's per-token-loss principal-component trajectories, which "
+                       "it says “pivot” (Argument 1).",
                        _e(" From the analysis: " + "; ".join(measures) + ".") if measures
                        else ""))
     sections = {"co-occurrence": "".join(s)}
@@ -708,3 +779,30 @@ def _page(result, claims, sweep, configs, sections, appendix, F, preamble) -> st
         + "".join(body)
         + f"<section id='appendix'><h2>Appendix</h2>{''.join(appendix)}</section>"
         f"<script>{OPEN_TARGET}</script></body></html>")
+
+
+def write_robustness(out, text: str, reports: dict) -> str:
+    """<out>/report.html for several seeds (reproduce.reproduce_seeds): the robustness over
+    them (`text`: the markdown of results.md, its tables claims.robustness_markdown's), its
+    verdicts coloured as in a seed's page, and a link to each seed's own report (`reports`:
+    {seed: path relative to out}). Self-contained and offline, like write_report's page."""
+    title, url = PAPER
+    body = markdown_html(text)
+    for v in VERDICTS[:3]:  # a verdict alone in a cell, as on a seed's page
+        body = body.replace(f"<td>{_e(v)}</td>", f"<td>{_verdict(v)}</td>")
+    links = "".join(f"<li><a href='{_e(p)}'>seed {_e(s)}</a>: its claims, checks and "
+                    "figures</li>" for s, p in reports.items())
+    page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            "<link rel='icon' href='data:,'>"
+            f"<title>icl_jax: the paper's claims over seeds</title><style>{STYLE}</style>"
+            "</head><body><h1>In-context learning and induction heads: the claims over seeds"
+            f"</h1><p class='lede'>How often each claim of {_e(title)} (<a href='{url}'>"
+            "arXiv:2209.11895</a>) holds when the same family is trained from different "
+            "seeds. Each seed's own page has every check and figure.</p>"
+            f"<section id='robustness'>{body}</section>"
+            f"<section id='seeds'><h2>Each seed's report</h2><ul>{links or '<li>none</li>'}"
+            "</ul></section></body></html>")
+    path = os.path.join(str(out), "report.html")
+    workdir_lib.write_text(path, page)
+    return path

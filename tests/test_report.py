@@ -12,7 +12,7 @@ import pytest
 
 from icl_jax import figures, report, workdir
 from report_family import (PER_STEP, STEPS, fake_family, family_page,  # noqa: F401
-                           new_claims, old_claims)
+                           new_claims, old_claims, rewritten)
 
 matplotlib.use("Agg")
 TOKENS = STEPS * PER_STEP
@@ -148,6 +148,87 @@ def test_the_pca_legend_names_the_models_and_no_turn_angle(family):
     matplotlib.pyplot.close(fig)
 
 
+def test_the_pca_legend_gives_each_pivot_and_the_chords_it_compared(family):
+    """The rewritten analysis: a "pivot" dict per trajectory with a phase change."""
+    result = rewritten(family)
+    fig = figures.plot_pca(result["pca"], result["runs"])
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    detected = [n for n, r in result["runs"].items() if r["phase_change"]["detected"]]
+    assert "2l" in detected and "2l-smear" in detected and "1l" not in detected
+    assert sorted(labels) == sorted(
+        [n if n not in detected else f"{n}: {'no pivot' if n == '2l-smear' else 'pivots'}"
+         for n in result["runs"]] + ["the chords the pivot compares"])
+    assert not any("deg" in x or "°" in x for x in labels)
+    # the two chords: from the span before the onset to the onset, and on to the window's end
+    chords = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(chords) == len(detected)
+    run, traj = result["runs"]["2l"], result["pca"]["trajectories"]["2l"]
+    pc, steps = run["phase_change"], np.asarray(traj["steps"], float)
+    P = np.asarray(traj["points"])
+    corner = pc["onset_step"]
+    expect = [np.interp(s, steps, P[:, 0]) for s in (corner - (pc["end_step"] - corner),
+                                                     corner, pc["end_step"])]
+    assert any(np.allclose(c.get_xdata(), expect) for c in chords)
+    matplotlib.pyplot.close(fig)
+    # an unmeasurable pivot says so; today's analysis (a turn angle, no pivot) shows no angle
+    result["pca"]["trajectories"]["3l"]["pivot"].update(pivot=None, inside=None)
+    fig = figures.plot_pca(result["pca"], result["runs"])
+    assert "3l: pivot unmeasurable" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    matplotlib.pyplot.close(fig)
+    old = dict(family["pca"])
+    old["trajectories"] = {n: {**t, "turn_deg": 83.0} for n, t in
+                           family["pca"]["trajectories"].items()}
+    fig = figures.plot_pca(old, family["runs"])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == list(family["runs"])
+    matplotlib.pyplot.close(fig)
+    assert not any("83" in m for m in report.pca_measures(old))
+    notes = report.pca_measures(result["pca"])
+    assert "2l: pivots (NOTE 2l: turns 80 deg)" in notes
+    assert "2l-smear: no pivot (NOTE 2l-smear: no motion)" in notes
+    assert len(notes) == len(detected)
+
+
+def test_the_icl_figure_marks_the_onset_of_the_fall(family):
+    result = rewritten(family)
+    run = result["runs"]["2l"]
+    fig = figures.plot_icl(run)
+    onset = run["phase_change"]["onset_step"] * PER_STEP
+    dotted = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1 and dotted[0].get_xdata()[0] == pytest.approx(onset)
+    matplotlib.pyplot.close(fig)
+    fig = figures.plot_icl(family["runs"]["2l"])  # no onset_step: no line
+    assert not [line for line in fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+    matplotlib.pyplot.close(fig)
+
+
+def test_the_loss_figure_reads_the_held_out_loss_scores_json_keeps(family):
+    """No run folder at hand (metrics empty): the held-out loss from scores.json's eval_loss."""
+    result = rewritten(family)
+    fig = figures.plot_loss(result, {})
+    rates = [ax for ax in fig.axes if "rate of fall" in ax.get_title()]
+    assert len(rates) == 2
+    for ax in rates:
+        x = np.concatenate(_x_of_artists(ax))
+        assert TOKENS[-1] * 0.99 <= x.max() <= TOKENS[-1] * 1.01 and x.min() > 0
+    matplotlib.pyplot.close(fig)
+    # and without either, nothing is drawn rather than something wrong
+    fig = figures.plot_loss(family, {})
+    assert not any(_x_of_artists(ax) for ax in fig.axes if "rate of fall" in ax.get_title())
+    matplotlib.pyplot.close(fig)
+
+
+def test_the_llc_figure_runs_along_training_steps():
+    steps = np.array([0, 10, 100, 1000, 2000, 4000])
+    fig = figures.plot_llc(steps, steps * 0.001 + 3, np.full(6, 0.1), -steps / 4000,
+                           {"detected": True, "start_step": 900, "end_step": 1900})
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "training step" and ax.get_xscale() == "log"
+        xs = [line.get_xdata() for line in ax.get_lines()]
+        assert xs and all(np.array_equal(x, steps[1:]) for x in xs)  # step 0 off a log axis
+    matplotlib.pyplot.close(fig)
+
+
 def test_the_composition_matrix_holds_the_scores(family):
     run = family["runs"]["2l"]
     fig = figures.plot_composition(run)
@@ -198,8 +279,23 @@ def test_claims_table_from_the_rewritten_claims_json(family):
     assert "no induction head" in rows["1"] and "held-out loss falls" not in rows["1"]
     assert "K-composition above random" in rows["4"]
     assert "BASIS 1.2" in page and "OURS 1." in page and "why our threshold" in page
+    # the claim's argument links to its section of figures
+    assert "href='#co-occurrence'>the paper's Argument 1" in rows["1"]
+    assert "href='#mechanism'>the paper's Argument 5" in rows["4"]
+    # the thresholds, each with why ours where claims.json says
+    th = re.search(r"<details id='thresholds'>.*?</details>", page, re.S).group(0)
+    assert "loss_bump" in th and "OURS-WHY loss_bump" in th and "pivot_deg" in th
+    # robustness over seeds: per claim the seeds of each verdict, per seed the verdicts
     robust = page[page.index("Across seeds"):]
-    assert "1. Co-occurrence" in robust and "<td>7</td>" in robust
+    per_claim, per_seed = re.findall(r"<table class='robust'>.*?</table>", robust, re.S)
+    row1 = re.search(r"<tr><td class='claim'>1\. Co-occurrence</td>(.*?)</tr>", per_claim,
+                     re.S).group(1)
+    assert re.findall(r"<td>(\d+)", row1) == ["3", "6", "0", "1"]
+    assert "(seeds 3, 4, 5, 6, 7, 8)" in row1 and "(seeds 9)" in row1
+    seed3 = re.search(r"<tr><td>3</td>(.*?)</tr>", per_seed, re.S).group(1)
+    assert seed3.count("verdict no") == 1 and seed3.count("verdict ok") == 3
+    assert "1: 2l-smear: WHY SEED 3" in seed3
+    assert "not run: ERROR OF SEED 9" in per_seed
 
 
 def test_a_claims_json_of_other_members_is_left_out(family, tmp_path):
@@ -291,3 +387,36 @@ def test_the_sweep_is_found_with_its_members_workdirs_as_given(family, tmp_path,
                                               for r in family["runs"].values()})
     assert found is not None and set(found["members"]) == set(family["runs"])
     assert report.load_sweep(str(tmp_path), {"/elsewhere/2l"}) is None
+
+
+def test_a_rewritten_analysis_gets_the_same_page(tmp_path):
+    """scores.json and claims.json of the statistics rewrite (pivot, onset, eval_loss,
+    model; quote, argument, decisive, key, thresholds): the page shows what they add."""
+    result = rewritten(fake_family(str(tmp_path), names=("1l", "2l", "1l-smear", "2l-smear")))
+    (tmp_path / "claims.json").write_text(json.dumps(new_claims(result)))
+    page = open(report.write_report(result, progress=False)).read()
+    fig = re.search(r"<figure id='fig-pca'.*?</figure>", page, re.S).group(0)
+    assert "2l: pivots (NOTE 2l: turns 80 deg)" in fig and "dashed" in fig
+    assert "QUOTE OF 1. Co-occurrence" in page and "id='thresholds'" in page
+    assert page.count("<table class='robust'>") == 2
+
+
+def test_the_robustness_page_colours_the_verdicts_and_links_each_seed(tmp_path):
+    text = "\n".join([
+        "# Robustness: profile `quick`, seeds 0, 1, 2", "", "Each seed is one run.", "",
+        "| claim | supported | not supported | inconclusive | not run |",
+        "| --- | --- | --- | --- | --- |",
+        "| 1. Co-occurrence | 1 | 1 (seeds 1) | 0 | 1 (seeds 2) |", "",
+        "| seed | 1. Co-occurrence | what decided a verdict short of supported |",
+        "| --- | --- | --- |", "| 0 | supported | - |", "| 1 | not supported | 1: WHY |",
+        "| 2 | - | ERROR |"])
+    path = report.write_robustness(tmp_path, text, {0: "s0/report.html", 1: "s1/report.html"})
+    assert path == os.path.join(str(tmp_path), "report.html")
+    page = open(path).read()
+    assert "<span class='verdict ok'>supported</span>" in page
+    assert "<span class='verdict no'>not supported</span>" in page
+    assert "<td>1 (seeds 1)</td>" in page and "1: WHY" in page
+    assert re.findall(r"<a href='(s\d/report.html)'>seed (\d)</a>", page) == [
+        ("s0/report.html", "0"), ("s1/report.html", "1")]
+    assert set(re.findall(r"https?://[^'\" <>)]+", page)) == {"https://arxiv.org/abs/2209.11895"}
+    assert "<script" not in page
