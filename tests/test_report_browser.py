@@ -136,3 +136,27 @@ def test_the_attention_view_page_renders_and_answers_a_hover(tmp_path):
                         rf"{int(np.argmax(att[1, 2, q]))}", info), info
         page.screenshot(os.path.join(_screenshot_dir(tmp_path), "attention_view.png"))
         assert page.errors == []
+
+
+def test_the_seeds_page_renders_and_links_each_seeds_report(family_page, tmp_path):
+    """reproduce --seeds' page (report.write_robustness): verdicts coloured, each seed's
+    link leads to its report, which opens with its claims table."""
+    import shutil
+    from urllib.parse import unquote, urlparse
+    seed_dir = tmp_path / "s0"
+    shutil.copytree(os.path.dirname(family_page[1]), seed_dir)
+    text = ("# Robustness: profile `quick`, seeds 0\n\n| claim | supported |\n| --- | --- |\n"
+            "| 1. Co-occurrence | 1 |\n\n| seed | 1. Co-occurrence |\n| --- | --- |\n"
+            "| 0 | supported |\n")
+    path = report.write_robustness(tmp_path, text, {0: "s0/report.html"})
+    with Browser() as b:
+        page = b.open(path)
+        _check_page(page, 0)
+        assert page.evaluate("document.querySelectorAll('.verdict.ok').length") == 1
+        hrefs = page.evaluate("[...document.querySelectorAll('#seeds a')].map(a => a.href)")
+        assert len(hrefs) == 1
+        seed_page = unquote(urlparse(hrefs[0]).path)
+        assert os.path.exists(seed_page)
+        page = b.open(seed_page)
+        _check_page(page, open(seed_page).read().count("<img "))
+        assert page.evaluate(CLAIMS_SHOWN) == 4
