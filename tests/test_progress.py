@@ -7,7 +7,7 @@ import os
 import pytest
 
 from icl_jax import flops, progress, sweep
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 RECORD = {"train_loss": 2.5, "tokens_per_s": 12345.0, "mfu": 0.031}
 
@@ -120,3 +120,25 @@ def test_a_members_own_process_says_which_member_it_is(tmp_path):
     assert "member 2 of 2 (b)  step 4/4 (100%)" in log, log
     assert "\r" not in log
     assert json.loads((wd / "sweep.json").read_text())["members"]["b"]["status"] == "done"
+
+
+def test_training_against_a_peak_timed_too_low_logs_mfu_of_at_most_100_percent(
+        tmp_path, monkeypatch, capsys):
+    """The trainer end to end, stderr not a terminal (pytest captures it): plain lines, and a
+    start-up peak far below what training reaches (a busy machine's) raised to the best rate
+    seen, in the log and in metrics.jsonl alike."""
+    from icl_jax import train, workdir
+    monkeypatch.setattr(train.flops_lib, "peak",
+                        lambda dtype: flops.Peak(1e3, "1 kFLOP/s measured matmul"))
+    # timed every 10 steps or more (MIN_TIMED_STEPS); a plain line at each evaluation
+    cfg = tiny_config(**{"train.steps": "20", "train.eval_every": "10"})
+    train.train_and_evaluate(cfg, str(tmp_path), progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if "MFU" in line]
+    assert lines and all(0 < float(line.split("MFU ")[1].split("%")[0]) <= 100.0
+                         for line in lines), lines
+    assert "the best rate seen (the start-up measurement, 1 kFLOP/s measured matmul, ran low)" \
+        in lines[-1]
+    mfus = [r["mfu"] for r in workdir.read_metrics(str(tmp_path)) if r.get("mfu")]
+    assert mfus and max(mfus) <= 1.0 + 1e-9
