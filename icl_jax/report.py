@@ -17,6 +17,7 @@ import html
 import io
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -512,7 +513,11 @@ def untrained_sentence(result) -> str:
               if int(r["steps"][0]) == 0 and r["icl_score"][0] is not None]
     notes = [r.get("untrained_icl_note") for r in runs.values()] + [
         result.get("untrained_icl_note")]
-    notes = list(dict.fromkeys(n for n in notes if isinstance(n, str) and n.strip()))
+    # each run's note opens with its own score, which the sentence here gives for all of
+    # them: the account after it, said once
+    notes = [re.sub(r"^At step 0 \(untrained\) the ICL score is [-+]?[\d.]+:\s*", "", n)
+             for n in notes if isinstance(n, str) and n.strip()]
+    notes = list(dict.fromkeys(n[:1].upper() + n[1:] for n in notes))
     text = ""
     if firsts:
         text = (" At step 0 (untrained) the ICL score is "

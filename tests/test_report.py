@@ -363,6 +363,19 @@ def test_the_untrained_score_is_said_and_the_analysis_note_printed(family, famil
     assert "NOTE FROM THE ANALYSIS: why it is low." in fam and "At step 0" in fam
 
 
+def test_the_analysis_account_of_the_untrained_score_is_said_once(family):
+    """analysis.untrained_icl_note opens with the run's own score; six runs' notes differ in
+    that number only, and the account after it is said once."""
+    account = ("random logits vary more at early context indices, where attention averages "
+               "fewer positions.")
+    for name, run in family["runs"].items():
+        run["untrained_icl_note"] = (f"At step 0 (untrained) the ICL score is "
+                                     f"{run['icl_score'][0]:+.2f}: {account}")
+    said = report.untrained_sentence(family)
+    assert said.lower().count("random logits vary") == 1 and said.count("At step 0") == 1
+    assert "Random logits vary more" in said and "-0.70 (2l-mlp)" in said
+
+
 def test_one_run_gets_a_page_without_claims(tmp_path):
     result = fake_family(str(tmp_path), names=("2l",))
     page = open(report.write_report(result, progress=False)).read()
