@@ -377,7 +377,11 @@ def plot_pca(pca: dict, runs: dict | None = None):
     ax.set_ylabel(f"PC2 ({ev[1]:.0%} of variance)" if len(ev) > 1 else "PC2")
     ax.set_title("per-token loss PCA (▲ first snapshot; thick: phase change, "
                  "○ its start, □ its end)", fontsize=10)
-    _legend_outside(ax, fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: labels[k].startswith("the chords"))
+    if handles:
+        ax.legend([handles[k] for k in order], [labels[k] for k in order], fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
 
 

@@ -154,6 +154,7 @@ def test_the_pca_legend_gives_each_pivot_and_the_chords_it_compared(family):
     fig = figures.plot_pca(result["pca"], result["runs"])
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[-1] == "the chords the pivot compares"  # after the models, not among them
     detected = [n for n, r in result["runs"].items() if r["phase_change"]["detected"]]
     assert "2l" in detected and "2l-smear" in detected and "1l" not in detected
     assert sorted(labels) == sorted(
