@@ -133,6 +133,17 @@ def plot_family(result):
     return fig
 
 
+def plot_heads(ax, tokens, v_NLH, induction, bold_lw: float, faint_alpha: float):
+    """One curve per head of a [snapshot, layer, head] score, coloured by layer, the
+    induction heads bold and labelled so."""
+    for layer in range(v_NLH.shape[1]):
+        for h in range(v_NLH.shape[2]):
+            bold = (layer, h) in induction
+            ax.plot(tokens, v_NLH[:, layer, h], color=f"C{layer}",
+                    lw=bold_lw if bold else 0.8, alpha=1.0 if bold else faint_alpha,
+                    label=f"L{layer}H{h}" + (" (induction)" if bold else ""))
+
+
 def plot_icl(run: dict):
     """One run: the ICL score against tokens (with its standard error, the phase change
     shaded) and beside it the prefix matching of every head, its induction heads bold."""
@@ -156,12 +167,7 @@ def plot_icl(run: dict):
     a.legend(fontsize=8)
     pm = np.asarray(run["prefix_matching"], np.float64)
     ind = _induction(run)
-    for layer in range(pm.shape[1]):
-        for h in range(pm.shape[2]):
-            bold = (layer, h) in ind
-            b.plot(tokens, pm[:, layer, h], color=f"C{layer}", lw=2.2 if bold else 0.8,
-                   alpha=1.0 if bold else 0.55,
-                   label=f"L{layer}H{h}" + (" (induction)" if bold else ""))
+    plot_heads(b, tokens, pm, ind, bold_lw=2.2, faint_alpha=0.55)
     _shade(b, run, label=None)
     b.set(ylabel="prefix matching", ylim=(0, 1), title="prefix matching of every head "
           "(colour: layer; bold: induction heads)")
@@ -461,12 +467,7 @@ def plot_head_scores(run: dict):
             (axes[0], "previous_token", "previous-token attention", (0, 1)),
             (axes[1], "copying", "copying score (OV circuit's eigenvalues)", (-1, 1))):
         v = np.asarray(run[key], np.float64)
-        for layer in range(v.shape[1]):
-            for h in range(v.shape[2]):
-                bold = (layer, h) in ind
-                ax.plot(tokens, v[:, layer, h], color=f"C{layer}", lw=2 if bold else 0.8,
-                        alpha=1.0 if bold else 0.6,
-                        label=f"L{layer}H{h}" + (" (induction)" if bold else ""))
+        plot_heads(ax, tokens, v, ind, bold_lw=2, faint_alpha=0.6)
         _shade(ax, run, label=None)
         ax.set(ylim=ylim, ylabel=title, title=f"{run['name']}: {title} of every head")
         _tokens_axis(ax, tokens_per_step(run))

@@ -101,24 +101,24 @@ def load_sweep(out, workdirs) -> dict | None:
     return None
 
 
-def _configs(result) -> dict:
+def _per_run(result, read, missing) -> dict:
+    """read(workdir) for each run, missing() where its folder is gone or unreadable (a
+    report drawn from scores.json alone)."""
     out = {}
     for name, run in result["runs"].items():
         try:
-            out[name] = workdir_lib.read_config_dict(run["workdir"])
+            out[name] = read(run["workdir"])
         except (OSError, ValueError, KeyError):
-            out[name] = None
+            out[name] = missing()
     return out
+
+
+def _configs(result) -> dict:
+    return _per_run(result, workdir_lib.read_config_dict, lambda: None)
 
 
 def _metrics(result) -> dict:
-    out = {}
-    for name, run in result["runs"].items():
-        try:
-            out[name] = workdir_lib.read_metrics(run["workdir"])
-        except (OSError, ValueError, KeyError):
-            out[name] = []
-    return out
+    return _per_run(result, workdir_lib.read_metrics, list)
 
 
 # ----------------------------------------------------------------------------- html pieces
