@@ -5,11 +5,10 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 from icl_jax import cli
-from conftest import ROOT
+from conftest import tiny_config
 
 FAMILY_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "early_family.json")
 
@@ -64,18 +63,21 @@ def test_a_config_json_edited_into_nonsense_stops_train(run_copy, capsys):
 
 def _saved_analysis(tmp_path, damage_metrics=False):
     """<tmp>/analysis/2l/scores.json and the run folder <tmp>/2l beside it, from the scores of
-    a real run (tests/data/early_family.json) with per-token losses made up for the PCA."""
+    a real run (tests/data/early_family.json). With damage_metrics the scores.json is one
+    saved before it held the held-out loss, so claims reads the run folder's metrics.jsonl,
+    whose third line is cut short."""
     with open(FAMILY_FIXTURE) as f:
         fixture = json.load(f)
     run = dict(fixture["runs"]["2l"], name="2l")
-    run["per_token_loss"] = np.zeros((len(run["steps"]), 4)).tolist()
+    eval_loss = run.pop("eval_loss") if damage_metrics else run["eval_loss"]
     scores = tmp_path / "analysis" / "2l" / "scores.json"
     scores.parent.mkdir(parents=True)
     scores.write_text(json.dumps(run))
     home = tmp_path / "2l"
     home.mkdir()
-    (home / "config.json").write_text("{}")
-    lines = [json.dumps(r) + "\n" for r in fixture["metrics"]["2l"]]
+    (home / "config.json").write_text(tiny_config("layers=2").to_json())
+    lines = [json.dumps({"step": s, "eval_loss": v}) + "\n"
+             for s, v in zip(eval_loss["steps"], eval_loss["loss"])]
     if damage_metrics:
         lines.insert(2, '{"step": 100, "eval_lo\n')
     (home / "metrics.jsonl").write_text("".join(lines))
@@ -113,7 +115,7 @@ def test_a_sweep_file_with_a_syntax_error_is_named(tmp_path, capsys):
 def test_a_damaged_sweep_json_is_written_again_from_the_members(tmp_path, capsys):
     """sweep.json is an index of the members' folders: a damaged one is said and rebuilt."""
     sweep_file = tmp_path / "my_sweep.py"
-    base = os.path.join(ROOT, "configs", "small.py") + ":layers=1"
+    base = "small:layers=1"
     sweep_file.write_text(f"def get_sweep(arg=None):\n    return {{'base': {base!r}, "
                           "'members': {'a': {'overrides': {'seed': 1}}}}\n")
     (tmp_path / "s").mkdir()

@@ -2,8 +2,9 @@
 time, end bit for bit where an uninterrupted run ends (CPU, same config and seed), with no
 metrics step logged twice. One run killed from its first seconds on (before and during the
 compile, during the step-0 evaluation, during and right after snapshot 0, then in training
-and mid-save); an ensemble killed mid-way through its members' saves; the same kills of a
-run in a bucket are in test_gcs.py."""
+and mid-save); an ensemble killed mid-way through its members' saves. A run in a bucket
+killed once and resumed is test_gcs.py's test_train_kill_resume_analyze_export_in_a_bucket;
+the kills at chosen moments are not repeated there (each costs a fake server's round trips)."""
 import os
 import shutil
 import signal
