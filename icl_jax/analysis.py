@@ -342,10 +342,15 @@ def _code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def scoring_key(run: checkpoints.Run, ablation: str, llc: bool) -> str:
-    """A digest of everything a run's scores follow from: its snapshots' steps, its whole
-    config, the ablation kind, whether the LLC is estimated, and the scoring code."""
-    what = json.dumps({"steps": [int(s) for s in run.steps], "config": run.config.to_dict(),
+def scoring_key(run: checkpoints.Run, ablation: str, llc: bool, steps=None) -> str:
+    """A digest of everything a run's scores follow from: the snapshots scored (`steps`;
+    default: every snapshot the run holds now), each with what it holds (Run.snapshot_id),
+    its whole config, the ablation kind, whether the LLC is estimated, and the scoring code.
+    A scores.json keyed on the snapshots it scored is reused only while the run holds those
+    same snapshots: one added, repaired or saved again since is scored."""
+    steps = run.steps if steps is None else steps
+    what = json.dumps({"snapshots": [[int(s), run.snapshot_id(int(s))] for s in steps],
+                       "config": run.config.to_dict(),
                        "ablation": ablation, "llc": bool(llc), "code": _code_digest()},
                       sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:24]
@@ -427,6 +432,8 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
             per, last[name] = score_run(run, chunk, ablation, progress, llc=with_llc)
             # derived from the numbers as saved, so that a reuse derives the same
             per = _per_snapshot(_jsonable(per))
+        # keyed on the snapshots scored (a damaged one skipped is scored once repaired)
+        key = scoring_key(run, ablation, with_llc, per["steps"])
         runs[name] = _jsonable({**_record(name, run, per, ablation), "scored_with": key})
         workdir_lib.write_text(run_dir / "scores.json", json.dumps(runs[name]))
     pca = shared_pca(runs)

@@ -702,10 +702,7 @@ def load_saved(folders) -> dict:
         for path in paths:
             if not path.exists():
                 continue
-            try:
-                run = json.loads(path.read_text())
-            except ValueError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); analyze the run again") from None
+            run = workdir_lib.read_json(path)  # a damaged one: an error naming it
             name = path.parent.name if path != base / "scores.json" else run.get("name")
             if name not in FAMILY:
                 continue

@@ -163,11 +163,11 @@ def load_config(spec, overrides):
 def cmd_train(args, overrides):
     from icl_jax import train, workdir
     workdir.check_usable(args.workdir)
-    if args.config is None and workdir.has_run(args.workdir):
+    if args.config is None and (workdir.has_run(args.workdir)
+                                or workdir.snapshot_steps(args.workdir)):
         # the run in --workdir, continued (with --config.train.steps=N: trained longer)
         from icl_jax import config as config_lib
-        config = config_lib.with_overrides(
-            config_lib.from_dict(workdir.read_config_dict(args.workdir)), overrides)
+        config = config_lib.with_overrides(train.run_config(args.workdir), overrides)
     else:
         config = load_config(args.config or DEFAULT_CONFIG, overrides)
     record = train.train_and_evaluate(config, args.workdir, overwrite=args.overwrite,
@@ -293,16 +293,35 @@ def main(argv=None):
     from icl_jax import distributed
     from icl_jax.config import ConfigError
     from icl_jax.data import DataError
-    from icl_jax.train import TrainingError
     from icl_jax.workdir import WorkdirError
-    # a user's mistake is one line; anything else (a KeyError from a bug) keeps its traceback
-    user_errors = (ConfigError, DataError, WorkdirError, TrainingError,
-                   distributed.DistributedError, FileNotFoundError, BlockingIOError)
+    # a user's mistake, or a file or disk it broke, is one line; anything else (a KeyError
+    # from a bug) keeps its traceback
+    user_errors = (ConfigError, DataError, WorkdirError, distributed.DistributedError, OSError)
     try:
         if args.command != "sweep":  # a sweep's members join the multi-host run, not the sweep
             distributed.maybe_initialize()
         return COMMANDS[args.command](args, overrides)
-    except user_errors as e:
-        message = e.args[0] if e.args else str(e)
-        print(f"error: {message}", file=sys.stderr)
+    except user_errors + _heavy_user_errors() as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _heavy_user_errors() -> tuple:
+    """The user-error classes of modules that import jax, once something has imported them
+    (an error from a module not yet imported cannot have been raised)."""
+    found = []
+    for module, name in (("icl_jax.train", "TrainingError"),
+                         ("icl_jax.checkpoints", "SnapshotError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line; an OSError as what failed on which file (its args
+    are (errno, text), not a message)."""
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        where = " -> ".join(f for f in (e.filename, e.filename2) if f)
+        return f"{e.strerror}: {where}" if where else e.strerror
+    message = e.args[0] if e.args else str(e)
+    return " ".join(str(message).split())

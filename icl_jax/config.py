@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import os
 import re
 
@@ -158,6 +159,17 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def from_dict(saved: dict) -> ml_collections.ConfigDict:
     """A saved config (as a dict) as a ConfigDict, upgraded to today's fields."""
     return ml_collections.ConfigDict(upgrade(saved))
+
+
+def from_saved(saved: dict, source: str) -> ml_collections.ConfigDict:
+    """A saved config (config.json, a snapshot's copy) upgraded and validated; a ConfigError
+    names `source` (a hand-edited or damaged file is the user's to mend)."""
+    try:
+        if not isinstance(saved, dict):
+            raise ConfigError("is not a config (a JSON object of sections)")
+        return validate(from_dict(saved))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e.args[0]}") from None
 
 
 # Fields added after runs were saved without them, with the value that reproduces those
@@ -346,13 +358,20 @@ def validate(config) -> ml_collections.ConfigDict:
             _need(m.vocab_size >= d.bpe_vocab_size, "model.vocab_size",
                   f"({m.vocab_size}) must be at least data.bpe_vocab_size ({d.bpe_vocab_size})")
 
+    # jax.random.key keeps the low 32 bits: seeds 2**32 apart would be one run
+    _need(0 <= config.seed < 2**32, "seed", f"must be in [0, 2**32), got {config.seed}")
     _need(t.steps >= 1, "train.steps", f"must be positive, got {t.steps}")
     _need(t.batch_size >= 1, "train.batch_size", f"must be positive, got {t.batch_size}")
-    _need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    _need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be positive and finite, got {t.lr}")
+    for f in ("b1", "b2"):  # Adam's moment decay rates
+        _need(0 <= t[f] < 1, f"train.{f}", f"must be in [0, 1), got {t[f]}")
+    for f in ("weight_decay", "weight_decay_after"):
+        _need(t[f] >= 0 and math.isfinite(t[f]), f"train.{f}", f"must be >= 0, got {t[f]}")
     _need(t.schedule in ("constant", "cosine", "paper"), "train.schedule",
           f"must be constant, cosine or paper, got {t.schedule!r}")
     _need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
+    _need(t.grad_clip >= 0 and math.isfinite(t.grad_clip), "train.grad_clip",
+          "must be >= 0 (0 turns clipping off)")
     _need(t.log_every >= 1, "train.log_every", "must be positive")
     _need(t.eval_every >= 1, "train.eval_every", "must be positive")
     _need(t.schedule != "paper" or 0 < t.weight_decay_drop_step < t.steps,

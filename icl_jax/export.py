@@ -124,7 +124,15 @@ def export_hooked_transformer(workdir: str, step: int | None, out: str) -> str:
 def load_hooked_transformer(path: str):
     """The TransformerLens model of export_hooked_transformer's file (transformer_lens_model)."""
     torch = _import_torch()
-    saved = torch.load(path, weights_only=False)
+    # tensors and plain values only: a pickle could run any code, so none is unpickled
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises several kinds for a file that is not its own
+        raise ValueError(f"{path}: not a file export_hooked_transformer wrote "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
+        raise ValueError(f"{path}: not a file export_hooked_transformer wrote (no config and "
+                         "state_dict)")
     return transformer_lens_model(saved["config"], saved["state_dict"])
 
 

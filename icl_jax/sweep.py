@@ -11,7 +11,11 @@ Every member's config is resolved and validated before anything starts. Each mem
 trains in <workdir>/<name> in its own `python -m icl_jax train` process (so that N
 run at a time and one crash does not end the sweep), logging to <name>/train.log.
 Finished members are skipped, unfinished ones resume. <workdir>/sweep.json is the
-index, rewritten atomically whenever a member starts or ends.
+index, rewritten atomically whenever a member starts or ends; a sweep started again
+writes each entry from the member's folder (done, running, pending), whatever a killed
+sweep left. On Linux a member's process gets SIGTERM when its sweep dies, even by SIGKILL.
+
+A sweep file, like a config file, is Python that icl-jax runs: load only files you trust.
 """
 from __future__ import annotations
 
@@ -187,9 +191,7 @@ class Index:
             entry.update({"workdir": m.workdir, "config": m.spec, "overrides": m.overrides,
                           "command": shlex.join(m.command()), "steps": m.config.train.steps,
                           "last_step": workdir_lib.newest_snapshot(m.workdir)})
-            entry.setdefault("status", "pending")
-            if entry["status"] == "running":  # a sweep that was killed left it so
-                entry["status"] = "pending"
+            entry.update(_true_status(m, entry.get("status", "pending")))
             self.data["members"][m.name] = entry
 
     def update(self, name: str, **fields):
@@ -197,10 +199,21 @@ class Index:
         self.write()
 
     def _read(self) -> dict:
+        """sweep.json as it is; {} if there is none or it is damaged (it is an index of the
+        members' folders, written again from them)."""
         try:
-            return json.loads(workdir_lib.path(self.path).read_text())
-        except (OSError, ValueError):
+            data = json.loads(workdir_lib.path(self.path).read_text())
+        except FileNotFoundError:
             return {}
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("members", {}), dict):
+            if self.enabled and not getattr(self, "_warned", False):
+                print(f"warning: {self.path} is damaged; written again from the members' "
+                      "folders", file=sys.stderr)
+                self._warned = True
+            return {}
+        return data
 
     def _merged(self) -> str:
         on_disk = self._read()
@@ -227,6 +240,39 @@ class Index:
                 f.write(self._merged())
             os.replace(tmp, self.path)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _true_status(m: Member, recorded: str) -> dict:
+    """What a member's index entry must say when a sweep starts, whatever an earlier sweep
+    left there (a sweep killed outright leaves "running"): done if its run is finished,
+    running (with the pid) while a trainer holds its workdir, failed as recorded until it
+    is tried again, else pending."""
+    if finished(m):
+        return {"status": "done", "pid": None}
+    owner = workdir_lib.read_lock(m.workdir)
+    # on object storage a killed trainer's lock stays behind: dead if its pid is gone here
+    if owner is not None and not workdir_lib.Lock.owner_is_dead_here(owner):
+        return {"status": "running", "pid": owner.get("pid")}
+    return {"status": "failed" if recorded == "failed" else "pending", "pid": None}
+
+
+def _parent_death_signal():
+    """A function for a member's process to run before it starts (subprocess's preexec_fn):
+    the kernel sends it SIGTERM when the sweep's process dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so that no trainer outlives its sweep; it saves a snapshot and
+    exits, as on any SIGTERM. None where there is no such signal. prctl is looked up here,
+    in the sweep, so that the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+    PR_SET_PDEATHSIG = 1
+
+    def die_with_parent():
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the sweep died before the line above took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return die_with_parent
 
 
 def _process_id() -> int:
@@ -330,6 +376,7 @@ class _Stop:
 def _run_pool(members, index, jobs, progress, say, cache=None):
     """Runs each member's train process, `jobs` at a time; updates the index as they go."""
     env = child_env(jobs, cache)
+    die_with_parent = _parent_death_signal()
     queue, running = list(members), {}
     last_report = time.time()
     with _Stop() as stop:
@@ -343,7 +390,8 @@ def _run_pool(members, index, jobs, progress, say, cache=None):
                 which = progress_lib.member_env(m.name, index.mine.index(m.name) + 1,
                                                 len(index.mine))  # its bar says member k of N
                 proc = subprocess.Popen(m.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        env={**env, **which}, stdin=subprocess.DEVNULL)
+                                        env={**env, **which}, stdin=subprocess.DEVNULL,
+                                        preexec_fn=die_with_parent)
                 stop.children.append(proc)
                 running[m.name] = (m, proc, time.time(), log)
                 index.update(m.name, status="running", started=_now(), pid=proc.pid,

@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -30,6 +31,14 @@ PREFETCH_BATCHES = 2
 
 class TrainingError(RuntimeError):
     """Training cannot go on (divergence, a workdir of another run); the message says why."""
+
+
+class Diverged(TrainingError):
+    """The loss or the gradients of member `member` stopped being finite at step `step`."""
+
+    def __init__(self, message, step: int, member: int):
+        super().__init__(message)
+        self.step, self.member = step, member
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -211,33 +220,143 @@ def extends(saved: dict, new: dict) -> bool:
                                             without_steps(config_lib.run_identity(new))))
 
 
-def prepare_workdir(config, workdir, overwrite: bool):
-    """Writes the config into `workdir`, or checks it against the saved one; refuses a
-    different run unless `overwrite`, which clears the old run's snapshots and metrics.
+# what a divergence message suggests changing: a diverged run continues with other values
+# of these from its last snapshot, as a stated continuation (recorded in history.jsonl)
+CONTINUABLE = ("train.lr", "train.skip_nonfinite", "train.grad_clip")
 
+
+def snapshot_config(workdir) -> tuple[int | None, dict | None]:
+    """(step, config dict) saved with the newest snapshot whose config can be read: the
+    run's identity (config.json is a copy of it for readers), or (None, None)."""
+    steps = workdir_lib.snapshot_steps(workdir)
+    if not steps:
+        return None, None
+    store = checkpoints.Store(workdir, read_only=True)
+    try:
+        for step in reversed(steps):
+            try:
+                return step, config_lib.upgrade(store.saved_config(step))
+            except checkpoints.SnapshotError as e:
+                if not e.damaged:
+                    raise
+    finally:
+        store.close()
+    return None, None
+
+
+def _identity_key(d: dict) -> str:
+    return json.dumps(config_lib.run_identity(d), sort_keys=True)
+
+
+def _field(change: str) -> str:
+    return change.split(":")[0]
+
+
+def continuation(workdir, saved: dict, new: dict, saved_step) -> tuple[str | None, list[str]]:
+    """How the config `new` continues the run whose snapshots were saved with `saved`:
+    (None, []) the same run; (reason, changes) a continuation: trained longer (train.steps
+    raised, the schedule not cosine: see extends), or, after a divergence, other values of
+    CONTINUABLE; ("pending", changes) a continuation recorded but not yet saved in a
+    snapshot. None as the reason with changes: a different run."""
+    changes = workdir_lib.config_diff(config_lib.run_identity(saved),
+                                      config_lib.run_identity(new))
+    if not changes:
+        return None, []
+    events = [e for e in workdir_lib.read_history(workdir)
+              if e["event"] in ("diverged", "continued")]
+    last = events[-1] if events else {}
+    if (last.get("event") == "continued" and last.get("from_step") == saved_step
+            and last.get("config") == _identity_key(new)):
+        return "pending", changes
+    if extends(saved, new):
+        return "trained longer", changes
+    diverged = None  # a divergence no snapshot has been saved past
+    for e in reversed(events):
+        if e["event"] == "diverged":
+            diverged = e
+            break
+        if e.get("from_step") != saved_step:
+            break
+    longer = (new["train"]["steps"] > saved["train"].get("steps", 0)
+              and new["train"]["schedule"] != "cosine")
+    if diverged and all(_field(c) in CONTINUABLE or (_field(c) == "train.steps" and longer)
+                        for c in changes):
+        return f"it diverged at step {diverged.get('step')}", changes
+    return None, changes
+
+
+def run_config(workdir):
+    """The config of the run in `workdir`, to continue it (`train --workdir` without
+    --config): config.json, which must agree with the copy the newest snapshot holds
+    (a hand-edited config.json is refused, naming it), or that copy when config.json is
+    missing (prepare_workdir writes config.json again, saying so)."""
+    step, saved = snapshot_config(workdir)
+    path = workdir_lib.config_path(workdir)
+    if not workdir_lib.has_run(workdir):
+        if saved is None:
+            raise FileNotFoundError(f"{str(workdir)!r} holds no run (no {workdir_lib.CONFIG} "
+                                    "and no snapshot)")
+        return config_lib.from_saved(saved, f"the config saved with snapshot {step} of "
+                                            f"{str(workdir)!r}")
+    config = config_lib.from_saved(workdir_lib.read_config_dict(workdir), str(path))
+    if saved is not None:
+        reason, changes = continuation(workdir, saved, json.loads(config.to_json()), step)
+        if changes and reason is None:
+            raise workdir_lib.WorkdirError(
+                f"{str(path)}: differs from the config saved with snapshot {step} "
+                f"({', '.join(changes[:5])}): it was edited; the snapshots are the run: put it "
+                "back (or delete it, to have it written again from the snapshot's copy), "
+                "train with --config.x=y for what can change, or start another run with "
+                "--overwrite")
+    return config
+
+
+def prepare_workdir(config, workdir, overwrite: bool, say=None) -> dict | None:
+    """Writes the config into `workdir`, or checks it against the run there; refuses a
+    different run unless `overwrite`, which clears the old run's snapshots and metrics.
+    Returns the config saved with the newest snapshot (a dict), or None.
+
+    The run there is the config its newest snapshot was saved with (config.json when it
+    has none yet). A continuation (train.steps raised; after a divergence, other values
+    of CONTINUABLE) is said and recorded in history.jsonl.
     On several hosts only process 0 writes or deletes, and the others wait for it.
     """
+    say = say or (lambda text: print(text, file=sys.stderr))
     text = config.to_json(indent=2, sort_keys=True)
-    if workdir_lib.has_run(workdir) and not overwrite:
-        saved = config_lib.upgrade(workdir_lib.read_config_dict(workdir))
-        new = json.loads(text)
-        # a run measured with other eval or llc values is the same run (config.MEASUREMENT):
-        # the new values are written below, for the analysis
-        changed = workdir_lib.config_diff(config_lib.run_identity(saved),
-                                          config_lib.run_identity(new))
-        if changed and extends(saved, new):
-            changed = []  # training longer: the snapshots so far are the same run's
-        if changed:
-            raise TrainingError(f"workdir {str(workdir)!r} holds a run of a different config "
-                                f"({', '.join(changed[:5])}); pass --overwrite to replace it "
-                                "or choose another --workdir")
+    new = json.loads(text)
+    saved_step, saved, event = None, None, None
+    if not overwrite:
+        saved_step, saved = snapshot_config(workdir)
+        if saved is None and workdir_lib.has_run(workdir):
+            saved = config_lib.upgrade(workdir_lib.read_config_dict(workdir))
+        if saved is not None:
+            # a run measured with other eval or llc values is the same run (config.MEASUREMENT):
+            # the new values are written below, for the analysis
+            reason, changes = continuation(workdir, saved, new, saved_step)
+            if changes and reason is None:
+                raise TrainingError(f"workdir {str(workdir)!r} holds a run of a different config "
+                                    f"({', '.join(changes[:5])}); pass --overwrite to replace it "
+                                    "or choose another --workdir")
+            if changes and saved_step is not None and reason != "pending":
+                event = dict(from_step=saved_step, changes=changes, reason=reason,
+                             config=_identity_key(new))
     if jax.process_index() == 0:
         if overwrite:
             workdir_lib.clear_run(workdir)
+        if saved_step is not None and not workdir_lib.has_run(workdir):
+            say(f"warning: {str(workdir_lib.config_path(workdir))} is missing: written again "
+                f"from the config saved with snapshot {saved_step}")
+            workdir_lib.add_event(workdir, "config.json restored", from_step=saved_step)
+        if event:
+            say(f"continuing {str(workdir)!r} from step {saved_step} with "
+                f"{', '.join(event['changes'])} ({event['reason']}); recorded in "
+                f"{workdir_lib.HISTORY}")
+            workdir_lib.add_event(workdir, "continued", **event)
         workdir_lib.write_config(workdir, text)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"prepare_workdir {workdir}")
+    return saved if saved_step is not None else None
 
 
 class _StopSignal:
@@ -355,19 +474,41 @@ def _run(members, overwrite, progress, stop_after):
     for w in members.workdirs:
         workdir_lib.check_usable(w)
     locks = []
-    try:
-        if jax.process_index() == 0:
-            locks = [workdir_lib.Lock(w) for w in members.workdirs]
-        sources = [data_lib.make_source(c, w) for c, w in zip(members.configs, members.workdirs)]
-        for c, w in zip(members.configs, members.workdirs):
-            prepare_workdir(c, w, overwrite)
-        return _train(members, sources, progress, stop_after)
-    finally:
-        for lock in locks:
-            lock.release()
+    # a SIGTERM from here on (data, compile, the step-0 evaluation) ends the call cleanly
+    with _StopSignal() as stop:
+        try:
+            if jax.process_index() == 0:
+                locks = [workdir_lib.Lock(w) for w in members.workdirs]
+            sources = [data_lib.make_source(c, w)
+                       for c, w in zip(members.configs, members.workdirs)]
+            saved = [prepare_workdir(c, w, overwrite)
+                     for c, w in zip(members.configs, members.workdirs)]
+            return _train(members, sources, progress, stop_after, stop, saved)
+        except Diverged as err:
+            if jax.process_index() == 0:
+                workdir_lib.add_event(members.workdirs[err.member], "diverged", step=err.step)
+            raise
+        finally:
+            for lock in locks:
+                lock.release()
 
 
-def _train(members, sources, progress, stop_after):
+def _stopped_before_training(stop, members, progress, start) -> list | None:
+    """[{}] per member if a signal came before the first step: nothing new to save (a fresh
+    run starts the same way again, a resumed one from the same snapshot)."""
+    received = stop.received
+    if jax.process_count() > 1:  # hosts stop together
+        received = _agree_to_stop(received)
+    if not received:
+        return None
+    if progress and jax.process_index() == 0:
+        print(f"received {received} before training step {start + 1}: nothing new to "
+              f"save; run the same command again to {'resume' if start else 'start'}",
+              file=sys.stderr)
+    return [{}] * len(members)
+
+
+def _train(members, sources, progress, stop_after, stop, saved_configs):
     config = members.configs[0]  # everything but ENSEMBLE_FREE is shared
     t, e, ck = config.train, config.eval, config.checkpoint
     seq_len = config.model.context + 1
@@ -405,19 +546,32 @@ def _train(members, sources, progress, stop_after):
 
     # --- state: the newest snapshot every member can restore, or a fresh start
     stores = [checkpoints.Store(w, ck.max_to_keep, ck.async_save) for w in members.workdirs]
-    abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed, t))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                            abstract)
-    start, states = _restore_members(stores, abstract, members.workdirs)
-    if states is None:
+    try:
+        start, states = _restore_members(stores, model, config, saved_configs, replicated)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    fresh = states is None
+    if fresh:
         init = jax.jit(lambda seed, hp: {**init_state(model, tx, seed, t), "hparams": hp},
                        out_shardings=replicated)
         start, states = 0, [init(c.seed, hparams_of(c.train)) for c in members.configs]
-    elif jax.process_index() == 0 and progress:
-        print(f"resuming {', '.join(map(str, members.workdirs))} from step {start}",
-              file=sys.stderr)
+    else:
+        if jax.process_index() == 0 and progress:
+            print(f"resuming {', '.join(map(str, members.workdirs))} from step {start}",
+                  file=sys.stderr)
+        # the config's learning rate and weight decay, which a continuation may change
+        states = [{**st, "hparams": jax.tree.map(lambda v: global_array(np.asarray(v), mesh, P()),
+                                                 hparams_of(c.train))}
+                  for st, c in zip(states, members.configs)]
     state = members.stack(states, sharding=replicated)
     del states
+    early = _stopped_before_training(stop, members, progress, start)
+    if early is not None:
+        for store in stores:
+            store.close()
+        return early
 
     # --- compile once, ahead of time, and say how much memory the step needs
     # measured before the step competes for cores; raised if training outruns it (MFU <= 1)
@@ -428,29 +582,38 @@ def _train(members, sources, progress, stop_after):
     compiled = lowered.compile()  # from the persistent cache, when a sweep has one
     if progress and jax.process_index() == 0:
         _print_memory(compiled, len(members), time.perf_counter() - t_compile)
+    early = _stopped_before_training(stop, members, progress, start)
+    if early is not None:
+        for store in stores:
+            store.close()
+        return early
     evaluate = make_eval_fn(model, e, members.stacked)
 
     def eval_records(params):
         return [_eval_record(o) for o in members.split(fetch(evaluate(params, eval_BT1,
                                                                       probe_BT)))]
 
-    # --- snapshots and metrics: step 0 of a fresh run is saved and evaluated
+    # --- snapshots and metrics: step 0 of a fresh run (not of one resumed from snapshot 0)
+    # is evaluated and saved
     schedule = set(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
     config_dicts = [c.to_dict() for c in members.configs]
 
     def save(step):
+        # the metrics first: every record up to a snapshot is stored before the snapshot
+        # exists (on object storage the log is rewritten whole), so a resume lacks none
+        for log in logs:
+            log.flush()
         for store, member_state, config_dict in zip(stores, members.split(state), config_dicts):
             store.save(step, member_state, config_dict, force=True)
-        for log in logs:  # on object storage the log is stored whole with each snapshot
-            log.flush()
 
-    logs = ([workdir_lib.MetricsLog(w, start) for w in members.workdirs]
+    # a fresh start keeps no record: a killed one may have logged step 0 before its snapshot
+    logs = ([workdir_lib.MetricsLog(w, -1 if fresh else start) for w in members.workdirs]
             if jax.process_index() == 0 else [])
-    if start == 0:
-        if 0 in schedule:
-            save(0)
+    if fresh:
         for log, rec in zip(logs, eval_records(state["params"])):
             log.write({"step": 0, "tokens": 0, "train_loss": None, "tokens_per_s": 0.0, **rec})
+        if 0 in schedule:
+            save(0)
     bar = progress_lib.Bar(t.steps, progress and jax.process_index() == 0, peak, start)
     metrics_log = _MetricsQueue(members, logs, bar, start,
                                 t.batch_size * config.model.context,
@@ -461,35 +624,35 @@ def _train(members, sources, progress, stop_after):
     # host batches are made (and copied) ahead in a thread; device-made ones need nothing
     batches = (prefetch.Prefetcher(get_batch, start, t.steps, PREFETCH_BATCHES)
                if PREFETCH_BATCHES and generator is None else None)
-    with _StopSignal() as stop:
-        try:
-            while step < t.steps:
-                batch = batches.get(step) if batches else get_batch(step)
-                state, metrics = compiled(state, batch)
-                step += 1
-                if stop_after is not None and step >= stop_after and step < t.steps:
-                    stop.received = stop.received or f"stop_after={stop_after}"
-                stopping = stop.received
-                if jax.process_count() > 1:  # hosts stop together, at a log step
-                    stopping = _agree_to_stop(stop.received) if step % t.log_every == 0 else None
-                metrics_log.flush()  # the previous step's, now that this one runs
-                is_eval = step % t.eval_every == 0 or step == t.steps
-                if is_eval or step % t.log_every == 0 or step in schedule or stopping:
-                    metrics_log.queue(step, metrics,
-                                      eval_records(state["params"]) if is_eval else None)
-                if step in schedule or stopping:
-                    metrics_log.flush()  # a snapshot's metrics are checked before it is kept
-                    save(step)
-                if stopping:
-                    stop.received = stopping
-                    break
-            metrics_log.flush()
-        finally:
-            if batches:
-                batches.close()
-            for store in stores:
-                store.close()  # always wait for the last asynchronous save
-            metrics_log.close()
+    # (the signal handler is _run's, set before the data and the compile)
+    try:
+        while step < t.steps:
+            batch = batches.get(step) if batches else get_batch(step)
+            state, metrics = compiled(state, batch)
+            step += 1
+            if stop_after is not None and step >= stop_after and step < t.steps:
+                stop.received = stop.received or f"stop_after={stop_after}"
+            stopping = stop.received
+            if jax.process_count() > 1:  # hosts stop together, at a log step
+                stopping = _agree_to_stop(stop.received) if step % t.log_every == 0 else None
+            metrics_log.flush()  # the previous step's, now that this one runs
+            is_eval = step % t.eval_every == 0 or step == t.steps
+            if is_eval or step % t.log_every == 0 or step in schedule or stopping:
+                metrics_log.queue(step, metrics,
+                                  eval_records(state["params"]) if is_eval else None)
+            if step in schedule or stopping:
+                metrics_log.flush()  # a snapshot's metrics are checked before it is kept
+                save(step)
+            if stopping:
+                stop.received = stopping
+                break
+        metrics_log.flush()
+    finally:
+        if batches:
+            batches.close()
+        for store in stores:
+            store.close()  # always wait for the last asynchronous save
+        metrics_log.close()
     if stop.received and progress:
         print(f"\nreceived {stop.received} at step {step}: snapshot saved; run the same "
               f"command again to resume from step {step}", file=sys.stderr)
@@ -551,11 +714,14 @@ class _MetricsQueue:
         for k, (record, m) in enumerate(zip(records, self.members.split(fetch(metrics)))):
             first_bad, skipped = int(m["first_bad_step"]), int(m["skipped"])
             if first_bad >= 0:
-                which = f" (member {self.members.workdirs[k]})" if len(records) > 1 else ""
-                raise TrainingError(f"training diverged at step {first_bad}{which}: the loss "
-                                    "or the gradients are not finite; the snapshots before it "
-                                    "are kept (--config.train.skip_nonfinite=true skips such "
-                                    "steps instead)")
+                w = self.members.workdirs[k]
+                which = f" (member {w})" if len(records) > 1 else ""
+                raise Diverged(f"training diverged at step {first_bad}{which}: the loss or the "
+                               "gradients are not finite; the snapshots before it are kept: "
+                               f"`icl-jax train --workdir {w} --config.train.skip_nonfinite=true` "
+                               "(skips such steps), or a lower --config.train.lr or a "
+                               "--config.train.grad_clip, continues from the last one",
+                               first_bad, k)
             record = {**record, "train_loss": float(m["train_loss"]),
                       "grad_norm": float(m["grad_norm"])}
             if skipped:
@@ -579,20 +745,44 @@ def _agree_to_stop(received):
     return received or ("a signal on another host" if np.any(flags) else None)
 
 
-def _restore_members(stores, abstract, workdirs):
-    """(step, [state per member]) at the newest step every member can restore."""
-    try:
-        found = [store.restore_newest(abstract) for store in stores]
-    except RuntimeError as err:
-        raise TrainingError(str(err)) from None
-    if all(state is None for _, state in found):
+def _restore_members(stores, model, config, saved_configs, replicated):
+    """(step, [state per member]) at the newest step every member can restore, or
+    (None, None) for a fresh start.
+
+    The state is restored with the optimizer of the config it was saved with (a
+    continuation may have changed train.grad_clip, which adds or removes the clipping's
+    state) and converted to this config's.
+    """
+    t = config.train
+    saved_clip = next((c["train"]["grad_clip"] for c in saved_configs if c), t.grad_clip)
+
+    def abstract_state(grad_clip):
+        t_saved = ml_collections.ConfigDict(t.to_dict())
+        t_saved.grad_clip = grad_clip
+        tx = make_optimizer(t_saved)
+        abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed, t_saved))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            abstract)
+
+    def say(text):  # warnings: printed even when quiet
+        if jax.process_index() == 0:
+            print(text, file=sys.stderr)
+
+    if all(not store.steps() for store in stores):
         return None, None
-    steps = [step for step, _ in found]
-    if len(set(steps)) == 1:
-        return steps[0], [state for _, state in found]
-    common = min(s if s is not None else -1 for s in steps)
-    if common < 0 or any(common not in store.steps() for store in stores):
-        raise TrainingError(f"ensemble members were saved at different steps ({steps}) with no "
-                            f"step in common; resume them one by one: "
-                            f"{', '.join(map(str, workdirs))}")
-    return common, [store.restore(common, abstract) for store in stores]
+    # members killed between their saves of snapshot 0 (or before): all start afresh
+    if all(set(store.steps()) <= {0} for store in stores) and any(
+            not store.steps() for store in stores):
+        for store in stores:
+            if store.steps():
+                store.remove(0)
+        return None, None
+    try:
+        step, states = checkpoints.newest_restorable(stores, abstract_state(saved_clip), say)
+    except checkpoints.SnapshotError as err:
+        raise TrainingError(str(err)) from None
+    if (saved_clip > 0) != (t.grad_clip > 0):
+        # optax.chain(clip_by_global_norm, adamw)'s state is (EmptyState(), adamw's state)
+        states = [{**st, "opt_state": (optax.EmptyState(), st["opt_state"]) if t.grad_clip > 0
+                   else st["opt_state"][1]} for st in states]
+    return step, states

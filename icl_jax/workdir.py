@@ -4,7 +4,15 @@
     <workdir>/metrics.jsonl       one JSON record per logged step
     <workdir>/snapshots/<step>/   orbax snapshots (written by checkpoints.Store)
     <workdir>/corrupt_snapshots/  snapshots that failed to restore, moved aside
+    <workdir>/history.jsonl       what happened to the run besides training: a divergence, a
+                                  stated continuation (more steps, a divergence's advice taken),
+                                  config.json written again from a snapshot's copy
+    <workdir>/orbax.log           orbax's own log (its tracebacks), kept out of the terminal
     <workdir>/.lock               held by the one process that trains into it
+
+A run's identity is the config saved with its snapshots (each holds the config that made
+it); config.json is the copy that tools read, checked against the newest snapshot's on
+every resume.
 
 Paths are etils.epath paths, so the same code reads a local folder or a bucket
 (gs://, through gcsfs). Object storage has no rename, no append and no flock, so three
@@ -28,8 +36,9 @@ import time
 
 from etils import epath
 
-CONFIG, METRICS, SNAPSHOTS, CORRUPT, LOCK = (
-    "config.json", "metrics.jsonl", "snapshots", "corrupt_snapshots", ".lock")
+CONFIG, METRICS, SNAPSHOTS, CORRUPT, LOCK, HISTORY, ORBAX_LOG = (
+    "config.json", "metrics.jsonl", "snapshots", "corrupt_snapshots", ".lock", "history.jsonl",
+    "orbax.log")
 
 
 class WorkdirError(ValueError):
@@ -103,13 +112,33 @@ def has_run(workdir) -> bool:
     return config_path(workdir).exists()
 
 
+def read_json(p, what: str = "") -> dict:
+    """A JSON object from the file `p`; WorkdirError naming the file when it cannot be read
+    as one (cut short, edited by hand), FileNotFoundError when it is missing."""
+    p = epath.Path(p)
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise WorkdirError(f"{os.fspath(p)}: not a text file{what}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkdirError(f"{os.fspath(p)}: not valid JSON ({e.msg} at line {e.lineno}, "
+                           f"column {e.colno}){what}") from None
+    if not isinstance(value, dict):
+        raise WorkdirError(f"{os.fspath(p)}: holds a JSON {type(value).__name__}, not an "
+                           f"object{what}")
+    return value
+
+
 def read_config_dict(workdir) -> dict:
     """config.json as written (use config.from_json to get a ConfigDict)."""
     p = config_path(workdir)
     if not p.exists():
         raise FileNotFoundError(f"{str(workdir)!r} holds no run (no {CONFIG}); pass the "
                                 "--workdir a training run wrote")
-    return json.loads(p.read_text())
+    return read_json(p, "; put it back, or delete it: `icl-jax train --workdir` writes it "
+                        "again from the newest snapshot's copy")
 
 
 def write_config(workdir, text: str):
@@ -131,20 +160,42 @@ def config_diff(saved: dict, new: dict, prefix: str = "") -> list[str]:
 
 # ----------------------------------------------------------------------------- metrics.jsonl
 
-def read_metrics(workdir) -> list[dict]:
-    """metrics.jsonl as a list; a last line cut short by a crash is ignored."""
+def _metrics_lines(workdir) -> list[tuple[int, dict | None]]:
+    """(line number, record or None where the line is not a record) of metrics.jsonl."""
     p = metrics_path(workdir)
     if not p.exists():
         return []
-    lines = [line for line in p.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        text = p.read_bytes().decode(errors="replace")
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise
-    return records
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            record = None
+        out.append((n, record))
+    return out
+
+
+def _damaged_line(workdir, n: int) -> WorkdirError:
+    return WorkdirError(f"{os.fspath(metrics_path(workdir))}: line {n} is not a metrics record "
+                        "(a JSON object with a step); mend or delete that line")
+
+
+def read_metrics(workdir) -> list[dict]:
+    """metrics.jsonl as a list; a last line cut short by a crash is ignored, a damaged line
+    before it is a WorkdirError naming the line."""
+    lines = _metrics_lines(workdir)
+    for i, (n, record) in enumerate(lines):
+        if record is None and i != len(lines) - 1:
+            raise _damaged_line(workdir, n)
+    return [r for _, r in lines if r is not None]
 
 
 def last_metrics_step(workdir):
@@ -166,7 +217,15 @@ class MetricsLog:
     """
 
     def __init__(self, workdir, resume_step: int, flush_every_s: float = 30.0):
-        kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+        lines = _metrics_lines(workdir)
+        # records are in step order: a damaged line among those trimmed away costs nothing
+        # (a crash's cut, or damage the resume rewrites); one among those kept is named
+        last_kept = max((i for i, (_, r) in enumerate(lines)
+                         if r is not None and r["step"] <= resume_step), default=-1)
+        bad = [n for n, r in lines[:last_kept + 1] if r is None]
+        if bad:
+            raise _damaged_line(workdir, bad[0])
+        kept = [r for _, r in lines[:last_kept + 1] if r["step"] <= resume_step]
         self.path = metrics_path(workdir)
         self.remote = is_remote(workdir)
         self.flush_every_s = flush_every_s
@@ -201,13 +260,46 @@ class MetricsLog:
 
 
 def clear_run(workdir):
-    """Removes the snapshots and metrics of a run (for --overwrite); config.json is rewritten."""
+    """Removes the snapshots, metrics and history of a run (for --overwrite); config.json is
+    rewritten."""
     s = snapshots_dir(workdir)
     if s.exists():
         s.rmtree()
-    m = metrics_path(workdir)
-    if m.exists():
-        m.unlink()
+    for name in (METRICS, HISTORY):
+        m = path(workdir) / name
+        if m.exists():
+            m.unlink()
+
+
+# ----------------------------------------------------------------------------- history.jsonl
+
+def read_history(workdir) -> list[dict]:
+    """history.jsonl's events, oldest first; lines that are not events are skipped (the
+    history explains a run, nothing restores from it)."""
+    p = path(workdir) / HISTORY
+    if not p.exists():
+        return []
+    events = []
+    for line in p.read_bytes().decode(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and "event" in event:
+            events.append(event)
+    return events
+
+
+def add_event(workdir, event: str, **fields):
+    """Appends {"event", "time", **fields} to history.jsonl (rewritten whole, so the same on
+    object storage, and small)."""
+    record = {"event": event, **fields,
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    p = path(workdir) / HISTORY
+    old = p.read_bytes().decode(errors="replace") if p.exists() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    _write_atomic(p, old + json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- snapshots
@@ -366,7 +458,7 @@ class Lock:
                 return
             except FileExistsError:
                 owner = self._existing_owner(fs, key)
-                if owner is not None and not self._owner_is_dead_here(owner):
+                if owner is not None and not self.owner_is_dead_here(owner):
                     self._refuse(owner)
                 fs.rm_file(key)  # its process is gone (or it vanished): try once more
         self._refuse(self._existing_owner(fs, key))
@@ -379,7 +471,7 @@ class Lock:
             return None
 
     @staticmethod
-    def _owner_is_dead_here(owner) -> bool:
+    def owner_is_dead_here(owner) -> bool:
         """The owner ran on this host and its pid is gone: the lock is stale for certain."""
         if owner.get("host") != socket.gethostname():
             return False

@@ -11,20 +11,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 SMALL = "small"  # the built-in config every test starts from (icl_jax/configs/small.py)
 
 
+# the small config shrunk so that a run takes a second or two
+TINY = {"model.d_model": "32", "model.n_heads": "2", "model.context": "32",
+        "model.vocab_size": "32", "train.steps": "12", "train.batch_size": "8",
+        "train.log_every": "2", "train.eval_every": "4", "eval.n_examples": "8",
+        "eval.icl_early_index": "2", "eval.icl_late_index": "20",
+        "eval.probe_tokens": "7", "eval.probe_sequences": "2",
+        "data.segment_len_min": "3", "data.segment_len_max": "8",
+        "checkpoint.every": "4", "checkpoint.log_spaced": "2"}
+
+
 def tiny_config(arg="layers=2", **overrides):
     """The small config shrunk so that a run takes a second or two."""
     from icl_jax import config as config_lib
     cfg = config_lib.load(f"{SMALL}:{arg}")
-    defaults = {"model.d_model": "32", "model.n_heads": "2", "model.context": "32",
-                "model.vocab_size": "32", "train.steps": "12", "train.batch_size": "8",
-                "train.log_every": "2", "train.eval_every": "4", "eval.n_examples": "8",
-                "eval.icl_early_index": "2", "eval.icl_late_index": "20",
-                "eval.probe_tokens": "7", "eval.probe_sequences": "2",
-                "data.segment_len_min": "3", "data.segment_len_max": "8",
-                "checkpoint.every": "4", "checkpoint.log_spaced": "2"}
+    defaults = dict(TINY)
     defaults.update({k: str(v) for k, v in overrides.items()})
     config_lib.override(cfg, defaults)
     return config_lib.validate(cfg)
+
+
+def tiny_args(arg="layers=2", **overrides):
+    """tiny_config as `icl-jax train` arguments: --config and its --config.x=y overrides."""
+    values = {**TINY, **{k: str(v) for k, v in overrides.items()}}
+    return (["--config", f"{SMALL}:{arg}"]
+            + [f"--config.{k}={v}" for k, v in values.items()])
 
 
 @pytest.fixture

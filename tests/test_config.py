@@ -46,6 +46,19 @@ def test_bad_overrides_name_the_field(overrides, field):
     ({"train.schedule": "paper"}, "train.weight_decay_drop_step"),
     ({"checkpoint.every": "0"}, "checkpoint.every"),
     ({"model.n_layers": "0"}, "model.n_layers"),
+    # the optimizer's ranges: these trained with exit 0 before
+    ({"train.b1": "1.5"}, "train.b1"),
+    ({"train.b2": "1.0"}, "train.b2"),
+    ({"train.b1": "-0.1"}, "train.b1"),
+    ({"train.weight_decay": "-1"}, "train.weight_decay"),
+    ({"train.weight_decay_after": "-0.5"}, "train.weight_decay_after"),
+    ({"train.lr": "inf"}, "train.lr"),
+    ({"train.lr": "nan"}, "train.lr"),
+    ({"train.grad_clip": "inf"}, "train.grad_clip"),
+    # jax.random.key keeps a seed's low 32 bits: 2**32 would be seed 0's run
+    ({"seed": str(2**70)}, "seed"),
+    ({"seed": str(2**32)}, "seed"),
+    ({"seed": "-1"}, "seed"),
 ])
 def test_invalid_configs_are_rejected_naming_the_field(overrides, field):
     cfg = config_lib.override(config_lib.load(SMALL), overrides)

@@ -1,6 +1,7 @@
 """export: the .npz against an independent numpy forward pass, every layout (LayerNorm, MLP,
 smeared keys), TransformerLens loading it, and the command line."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -116,6 +117,26 @@ def test_cli_export_user_mistakes(tmp_path, capsys):
     assert cli.main(["export", "--workdir", str(tmp_path)] + out) == 2
     assert "no snapshots" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a malicious file would do: any call at load time
+        return (open, (self.marker, "w"))
+
+
+def test_loading_a_torch_file_unpickles_no_code(tmp_path):
+    """load_hooked_transformer reads tensors and plain values only (weights_only=True): a
+    file built to run code when unpickled is refused, naming it, and the code never runs."""
+    torch = pytest.importorskip("torch")
+    marker = str(tmp_path / "code_ran")
+    path = str(tmp_path / "evil.pt")
+    torch.save({"config": _RunsCodeWhenUnpickled(marker), "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="evil.pt: not a file export_hooked_transformer wrote"):
+        export.load_hooked_transformer(path)
+    assert not os.path.exists(marker)
 
 
 def test_without_torch_the_transformer_lens_export_names_the_extra(trained_2l, tmp_path, capsys,

@@ -1,7 +1,12 @@
-"""Fault injection: a run killed with SIGKILL at random moments, restarted each time,
-ends bit for bit where an uninterrupted run ends (CPU, same config and seed)."""
-import glob
+"""Fault injection: runs killed with SIGKILL at chosen and random moments, restarted each
+time, end bit for bit where an uninterrupted run ends (CPU, same config and seed), with no
+metrics step logged twice. One run killed from its first seconds on (before and during the
+compile, during the step-0 evaluation, during and right after snapshot 0, then in training
+and mid-save); an ensemble killed mid-way through its members' saves. A run in a bucket
+killed once and resumed is test_gcs.py's test_train_kill_resume_analyze_export_in_a_bucket;
+the kills at chosen moments are not repeated there (each costs a fake server's round trips)."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,80 +17,213 @@ import numpy as np
 import pytest
 
 from icl_jax import checkpoints, workdir
-from conftest import ROOT
+from conftest import ROOT, tiny_args
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--config", "small:layers=1", "--config.train.steps=1000",
-        "--config.model.d_model=16", "--config.eval.n_examples=8", "--config.train.log_every=10",
-        "--config.train.eval_every=50", "--config.checkpoint.every=25",
-        "--config.checkpoint.log_spaced=4", "--quiet"]
+STEPS = 200
+FIELDS = {"train.steps": STEPS, "train.log_every": 10, "train.eval_every": 50,
+          "checkpoint.every": 25, "checkpoint.log_spaced": 0}
+ARGS = tiny_args("layers=1", **FIELDS)  # not --quiet: the log says when the step is compiled
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
 
 
-def _start(workdir):
-    return subprocess.Popen([sys.executable, "-m", "icl_jax", "train", "--workdir", workdir, *ARGS],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+def cached(env, folder) -> dict:
+    """`env` with a persistent compilation cache in `folder`, so that a restart loads the
+    step its killed predecessor compiled (as a sweep's members do) instead of compiling it
+    again: the first attempts, which find it empty, are killed before or just after their
+    compile; the cache only makes the test shorter."""
+    return dict(env, JAX_COMPILATION_CACHE_DIR=str(folder),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+COMPILED = "compiled train step"
+
+# the first seconds of a fresh run, each killed once in this order, then training
+FIRST_SECONDS = ("before the step is compiled", "the step-0 evaluation", "saving snapshot 0",
+                 "right after snapshot 0")
+TRAINING = ("training", "mid-save")
 
 
-def _saving(workdir):
-    """True while orbax has a snapshot in flight (its temporary folder exists)."""
-    return bool(glob.glob(os.path.join(workdir, "snapshots", "*tmp*")))
+def _committed(work) -> set[int]:
+    return set(workdir.snapshot_steps(work))
 
 
-def test_sigkill_at_random_moments_loses_nothing(tmp_path):
-    ref = str(tmp_path / "ref")
-    assert _start(ref).wait(timeout=600) == 0
+def _in_flight(work) -> set[str]:
+    """Snapshot folders not (yet) committed: a save under way (locally orbax's tmp folder, in
+    a bucket a step folder without its commit marker)."""
+    try:
+        names = {p.name for p in workdir.snapshots_dir(work).iterdir()}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    return names - {str(s) for s in _committed(work)}
 
-    work = str(tmp_path / "killed")
-    rng = np.random.default_rng(0)
-    kills, during_save, progress = 0, 0, []
-    for attempt in range(20):
-        before = workdir.read_metrics(work)
-        last_step = before[-1]["step"] if before else -1
-        proc = _start(work)
-        # Wait until this process trains (it logs past where the last one got), then kill
-        # it at a random moment, or, every other time, as soon as a save is in flight.
-        hunt_save = attempt % 2 == 1
+
+def _log_says(log, text) -> bool:
+    with open(log, errors="replace") as f:
+        return text in f.read()
+
+
+def _start(command, log, env):
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "icl_jax", *command], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def timed_reference(command, log, env=ENV) -> float:
+    """Runs `command` to the end; returns the seconds it took to compile its step."""
+    t0 = time.time()
+    proc = _start(command, log, env)
+    compiled_at = None
+    while proc.poll() is None:
+        if compiled_at is None and _log_says(log, COMPILED):
+            compiled_at = time.time() - t0
+        time.sleep(0.05)
+    assert proc.returncode == 0, open(log).read()[-3000:]
+    return compiled_at or time.time() - t0
+
+
+def _last_logged(work) -> int:
+    records = workdir.read_metrics(work)
+    return records[-1]["step"] if records else -1
+
+
+def _kill(proc, works):
+    """SIGKILLs `proc`; returns each workdir's newest snapshot then and whether a save was in
+    flight."""
+    saving = any(_in_flight(w) for w in works)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return [workdir.newest_snapshot(w) for w in works], saving
+
+
+def kill_at(moments, command, works, logs, rng, t_compiled, env=ENV, poll=0.002):
+    """Starts `command` (which trains into `works`, one workdir per ensemble member) once per
+    moment and SIGKILLs it then; at last runs it to the end. Returns, per kill, (moment,
+    each workdir's newest snapshot after it, whether a save was in flight when it came).
+
+    The first seconds are those of a fresh run (no snapshot yet), or right after snapshot 0;
+    "training" and "mid-save" come once the process has logged a step past where the one
+    before got, so that every restart gets further; "between members' saves" the moment one
+    member of an ensemble commits a snapshot newer than all of them held."""
+    kills = []
+    for n, moment in enumerate(moments):
+        log = os.path.join(logs, f"attempt{n}.log")
+        last = _last_logged(works[0])
+        proc = _start(command, log, env)
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            records = workdir.read_metrics(work)
-            if records and records[-1]["step"] > last_step:
-                break
-            time.sleep(0.01)
-        if hunt_save:
-            while proc.poll() is None and not _saving(work) and time.time() < deadline:
-                time.sleep(0.002)
+
+        def wait(ready):
+            while proc.poll() is None and time.time() < deadline and not ready():
+                time.sleep(poll)
+
+        if moment == "before the step is compiled":  # imports, data, restore or compile
+            time.sleep(rng.uniform(0.0, t_compiled))
+        elif moment == "the step-0 evaluation":  # what follows the compile
+            wait(lambda: _log_says(log, COMPILED))
+        elif moment == "saving snapshot 0":
+            wait(lambda: any(_in_flight(w) for w in works))
+        elif moment == "right after snapshot 0":
+            wait(lambda: all(0 in _committed(w) for w in works))
         else:
-            time.sleep(rng.uniform(0.0, 1.5))
+            wait(lambda: _log_says(log, COMPILED))  # (the restore's leftovers cleaned)
+            before = [_in_flight(w) for w in works]
+            common = min(max(_committed(w), default=-1) for w in works)
+            if moment == "between members' saves":  # as soon as one member's save commits
+                wait(lambda: any(max(_committed(w), default=-1) > common for w in works))
+            else:
+                wait(lambda: _last_logged(works[0]) > last)
+                if moment == "mid-save":
+                    wait(lambda: any(_in_flight(w) - b for w, b in zip(works, before)))
+                else:
+                    time.sleep(rng.uniform(0.0, 1.0))
         if proc.poll() is not None:
-            break  # finished before we could kill it
-        saving = _saving(work)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        during_save += saving
-        progress.append(checkpoints.Store(work, read_only=True).latest())
-        if kills >= 6:
-            break
-    final = _start(work)
-    _, err = final.communicate(timeout=600)
-    assert final.returncode == 0, err
-    print(f"\nkills survived: {kills} ({during_save} during an asynchronous save); "
-          f"newest snapshot after each kill: {progress}")
-    assert kills >= 5, f"only {kills} kills"
+            break  # it finished (or failed: the final run says) before the moment came
+        newest, saving = _kill(proc, works)
+        if moment == "between members' saves" and len(set(newest)) == 1:
+            # the members' commits came closer together than a poll: leave what a kill
+            # between them leaves, the last member without the newest snapshot
+            shutil.rmtree(workdir.snapshots_dir(works[-1]) / str(newest[-1]))
+            newest = [workdir.newest_snapshot(w) for w in works]
+        kills.append((moment, newest, saving))
+    final = os.path.join(logs, "final.log")
+    proc = _start(command, final, env)
+    assert proc.wait(timeout=600) == 0, open(final).read()[-3000:]
+    return kills
 
-    a = checkpoints.Run(ref).params(1000)
-    b = checkpoints.Run(work).params(1000)
+
+def _same_record(a: dict, b: dict) -> bool:
+    timing = ("tokens_per_s", "mfu")
+    return {k: v for k, v in a.items() if k not in timing} == \
+           {k: v for k, v in b.items() if k not in timing}
+
+
+def assert_same_run(ref, work, step):
+    """Bit for bit the same params at `step`, and the same metrics, each step logged once."""
+    a = checkpoints.Run(ref).params(step)
+    b = checkpoints.Run(work).params(step)
     jax.tree.map(np.testing.assert_array_equal, a, b)  # bit for bit on CPU
-
-    ref_steps = [r["step"] for r in workdir.read_metrics(ref)]
-    got = workdir.read_metrics(work)
+    want, got = workdir.read_metrics(ref), workdir.read_metrics(work)
     steps = [r["step"] for r in got]
-    assert len(steps) == len(set(steps)), "a step was logged twice"
-    assert set(ref_steps) <= set(steps), f"missing steps: {sorted(set(ref_steps) - set(steps))}"
-    ref_loss = {r["step"]: r["train_loss"] for r in workdir.read_metrics(ref)}
-    for r in got:
-        if r["step"] in ref_loss and r["train_loss"] is not None:
-            assert r["train_loss"] == ref_loss[r["step"]]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    assert steps == [r["step"] for r in want]
+    bad = [r["step"] for r, s in zip(got, want) if not _same_record(r, s)]
+    assert not bad, f"metrics differ at steps {bad[:5]}"
+
+
+def test_sigkill_from_the_first_seconds_on_loses_nothing(tmp_path):
+    ref = str(tmp_path / "ref")
+    t_compiled = timed_reference(["train", "--workdir", ref, *ARGS], str(tmp_path / "ref.log"))
+    work = str(tmp_path / "killed")
+    moments = FIRST_SECONDS + TRAINING
+    kills = kill_at(moments, ["train", "--workdir", work, *ARGS], [work], str(tmp_path),
+                    np.random.default_rng(0), t_compiled, env=cached(ENV, tmp_path / "cache"))
+    print(f"\n{len(kills)} kills: " + "; ".join(f"{m} (then newest snapshot {s[0]}"
+                                                f"{', mid-save' if saving else ''})"
+                                                for m, s, saving in kills))
+    assert len(kills) == len(moments), kills
+    # and restarts got on from there
+    assert max((s[0] for _, s, _ in kills if s[0] is not None), default=-1) >= 25, kills
+    # the first two kills found no snapshot; one left snapshot 0 as the newest (the restart
+    # resumes from it and must not save step 0 again); some came while a save was in flight
+    assert [s for _, s, _ in kills[:2]] == [[None], [None]], kills
+    assert [0] in [s for _, s, _ in kills], kills
+    assert sum(saving for *_, saving in kills) >= 2, kills
+    assert_same_run(ref, work, STEPS)
+
+
+def _ensemble_sweep(tmp_path) -> str:
+    """Two seeds that `icl-jax sweep --ensemble` trains as one vmapped ensemble."""
+    path = tmp_path / "seeds.py"
+    overrides = dict(a[len("--config."):].split("=", 1) for a in ARGS[2:])
+    path.write_text(f"def get_sweep(arg=None):\n    return {{'base': {ARGS[1]!r}, "
+                    f"'overrides': {overrides!r}, "
+                    "'members': {'s0': {'overrides': {'seed': 0}}, "
+                    "'s1': {'overrides': {'seed': 1}}}}\n")
+    return str(path)
+
+
+def test_sigkill_mid_way_through_an_ensembles_saves_loses_nothing(tmp_path):
+    """The members of an ensemble save one after another: killed between them, their newest
+    snapshots differ, and the restart resumes every member from the newest step they all
+    hold (saving again, bit for bit, the steps some already had)."""
+    spec = _ensemble_sweep(tmp_path)
+    names = ("s0", "s1")
+
+    def sweep(root):
+        return ["sweep", "--config", spec, "--workdir", root, "--ensemble"]
+    ref = str(tmp_path / "ref")
+    t_compiled = timed_reference(sweep(ref), str(tmp_path / "ref.log"))
+    root = str(tmp_path / "killed")
+    works = [os.path.join(root, n) for n in names]
+    kills = kill_at(("right after snapshot 0", "mid-save", "between members' saves"),
+                    sweep(root), works,
+                    str(tmp_path), np.random.default_rng(1), t_compiled)
+    print(f"\n{len(kills)} kills: " + "; ".join(f"{m} (then newest snapshots {s}"
+                                                f"{', mid-save' if saving else ''})"
+                                                for m, s, saving in kills))
+    assert len(kills) == 3 and kills[1][2], kills  # the mid-save kill found a save in flight
+    # the last kill left the members' newest snapshots different: the restart resumed them
+    # all from the newest step they shared and saved again the one a member already had
+    assert len(set(kills[-1][1])) == 2, kills
+    for n in names:
+        assert_same_run(os.path.join(ref, n), os.path.join(root, n), STEPS)

@@ -207,3 +207,59 @@ def test_an_in_process_sweep_stops_when_its_member_is_stopped(tmp_path, monkeypa
     monkeypatch.setattr(train, "train_and_evaluate", real)
     index = sweep.run_sweep(spec, wd, in_process=True, progress=False)
     assert {m["status"] for m in index["members"].values()} == {"done"}
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a reparented child nobody reaps)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_members_stop_when_the_sweep_is_killed_and_a_rerun_finds_the_truth(tmp_path):
+    """SIGKILL the sweep while two members train: they get SIGTERM from the kernel (a
+    parent-death signal), save a snapshot and exit, instead of training on as orphans; the
+    index then says pending, not the "running" the killed sweep left."""
+    import signal
+    import time
+    long = {**TINY, "train.steps": "1000000", "checkpoint.every": "100000"}
+    spec = _write_sweep(tmp_path, {"a": {}, "b": {"overrides": {"seed": 1}}}, overrides=long)
+    wd = tmp_path / "runs"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="")
+    parent = subprocess.Popen([sys.executable, "-m", "icl_jax", "sweep", "--config", spec,
+                               "--workdir", str(wd), "--jobs", "2", "--quiet"], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and parent.poll() is None:
+            if all(os.path.exists(wd / n / "metrics.jsonl") and (wd / n / "metrics.jsonl")
+                   .read_text().count("\n") >= 3 for n in "ab"):
+                break
+            time.sleep(0.2)
+        index = json.loads((wd / "sweep.json").read_text())
+        pids = [index["members"][n]["pid"] for n in "ab"]
+        assert parent.poll() is None and all(map(_alive, pids)), index
+        members = sweep.resolve(spec, str(wd), overrides=long)
+        now = sweep.Index(str(wd), spec, members).data["members"]  # while they train
+        assert [now[n]["status"] for n in "ab"] == ["running"] * 2
+        assert [now[n]["pid"] for n in "ab"] == pids
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 120
+        while time.time() < deadline and any(map(_alive, pids)):
+            time.sleep(0.2)
+        assert not any(map(_alive, pids)), "members outlived their sweep"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert json.loads((wd / "sweep.json").read_text())["members"]["a"]["status"] == "running"
+    after = sweep.Index(str(wd), spec, members).data["members"]
+    assert [after[n]["status"] for n in "ab"] == ["pending"] * 2
+    for n in "ab":  # each saved where the SIGTERM found it
+        assert "received SIGTERM" in (wd / n / "train.log").read_text()
+        assert after[n]["last_step"] and after[n]["last_step"] > 0

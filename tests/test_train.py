@@ -137,17 +137,25 @@ def test_workdir_of_another_config_is_refused(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["train"]["lr"] == 3e-3
 
 
+def _edit_saved_configs(work, edit):
+    """Applies edit(dict) to config.json and to every snapshot's copy of the config (what a
+    run saved by an older version holds)."""
+    for path in [work / "config.json", *work.glob("snapshots/*/config/metadata")]:
+        saved = json.loads(path.read_text())
+        edit(saved)
+        path.write_text(json.dumps(saved))
+
+
 def test_a_run_saved_before_model_attention_existed_still_resumes(tmp_path):
     cfg = tiny_config()
     train.train_and_evaluate(cfg, str(tmp_path), progress=False, stop_after=4)
-    saved = json.load(open(tmp_path / "config.json"))
-    del saved["model"]["attention"]  # as config.json was written before the field existed
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    # as the run was saved before the field existed
+    _edit_saved_configs(tmp_path, lambda saved: saved["model"].pop("attention"))
     train.train_and_evaluate(cfg, str(tmp_path), progress=False)
     assert checkpoints.Run(str(tmp_path)).steps[-1] == cfg.train.steps
     # but a saved run that named another kernel is a different run
-    saved["model"]["attention"] = "dot_product_attention"
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _edit_saved_configs(tmp_path, lambda saved: saved["model"].update(
+        attention="dot_product_attention"))
     with pytest.raises(train.TrainingError, match="model.attention"):
         train.train_and_evaluate(cfg, str(tmp_path), progress=False)
 

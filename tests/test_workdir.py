@@ -48,7 +48,8 @@ def test_metrics_are_trimmed_on_resume_and_a_cut_off_last_line_is_ignored(tmp_pa
     log.close()
     assert [r["step"] for r in workdir.read_metrics(w)] == [0, 2, 4, 5]
     _write_lines(w, ['{"step": 0}\n', '{"ste\n', '{"step": 2}\n'])
-    with pytest.raises(json.JSONDecodeError):  # damage before the end is not a crash's cut
+    # damage before the end is not a crash's cut: named, with its line
+    with pytest.raises(workdir.WorkdirError, match=r"metrics.jsonl: line 2 is not a metrics"):
         workdir.read_metrics(w)
     assert workdir.read_metrics(str(tmp_path / "none")) == []
 
