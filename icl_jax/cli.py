@@ -32,6 +32,14 @@ def _ablation(kind: str) -> str:
     return kind
 
 
+def _llc_mode(text: str):
+    from icl_jax.head_llc import parse_mode
+    try:
+        return parse_mode(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--llc ")) from None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="icl-jax",
@@ -66,9 +74,12 @@ def build_parser():
     p.add_argument("--ablation", default="pattern", type=_ablation,
                    help="how heads are ablated for their ICL attribution: pattern (patterns "
                         "frozen; default), zero or mean")
-    p.add_argument("--llc", action="store_true",
+    p.add_argument("--llc", nargs="?", const="model", default=None, type=_llc_mode,
+                   metavar="model|heads|heads,data",
                    help="also estimate the local learning coefficient of every snapshot "
-                        "(SGLD chains; the config's llc section; minutes on a CPU)")
+                        "(SGLD chains; the config's llc section; minutes on a CPU); heads: "
+                        "and every head's (weight-refined); heads,data: and every head's on "
+                        "the data's subsets (data-refined; docs/llc-heads.md)")
     p.add_argument("--rescore", action="store_true",
                    help="score every snapshot again, even where a scores.json written with "
                         "the same snapshots, config and scoring code could be reused")
@@ -91,7 +102,8 @@ def build_parser():
                         "the paper's shapes, for accelerators")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llc", action="store_true",
-                   help="also the local learning coefficient of every 1l and 2l snapshot")
+                   help="also the local learning coefficient of every 1l and 2l snapshot, "
+                        "and every head's of 12 snapshots of 2l and 3l")
     p.add_argument("--update-readme", action="store_true",
                    help="copy results.md and three figures into README.md's Results section "
                         "(and docs/results/)")
@@ -191,7 +203,8 @@ def cmd_analyze(args, overrides):
               file=sys.stderr)
         return 2
     result = analysis.analyze(args.workdir, out=args.out, chunk=args.chunk,
-                              ablation=args.ablation, progress=not args.quiet, llc=args.llc,
+                              ablation=args.ablation, progress=not args.quiet,
+                              llc=bool(args.llc), llc_heads=args.llc and args.llc[1],
                               rescore=args.rescore, measure=overrides)
     from icl_jax import report
     report.write_report(result, progress=not args.quiet)
