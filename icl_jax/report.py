@@ -331,6 +331,10 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True) 
             makers.append(("llc", lambda: plot_llc(
                 run["steps"], run["llc"], run["llc_std"], run["icl_score"],
                 run["phase_change"], f"{name}: local learning coefficient")))
+        if run.get("llc_heads") is not None:  # analyze --llc heads: every head's wrLLC
+            from icl_jax import head_llc_plot
+            makers.append(("llc_heads", lambda: head_llc_plot.plot_head_llc(
+                run, f"{name}: every head's refined LLC")))
         for fname, make in makers:
             path = os.path.join(run_dir, f"{fname}.png")
             save_figure(make(), path)

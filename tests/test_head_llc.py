@@ -267,7 +267,7 @@ def test_analyze_llc_heads_records_every_head(tmp_path):
     scores.json, equal to one call of heads_over_snapshots over the whole run; a second
     analyze reuses them, one with another HeadView does not."""
     import json
-    from icl_jax import analysis, checkpoints, cli, train
+    from icl_jax import analysis, checkpoints, cli, report, train
     config = tiny_config("layers=2", **{"llc.chains": 2, "llc.draws": 3, "llc.examples": 32,
                                         "llc.batch_size": 8})
     workdir = tmp_path / "2l"
@@ -276,6 +276,9 @@ def test_analyze_llc_heads_records_every_head(tmp_path):
     out = tmp_path / "a"
     result = analysis.analyze([str(workdir)], out=str(out), chunk=4, progress=False,
                               llc_heads=view)
+    report.write_report(result, progress=False)  # the report shows the head figure
+    assert (out / "llc_heads.png").stat().st_size > 10_000
+    assert "2l: llc heads" in (out / "report.html").read_text()
     saved = json.loads((out / "scores.json").read_text())
     rec = saved["llc_heads"]
     steps = saved["steps"]
