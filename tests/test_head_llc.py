@@ -65,6 +65,30 @@ def test_wrllc_of_a_head_at_a_quadratic_minimum_is_half_its_parameters(stacking)
     assert np.abs(np.delete(r["llc_chains"][0, 0].reshape(4, -1), 3, 0)).max() < 1e-3
 
 
+@pytest.mark.parametrize("stacking", ["map", "vmap"])
+def test_heads_and_snapshots_share_one_traced_program(stacking):
+    """Every head of a layer is one traced computation (mapped or vmapped over the head
+    index), not a Python loop per head, and the snapshots reuse the program compiled for the
+    first: the loss is traced as often for 4 heads a layer as for 2, and as often for three
+    snapshots as for one (a Python loop over heads would trace it H times a layer)."""
+    def traces(n_heads, n_snapshots):
+        config, model, _ = tiny_model(**{"model.d_model": 8, "model.n_heads": n_heads})
+        trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
+        calls = [0]
+
+        def loss(p, b):
+            calls[0] += 1  # runs only while jax traces
+            return 0.5 * jnp.mean(jnp.sum((flat_head(p, 1, 0) - b["x"]) ** 2, -1))
+        x = jnp.zeros((16, head_llc.n_head_params(model.cfg)))
+        r = head_llc.heads_over_snapshots(model, trees, {"all": {"x": x}},
+                                          llc_cfg(chains=2, burn_in=0, draws=3, batch_size=4),
+                                          stacking=stacking, chunk=n_snapshots, loss_fn=loss)
+        assert r["llc"].shape == (n_snapshots, 1, 2, n_heads)
+        return calls[0]
+
+    assert traces(2, 1) == traces(4, 1) == traces(2, 3) > 0
+
+
 def test_program_gives_each_heads_own_estimate():
     """The compiled program (every subset, layer, head and chain of two snapshots, mapped
     and vmapped) gives, head by head, what estimate_head_llc gives for that head alone:
