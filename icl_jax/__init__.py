@@ -1,7 +1,7 @@
 """icl_jax: in-context learning and induction heads (Olsson et al., 2022) in JAX."""
 
 __all__ = ["Run"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):

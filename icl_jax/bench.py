@@ -6,7 +6,7 @@ hits all of them alike. Each row reports the median over --repeats timed repeats
 (after warm-up) and the spread (25th-75th percentile, min-max).
 
     icl-jax bench                                   # the default suite
-    icl-jax bench --suite train --config configs/small.py:layers=2 --json out.json
+    icl-jax bench --suite train --config small:layers=2 --json out.json
 
 Model FLOPs are counted analytically (fwd+bwd = 3 x the forward's matmul FLOPs, the
 attention's T x S products counted in full, as PaLM and nanoGPT count them) and
@@ -38,8 +38,7 @@ from icl_jax import workdir as workdir_lib
 from icl_jax.flops import train_flops
 from icl_jax.model import QUERY_BLOCK, init_params, make_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = os.path.join(ROOT, "configs", "small.py")
+SMALL = "small"  # the built-in config
 
 # The sizes of the default suite: the quick profile's models, a d_model 256 model at a
 # long context, and the paper's small shape (d_model 768, 12 heads) at a CPU-sized context.
@@ -70,9 +69,9 @@ SUITES = ("default", "train", "score", "ensemble", "checkpoint", "data", "accele
 # not in the default run: the accelerator suite has its own output and sizes, the llc
 # suite takes minutes (devinterp's loop), and prefetch trains whole runs
 OPT_IN = {"accelerator", "llc", "prefetch"}
-# the prefetch suite's runs: configs/text.py (windows of a memory-mapped byte corpus)
+# the prefetch suite's runs: the built-in text config (windows of a memory-mapped byte corpus)
 # and the quick profile's synthetic data, each about a minute a run on 2 cores
-DEFAULT_PREFETCH = ((os.path.join(ROOT, "configs", "text.py") + ":layers=2", {"train.steps": 80}),
+DEFAULT_PREFETCH = (("text:layers=2", {"train.steps": 80}),
                     ("small L2", {"train.steps": 800}))
 
 

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import data as data_lib
-from icl_jax.bench import (ROOT, JaxTrainer, _auto_pipeline, _fmt, _name, _row, data_pipelines,
+from icl_jax.bench import (JaxTrainer, _auto_pipeline, _fmt, _name, _row, data_pipelines,
                            interleaved, load_config, matmul_peak_fn)
 from icl_jax.flops import train_flops
 from icl_jax.model import init_params, make_model
 
-PAPER = os.path.join(ROOT, "configs", "paper.py")
+PAPER = "paper"  # the built-in config
 # Everything shrunk, so that a CPU test runs the whole accelerator suite in seconds.
 TINY_MODEL = {"model.d_model": 32, "model.n_heads": 2, "model.d_head": 16, "model.d_mlp": 64,
               "model.context": 32, "model.vocab_size": 64, "train.batch_size": 8,
@@ -139,7 +139,7 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
                 cmd += [f"--config.{k}={v}" for k, v in TINY_MODEL.items()] + [
                     "--config.train.steps=4"]
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
             rows.append(_row("quick reproduction", "reproduce --profile quick",
                              [time.perf_counter() - t0], "s", "wall time, one run"))
     return rows

@@ -90,17 +90,19 @@ def torch_reference(m, params=None):
 
 
 def transformer_lens_model(m):
-    """TransformerLens 3.x HookedTransformer of the same shape (attention-only, no LN)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """TransformerLens's model of the same shape (attention-only, no LN), at its own
+    initialisation: a HookedTransformer under 3.x, its native TransformerBridge under 4.x
+    (export.transformer_lens_model; there the shortformer positions, held by hooks, are not
+    among the parameters the optimizer steps)."""
+    from icl_jax import export
     if m.mlp or m.layer_norm or m.smear_keys:
         raise NotImplementedError("the TransformerLens row is attention-only without LayerNorm")
-    cfg = HookedTransformerConfig(
+    return export.transformer_lens_model(dict(
         n_layers=m.n_layers, d_model=m.d_model, n_ctx=m.context, n_heads=m.n_heads,
         d_head=m.d_head or m.d_model // m.n_heads, d_vocab=m.vocab_size, attn_only=True,
         act_fn="gelu", normalization_type=None,
         positional_embedding_type="shortformer" if m.positions == "shortformer" else "standard",
-        device="cpu", seed=0)
-    return HookedTransformer(cfg)
+        device="cpu"))
 
 
 def torch_trainer(net, config, compile_: bool = False):
@@ -143,8 +145,8 @@ def _torch_candidates(config, rows, case):
     try:
         import torch  # noqa: F401
     except ImportError:
-        rows.append(_note(case, "PyTorch rows", "torch not installed (pip install "
-                          "'icl_jax[bench]')"))
+        rows.append(_note(case, "PyTorch rows", "torch not installed (the bench extra: "
+                          "pip install 'icl_jax[bench]')"))
         return out
     m = config.model
     try:
@@ -156,7 +158,7 @@ def _torch_candidates(config, rows, case):
         out["TransformerLens"] = torch_trainer(transformer_lens_model(m), config)
     except ImportError:
         rows.append(_note(case, "TransformerLens", "transformer_lens not installed "
-                          "(pip install 'icl_jax[bench]')"))
+                          "(the bench extra: pip install 'icl_jax[bench]')"))
     except NotImplementedError as e:
         rows.append(_note(case, "TransformerLens", f"skipped: {e}"))
     _set_torch_threads()
@@ -225,7 +227,7 @@ def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
         from icl_jax import tl_check
     except ImportError:
         rows.append(_note(case, "TransformerLens hooks", "transformer_lens not installed "
-                          "(pip install 'icl_jax[bench]')"))
+                          "(the bench extra: pip install 'icl_jax[bench]')"))
         return None
     try:
         tls = [tl_check.hooked_transformer(t, model.cfg) for t in trees]

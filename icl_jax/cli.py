@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_CONFIG = "configs/small.py"
+DEFAULT_CONFIG = "small"
+
 
 def split_overrides(argv):
     """Pulls '--config.a.b=v' and '--config.a.b v' out of argv."""
@@ -41,9 +42,11 @@ def _llc_mode(text: str):
 
 
 def build_parser():
+    from icl_jax import __version__
     parser = argparse.ArgumentParser(
         prog="icl-jax",
         description="In-context learning and induction heads (Olsson et al. 2022) in JAX.")
+    parser.add_argument("--version", action="version", version=f"icl-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model; resumes from the newest snapshot",
@@ -52,8 +55,10 @@ def build_parser():
                               "with its own config: --config.train.steps=N (more than it "
                               "had) trains it longer, unless its schedule is cosine.")
     p.add_argument("--config", default=None,
-                   help=f"config file and argument, e.g. configs/small.py:layers=2 (default: "
-                        f"the run in --workdir, or {DEFAULT_CONFIG})")
+                   help=f"a built-in config or a config file (Python that icl-jax executes) "
+                        f"and its argument, e.g. small:layers=2 or my_config.py:layers=2 "
+                        f"(default: the run in --workdir, or {DEFAULT_CONFIG}; `icl-jax "
+                        f"configs` lists the built-in ones)")
     p.add_argument("--workdir", required=True, help="where snapshots and metrics go")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of a different config in --workdir")
@@ -101,19 +106,22 @@ def build_parser():
                         "the same source at the CPU search's setting (hours on 2 cores); paper: "
                         "the paper's shapes, for accelerators")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, metavar="0-9",
+                   help="train and check several seeds (0-9, 0,3,5), each in <workdir>/s<seed>, "
+                        "and write the claims' robustness over them into <workdir>/results.md "
+                        "and report.html (on an accelerator each member's seeds train as one "
+                        "ensemble)")
     p.add_argument("--llc", action="store_true",
                    help="also the local learning coefficient of every 1l and 2l snapshot, "
                         "and every head's of 12 snapshots of 2l and 3l")
-    p.add_argument("--update-readme", action="store_true",
-                   help="copy results.md and three figures into README.md's Results section "
-                        "(and docs/results/)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("sweep", help="train every member of a sweep, N at a time; sweep.json "
                        "indexes them", epilog="Config overrides (--config.train.steps=...) apply "
                        "to every member, after the sweep's own.")
     p.add_argument("--config", required=True,
-                   help="sweep file and argument, e.g. configs/sweeps/paper_small.py:attn")
+                   help="a built-in sweep or a sweep file (Python that icl-jax executes) and "
+                        "its argument, e.g. paper_small:attn or my_sweep.py")
     p.add_argument("--workdir", required=True, help="one subfolder per member, and sweep.json")
     p.add_argument("--jobs", type=int, default=1, help="members trained at once (default 1)")
     p.add_argument("--members", default=None, help="comma-separated subset, e.g. 1l,2l")
@@ -138,7 +146,7 @@ def build_parser():
     p.add_argument("--reproduce", action="store_true",
                    help="accelerator suite: also time `icl-jax reproduce --profile quick`")
     p.add_argument("--config", action="append", default=None,
-                   help="config to benchmark (repeatable), e.g. configs/small.py:layers=2; "
+                   help="config to benchmark (repeatable), e.g. small:layers=2; "
                         "default: the quick profile, a d_model 256 model and the paper's shape")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up")
     p.add_argument("--json", default=None, help="also write the rows and metadata here")
@@ -152,7 +160,10 @@ def build_parser():
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--transformer-lens", default=None, metavar="FILE.pt",
                    help="also write a HookedTransformer config and state dict (needs torch "
-                        "and transformer_lens 3.x: pip install -e '.[bench]')")
+                        "and transformer_lens: pip install 'icl_jax[tl]')")
+
+    sub.add_parser("configs", help="list the built-in configs and sweeps, with the files to "
+                                   "copy for your own")
     return parser
 
 
@@ -229,14 +240,15 @@ def cmd_export(args, overrides):
 
 def cmd_reproduce(args, overrides):
     from icl_jax import reproduce
+    if args.seeds is not None:
+        seeds = reproduce.parse_seeds(args.seeds)
+        reproduce.reproduce_seeds(args.profile, args.workdir, seeds, overrides,
+                                  progress=not args.quiet, llc=args.llc)
+        print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
+        return 0
     reproduce.reproduce(args.profile, args.workdir, args.seed, overrides,
                         progress=not args.quiet, llc=args.llc)
     print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
-    if args.update_readme:
-        import os
-        root = os.path.dirname(reproduce.CONFIGS)
-        reproduce.update_readme(args.workdir, os.path.join(root, "README.md"),
-                                os.path.join(root, "docs", "results"))
     return 0
 
 
@@ -271,7 +283,18 @@ def cmd_unlock(args, overrides):
     return 0
 
 
-COMMANDS = {"unlock": cmd_unlock, "train": cmd_train, "analyze": cmd_analyze,
+def cmd_configs(args, overrides):
+    from icl_jax import config as config_lib
+    for kind, usage in (("config", "--config NAME[:ARG]"), ("sweep", "sweep --config NAME[:ARG]")):
+        print(f"built-in {kind}s ({usage}):")
+        for name, path in config_lib.builtin(kind).items():
+            print(f"  {name:14s} {config_lib.summary(path)}")
+    print(f"files: {config_lib.BUILTIN} (copy one and pass its path; each is Python that "
+          "icl-jax executes)")
+    return 0
+
+
+COMMANDS = {"configs": cmd_configs, "unlock": cmd_unlock, "train": cmd_train, "analyze": cmd_analyze,
             "claims": cmd_claims, "export": cmd_export,
             "reproduce": cmd_reproduce, "sweep": cmd_sweep, "bench": cmd_bench}
 

@@ -10,6 +10,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 
@@ -18,11 +19,48 @@ class ConfigError(ValueError):
     """A user's config mistake; the message names the field."""
 
 
+# The built-in configs and sweeps ship inside the package, so that an installed icl_jax
+# finds them by name from any folder; nothing is looked up in a checkout.
+BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def builtin(kind: str = "config") -> dict:
+    """{name: path} of the built-in config files (kind "config": small, paper, text, ...)
+    or sweep files (kind "sweep": quick, text, text-cpu, paper, paper_small, seeds, lrs)."""
+    folder = os.path.join(BUILTIN, "sweeps") if kind == "sweep" else BUILTIN
+    return {f[:-3]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.endswith(".py") and not f.startswith("_")}
+
+
+def summary(path: str) -> str:
+    """The first line of a config or sweep file's docstring, read without running it."""
+    with open(path) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    first = " ".join(doc.split("\n\n", 1)[0].split()).replace("`", "")
+    return first if len(first) <= 100 else first[:97].rsplit(" ", 1)[0] + " ..."
+
+
+def find_file(path: str, kind: str = "config") -> str:
+    """The file a spec's path part names: a built-in config or sweep by name ('small',
+    'quick'), else the path itself, a user's own file. 'configs/small.py' and
+    'configs/sweeps/quick.py', where the checkout kept them before 0.2, name the built-in
+    files when no such file exists (so do such paths into an old checkout)."""
+    names = builtin(kind)
+    if path in names:
+        return names[path]
+    old = re.fullmatch(r"(?:.*/)?configs/(sweeps/)?([\w-]+)\.py", path)
+    if old and not os.path.exists(path) and bool(old[1]) == (kind == "sweep") \
+            and old[2] in names:
+        return names[old[2]]
+    return path
+
+
 def load_file(path: str, kind: str = "config"):
-    """The Python file `path` as a module (config files build on each other this way:
-    configs/paper.py on configs/small.py); every failure is a ConfigError."""
+    """The Python file `path` as a module, executed: a config or sweep file is code, so
+    load only files you trust. Every failure is a ConfigError."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{kind} file {path!r} does not exist")
+        raise ConfigError(f"{kind} file {path!r} does not exist; the built-in {kind}s are "
+                          f"{', '.join(builtin(kind))}")
     mod_spec = importlib.util.spec_from_file_location(f"_icl_jax_{kind}", path)
     module = importlib.util.module_from_spec(mod_spec)
     try:
@@ -44,9 +82,10 @@ def call_file_function(path: str, function: str, arg, kind: str = "config"):
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
-    """'configs/small.py:layers=2' -> the ConfigDict that file's get_config('layers=2') returns."""
+    """'small:layers=2' (a built-in config) or 'my_config.py:layers=2' (a file) -> the
+    ConfigDict that file's get_config('layers=2') returns."""
     path, _, arg = spec.partition(":")
-    return call_file_function(path, "get_config", arg)
+    return call_file_function(find_file(path), "get_config", arg)
 
 
 def load_validated(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ NAMES = ("synthetic", "pystdlib", "pycode", "files")
 BACKGROUNDS = ("uniform", "markov", "lag2", "mixed", "copy2")
 COPY2_PROB = 0.5
 ATTEMPTS = 8  # placements tried per segment before a row goes without it
-# fields a config may omit; the values match configs/small.py
+# fields a config may omit; the values match the small config (icl_jax/configs/small.py)
 _DEFAULTS = dict(name="synthetic", background="uniform", markov_branching=4, segments_min=1,
                  segments_max=3, segment_len_min=6, segment_len_max=19, path="", bin_dtype="uint16",
                  tokenizer="bytes", bpe_vocab_size=512, holdout_fraction=0.1, fresh_fraction=0.5,

@@ -107,9 +107,10 @@ def hooked_transformer_state_dict(arrays: dict, model_cfg: dict) -> dict:
 
 
 def export_hooked_transformer(workdir: str, step: int | None, out: str) -> str:
-    """Writes a torch file {"config": HookedTransformerConfig fields, "state_dict": ...};
-    load it with load_hooked_transformer(out). Needs torch (the bench extra)."""
-    import torch
+    """Writes a torch file {"config": HookedTransformerConfig fields, "state_dict": ...}
+    in HookedTransformer naming; load it with load_hooked_transformer(out) under
+    TransformerLens 3.x or 4.x. Needs torch (the tl extra)."""
+    torch = _import_torch()
     run = checkpoints.Run(workdir)
     step = run.steps[-1] if step is None else step
     cfg = hooked_transformer_config(run.model.cfg)
@@ -121,26 +122,94 @@ def export_hooked_transformer(workdir: str, step: int | None, out: str) -> str:
 
 
 def load_hooked_transformer(path: str):
-    """A transformer_lens HookedTransformer from export_hooked_transformer's file."""
-    import torch
+    """The TransformerLens model of export_hooked_transformer's file (transformer_lens_model)."""
+    torch = _import_torch()
     saved = torch.load(path, weights_only=False)
-    return _hooked_transformer(saved["config"], saved["state_dict"])
+    return transformer_lens_model(saved["config"], saved["state_dict"])
 
 
 def hooked_transformer(params, model_cfg: dict):
-    """A transformer_lens HookedTransformer holding a params tree, without a file between."""
-    import torch
+    """The TransformerLens model of a params tree, without a file between."""
+    torch = _import_torch()
     cfg = hooked_transformer_config(model_cfg)
     sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
           hooked_transformer_state_dict(params_to_arrays(params, model_cfg), model_cfg).items()}
-    return _hooked_transformer(cfg, sd)
+    return transformer_lens_model(cfg, sd)
 
 
-def _hooked_transformer(cfg: dict, state_dict: dict):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    model = HookedTransformer(HookedTransformerConfig(**cfg))
+TL_EXTRA = "pip install 'icl_jax[tl]' (from a checkout: pip install '.[tl]')"
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"the TransformerLens hand-off needs torch and transformer_lens: "
+                          f"{TL_EXTRA}") from None
+    return torch
+
+
+def transformer_lens_major() -> int:
+    """The installed TransformerLens's major version; ImportError naming the extra if none."""
+    _import_torch()
+    try:
+        from importlib.metadata import version
+        import transformer_lens  # noqa: F401
+        return int(version("transformer_lens").split(".")[0])
+    except ImportError:
+        raise ImportError(f"transformer_lens is not installed: {TL_EXTRA}") from None
+
+
+def transformer_lens_model(cfg: dict, state_dict: dict | None = None):
+    """A TransformerLens model of HookedTransformerConfig fields `cfg` (hooked_transformer_config's),
+    holding `state_dict` (HookedTransformer naming) or, without one, TransformerLens's own
+    initialisation (seed 0). Under TransformerLens 3.x a HookedTransformer; under 4.x, which
+    has no HookedTransformer, a TransformerBridge around its native model, whose hooks
+    (run_with_cache, run_with_hooks, cache["pattern", l]) and weights (W_E, OV, W_U,
+    all_composition_scores) read the same. TransformerLens 4's native model has no
+    shortformer positions: there they are added by permanent hooks on every layer's query
+    and key inputs (blocks.{l}.attn.q.hook_in, k.hook_in, which hold the positions; W_pos
+    itself is zero), which is where this model adds them; removing permanent hooks removes
+    them."""
+    torch = _import_torch()
+    if transformer_lens_major() < 4:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        model = HookedTransformer(HookedTransformerConfig(**cfg, seed=0))
+        if state_dict is not None:
+            _load(model, state_dict)
+        return model.eval()
+
+    import transformer_lens.model_bridge.sources.native  # noqa: F401  (TransformerBridge.boot_native)
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    shortformer = cfg["positional_embedding_type"] == "shortformer"
+    bridge_cfg = TransformerBridgeConfig.from_dict(
+        {**cfg, "positional_embedding_type": "standard", "seed": 0})
+    model = TransformerBridge.boot_native(bridge_cfg)
+    if state_dict is not None:
+        sd = dict(state_dict)
+        if shortformer:
+            sd["pos_embed.W_pos"] = torch.zeros_like(state_dict["pos_embed.W_pos"])
+        _load(model, convert_tl_checkpoint(sd, bridge_cfg))
+    if shortformer:
+        W_pos = (state_dict["pos_embed.W_pos"].clone() if state_dict is not None
+                 else model.pos_embed.weight.detach().clone())
+        with torch.no_grad():
+            model.pos_embed.weight.zero_()
+        model.pos_embed.weight.requires_grad_(False)  # the residual stream holds no positions
+        W_pos = torch.nn.Parameter(W_pos)  # held by the hooks, outside the bridge's parameters
+
+        def add_positions(x_BTD, hook):
+            return x_BTD + W_pos[:x_BTD.shape[-2]]
+
+        for l in range(cfg["n_layers"]):
+            for name in ("q", "k"):
+                model.add_perma_hook(f"blocks.{l}.attn.{name}.hook_in", add_positions)
+    return model.eval()
+
+
+def _load(model, state_dict):
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     learned = [k for k in missing if not k.endswith(("mask", "IGNORE"))]
     if learned or unexpected:
         raise ValueError(f"state dict mismatch: missing {learned}, unexpected {unexpected}")
-    return model.eval()

@@ -146,8 +146,8 @@ def plot_pca(pca: dict):
     for i, (name, traj) in enumerate(pca["trajectories"].items()):
         P = np.asarray(traj["points"])
         ax.plot(P[:, 0], P[:, 1], "-o", ms=2, color=f"C{i}",
-                label=name if traj["turn_deg"] is None
-                else f"{name} (turns {traj['turn_deg']:.0f}° at the phase change)")
+                label=name if not traj.get("pivot") else
+                f"{name} ({'pivots' if traj['pivot']['pivot'] else 'no pivot'} at its phase change)")
         ax.plot(*P[0], "k^", ms=5)
     ev = pca["explained"]
     ax.set_xlabel(f"PC1 ({ev[0]:.0%})")
@@ -346,4 +346,20 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True) 
     workdir_lib.write_text(path, report_html(result, figs, preamble))
     if progress:
         print(f"wrote {path}", file=sys.stderr, flush=True)
+    return path
+
+
+def write_robustness(out, text: str, reports: dict) -> str:
+    """<out>/report.html for several seeds: the robustness table (`text`, markdown) and a
+    link to each seed's own report (`reports`: {seed: path relative to out})."""
+    links = "".join(f'<li><a href="{html.escape(p)}">seed {s}</a></li>'
+                    for s, p in reports.items())
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>icl_jax: claims over "
+            "seeds</title><style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;"
+            "font-size:13px;vertical-align:top}</style></head><body>"
+            + markdown_html(text) + "<h2>Each seed's report</h2><ul>" + links
+            + "</ul></body></html>")
+    path = os.path.join(str(out), "report.html")
+    workdir_lib.write_text(path, page)
     return path

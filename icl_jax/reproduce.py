@@ -1,7 +1,7 @@
 """icl-jax reproduce: train the paper's small-model family, analyse it, and check the claims.
 
-A profile is a sweep file, configs/sweeps/<profile>.py: the family (1l, 2l, 3l, 1l-smear,
-2l-smear, 2l-mlp) on one base config. The sweep runner trains each member in
+A profile is the built-in sweep of its name (icl_jax/configs/sweeps/<profile>.py): the
+family (1l, 2l, 3l, 1l-smear, 2l-smear, 2l-mlp) on one base config. The sweep runner trains each member in
 <workdir>/<name> (finished members are skipped, unfinished ones resume; sweep.json keeps
 each one's training time); then all are analysed together (one shared PCA), the claims
 checked (claims.py), and <workdir>/results.md, claims.json, family.png and report.html
@@ -9,6 +9,7 @@ say, from the numbers, whether each of the paper's four claims holds in this run
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -16,17 +17,17 @@ import time
 import jax
 
 from icl_jax import analysis, claims, config as config_lib, head_llc, report, sweep, train
+from icl_jax import workdir as workdir_lib
 from icl_jax.config import ConfigError
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PROFILES = ("quick", "text", "text-cpu", "paper")
 
 
 def sweep_file(profile: str) -> str:
-    """configs/sweeps/<profile>.py; ConfigError for an unknown profile."""
+    """The profile's built-in sweep, by name; ConfigError for an unknown profile."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return os.path.join(CONFIGS, "sweeps", f"{profile}.py")
+    return profile
 
 
 def _overrides(seed: int, overrides: dict | None) -> dict:
@@ -37,38 +38,6 @@ def member_configs(profile: str, seed: int = 0, overrides: dict | None = None) -
     """{member name: validated config} of a profile; raises ConfigError on a bad override."""
     members = sweep.resolve(sweep_file(profile), "", _overrides(seed, overrides))
     return {m.name: m.config for m in members}
-
-
-# ----------------------------------------------------------------------------- README
-
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def update_readme(workdir: str, readme: str, figures_dir: str):
-    """Copies results.md and three figures of a reproduction into the README's Results section."""
-    import shutil
-    os.makedirs(figures_dir, exist_ok=True)
-    picks = {"family.png": "family.png", "pca.png": "pca.png",
-             os.path.join("2l", "head_scores.png"): "2l_head_scores.png"}
-    for src, dst in picks.items():
-        shutil.copyfile(os.path.join(workdir, src), os.path.join(figures_dir, dst))
-    with open(os.path.join(workdir, "results.md")) as f:
-        results = f.read().split("\n", 1)[1].strip()  # without its title
-    rel = os.path.relpath(figures_dir, os.path.dirname(os.path.abspath(readme)))
-    body = "\n".join([
-        README_START, "", results.replace("## The paper's claims", "**The paper's claims**"), "",
-        f"![ICL score and prefix matching of every model]({rel}/family.png)", "",
-        f"![per-token loss PCA]({rel}/pca.png) ![2L heads]({rel}/2l_head_scores.png)", "",
-        README_END])
-    with open(readme) as f:
-        text = f.read()
-    if README_START in text:
-        a, b = text.index(README_START), text.index(README_END) + len(README_END)
-        text = text[:a] + body + text[b:]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    with open(readme, "w") as f:
-        f.write(text)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -87,6 +56,90 @@ def scale_warning(configs: dict, platform: str) -> str | None:
             f"tokens each ({sum(tokens.values()) / 1e9:.1f}B in all), sized for an accelerator; "
             "on this CPU that is days (a 2-core machine trains ~30k tokens/s). Shorten it with "
             "--config.train.steps=N, or run it where jax sees a GPU or TPU")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-9', '0,3,5' or '0-4,7' -> sorted seeds; ConfigError for anything else."""
+    seeds = set()
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        lo, dash, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            a = b = -1
+        if a < 0 or b < a or b >= 2 ** 32:
+            raise ConfigError(f"--seeds {text!r}: give seeds as 0-9, 0,3,5 or 0-4,7 "
+                              "(non-negative, each range low-high)")
+        seeds.update(range(a, b + 1))
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r} names no seed")
+    return sorted(seeds)
+
+
+def seed_workdir(workdir: str, seed: int) -> str:
+    return os.path.join(workdir, f"s{seed}")
+
+
+def train_seed_ensembles(profile: str, workdir: str, seeds, overrides=None,
+                         progress: bool = True):
+    """Each member's unfinished seeds trained together as one vmapped ensemble
+    (train.train_ensemble) into seed_workdir(workdir, seed)/<member>: on an accelerator
+    several small models fill the device better than one."""
+    spec = sweep_file(profile)
+    by_seed = {s: sweep.resolve(spec, seed_workdir(workdir, s), _overrides(s, overrides))
+               for s in seeds}
+    for i, name in enumerate(m.name for m in by_seed[seeds[0]]):
+        group = [m for s in seeds for m in by_seed[s] if m.name == name
+                 and not sweep.finished(m)]
+        if group:
+            if progress:
+                print(f"[{name}] seeds {', '.join(str(s) for s in seeds)} as one ensemble "
+                      f"(member {i + 1} of {len(by_seed[seeds[0]])})", file=sys.stderr,
+                      flush=True)
+            train.train_ensemble([m.config for m in group], [m.workdir for m in group],
+                                 progress=progress)
+
+
+def reproduce_seeds(profile: str = "quick", workdir: str = "runs/seeds", seeds=(0, 1),
+                    overrides: dict | None = None, progress: bool = True, llc: bool = False,
+                    ensemble: bool | None = None) -> dict:
+    """reproduce() for each seed, in seed_workdir(workdir, seed), then the claims' robustness
+    over the seeds (claims.robustness) into <workdir>/results.md, claims.json and report.html.
+    A seed that fails to train is recorded as not run, with its error. ensemble: each
+    member's seeds train as one vmapped ensemble first (default: on an accelerator; a CPU
+    trains them one after another)."""
+    seeds = list(seeds)
+    for s in seeds:  # config errors first, before anything trains
+        sweep.resolve(sweep_file(profile), seed_workdir(workdir, s), _overrides(s, overrides))
+    if ensemble is None:
+        ensemble = jax.devices()[0].platform != "cpu"
+    if ensemble and len(seeds) > 1:
+        train_seed_ensembles(profile, workdir, seeds, overrides, progress)
+    per_seed, t0 = {}, time.time()
+    for k, seed in enumerate(seeds):
+        if progress:
+            print(f"== seed {seed} ({k + 1} of {len(seeds)})", file=sys.stderr, flush=True)
+        try:
+            per_seed[seed] = reproduce(profile, seed_workdir(workdir, seed), seed, overrides,
+                                       progress=progress, llc=llc)["claims"]
+        except train.TrainingError as e:
+            per_seed[seed] = e.args[0] if e.args else str(e)
+    rob = claims.robustness(per_seed)
+    text = "\n".join([
+        f"# Robustness: profile `{profile}`, seeds {', '.join(map(str, seeds))}", "",
+        f"Each seed is one `icl-jax reproduce --seed S` in `{seed_workdir(workdir, 'S')}` "
+        f"({(time.time() - t0) / 60:.1f} minutes in all). Per claim, the seeds on which it "
+        "is supported, not supported and inconclusive; per seed, each claim's verdict and "
+        "the checks that decided a verdict short of supported (each seed's results.md has "
+        "every check).", ""] + claims.robustness_markdown(rob)) + "\n"
+    workdir_lib.write_text(workdir_lib.path(workdir) / "results.md", text)
+    workdir_lib.write_text(workdir_lib.path(workdir) / "claims.json",
+                           json.dumps({"paper": claims.PAPER, "robustness": rob}, indent=1))
+    report.write_robustness(workdir, text, {s: f"s{s}/report.html" for s in seeds
+                                            if not isinstance(per_seed[s], str)})
+    if progress:
+        print(text)
+    return {"robustness": rob, "claims": per_seed}
 
 
 def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int = 0,
@@ -125,8 +178,9 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
                               llc_heads={n: head_llc.REPRODUCE_VIEW for n in ("2l", "3l")}
                               if llc else None)
     rows, found = claims.check_claims(result)
+    device = f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
     text = claims.results_markdown(rows, found, profile, train_seconds,
-                                   time.time() - t_analysis)
+                                   time.time() - t_analysis, device=device)
     claims.write_results(workdir, rows, found, text)
     report.write_report(result, preamble=text, progress=progress, figures=[
         ("ICL score and prefix matching of every model", "family.png",

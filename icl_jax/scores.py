@@ -330,6 +330,9 @@ def snapshot_scores(model, params, inputs: dict, early: int, late: int, n_tokens
         # each example's own score: the phase-change rule's paired standard error of a
         # difference between snapshots, which share the evaluation set, needs them
         "icl_by_example": losses_BT[:, late] - losses_BT[:, early],
+        # each example's mean loss over the context: the paired error of the gap between two
+        # models' held-out losses (a claim: the loss "diverges from a one-layer model")
+        "loss_by_example": losses_BT.mean(1),
         "per_token_loss": jnp.take_along_axis(losses_BT, index_B[:, None], axis=1)[:, 0],
         "prefix_matching": prefix_matching_from_attention(probe_cache["attention"], probe_BT,
                                                           n_tokens),

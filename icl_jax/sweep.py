@@ -1,7 +1,9 @@
 """icl-jax sweep: many configs, one workdir each, trained N at a time, indexed in sweep.json.
 
-A sweep file (configs/sweeps/*.py) has get_sweep(arg) returning
-  base:      a config spec, "configs/small.py:layers=2" (relative to the repo root or cwd)
+A sweep file is Python that icl-jax executes (load only files you trust): a built-in one
+by name (`paper_small:attn`, icl_jax/configs/sweeps/) or a path to your own, with
+get_sweep(arg) returning
+  base:      a config spec: a built-in config by name, "small:layers=2", or a file's path
   overrides: {field: value} for every member
   members:   {name: {"arg": config arg replacing the base's, "overrides": {field: value}}}
              (product() below builds members from a grid).
@@ -28,7 +30,6 @@ import time
 from icl_jax import config as config_lib, workdir as workdir_lib
 from icl_jax.config import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INDEX = "sweep.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
@@ -63,29 +64,20 @@ def product(grid: dict, arg: str | None = None, overrides: dict | None = None) -
     return members
 
 
-def _find(path: str) -> str:
-    """A path as given if it exists here, else relative to the repo root."""
-    if os.path.exists(path) or os.path.isabs(path):
-        return path
-    in_repo = os.path.join(REPO, path)
-    return in_repo if os.path.exists(in_repo) else path
-
-
-def family_on(sweep_file: str, base: str, arg=None) -> dict:
-    """The paper's family (paper_small.py's `family` subset, beside `sweep_file`) on one base
-    config (a file in the configs folder above it): what each `icl-jax reproduce` profile's
-    sweep file returns, so that the family is defined once."""
+def family_on(base: str, arg=None) -> dict:
+    """The paper's family (the built-in paper_small sweep's `family` subset) on one base
+    config spec ("small", or a config file's path): what each `icl-jax reproduce`
+    profile's sweep file returns, so that the family is defined once."""
     if arg:
         raise ValueError(f"takes no argument, got {arg!r}; override fields with --config.x=y")
-    here = os.path.dirname(os.path.abspath(sweep_file))
-    family = load_sweep(os.path.join(here, "paper_small.py:family"))
-    return {**family, "base": os.path.normpath(os.path.join(here, os.pardir, base))}
+    return {**load_sweep("paper_small:family"), "base": base}
 
 
 def load_sweep(spec: str) -> dict:
-    """'configs/sweeps/paper_small.py:attn' -> {"base", "overrides", "members"} (plain dicts)."""
+    """'paper_small:attn' (a built-in sweep) or 'my_sweep.py:attn' (a file) ->
+    {"base", "overrides", "members"} (plain dicts)."""
     path, _, arg = spec.partition(":")
-    path = _find(path)
+    path = config_lib.find_file(path, kind="sweep")
     sweep = config_lib.call_file_function(path, "get_sweep", arg, kind="sweep")
     if hasattr(sweep, "to_dict"):
         sweep = sweep.to_dict()
@@ -124,7 +116,11 @@ def resolve(spec: str, workdir: str, overrides: dict | None = None,
     """
     sweep = load_sweep(spec)
     base_path, _, base_arg = sweep["base"].partition(":")
-    base_path = _find(base_path)
+    found = config_lib.find_file(base_path)
+    # a built-in config by its name, a user's file by its absolute path: members train
+    # in processes of their own, from any folder
+    base_path = ({p: n for n, p in config_lib.builtin().items()}.get(found)
+                 or (os.path.abspath(found) if os.path.isfile(found) else found))
     names = list(sweep["members"])
     if members:
         unknown = [n for n in members if n not in sweep["members"]]

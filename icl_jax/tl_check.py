@@ -7,7 +7,8 @@ model.all_composition_scores), with torch ops and none of icl_jax.scores: a seco
 independent implementation of scores.snapshot_scores, which
 tests/test_tl_check.py holds ours against and icl-jax bench --suite score times ours against.
 Definitions: docs/measurements.md. Attention-only models and models with
-MLPs, without LayerNorm or smeared keys. Needs torch and transformer_lens.
+MLPs, without LayerNorm or smeared keys. Needs torch and transformer_lens 3.x or 4.x
+(the tl extra).
 """
 from __future__ import annotations
 
@@ -149,7 +150,10 @@ def _ablation_icl(model, cache, targets_BT, early, late, kind, clean_icl):
     """[L, H] ICL(head ablated) - ICL(clean), one run_with_hooks per head, each started at
     the head's layer from the clean run's residual stream (start_at_layer)."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    pos_BTD = cache["pos_embed"] if model.cfg.positional_embedding_type == "shortformer" else None
+    # TransformerLens 3's shortformer positions are passed to a run started mid-way; 4's
+    # (export.transformer_lens_model) are added by permanent hooks and need nothing
+    pos_kw = ({"shortformer_pos_embed": cache["pos_embed"]}
+              if model.cfg.positional_embedding_type == "shortformer" else {})
     out_LH = torch.zeros(L, H)
     for layer in range(L):
         z_mean_THK = cache["z", layer].mean(0)
@@ -162,6 +166,6 @@ def _ablation_icl(model, cache, targets_BT, early, late, kind, clean_icl):
                 hooks += [(f"blocks.{l}.attn.hook_pattern",
                            lambda p, hook, l=l: cache["pattern", l]) for l in range(layer, L)]
             logits_BTV = model.run_with_hooks(cache["resid_pre", layer], start_at_layer=layer,
-                                              shortformer_pos_embed=pos_BTD, fwd_hooks=hooks)
+                                              fwd_hooks=hooks, **pos_kw)
             out_LH[layer, head] = _icl(_losses(logits_BTV, targets_BT), early, late) - clean_icl
     return out_LH

@@ -18,10 +18,10 @@ Coordinator, process count and id come from the environment:
 
 Under SLURM, one task per node with all its GPUs:
   srun --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 \
-    launch/gpu_multihost.sh train --config configs/paper.py --workdir /shared/runs/paper
+    launch/gpu_multihost.sh train --config paper --workdir /shared/runs/paper
 By hand, on each of two hosts (ids 0 and 1):
   ICL_JAX_COORDINATOR=host0:12355 ICL_JAX_NUM_PROCESSES=2 ICL_JAX_PROCESS_ID=0 \
-    launch/gpu_multihost.sh train --config configs/paper.py --workdir /shared/runs/paper
+    launch/gpu_multihost.sh train --config paper --workdir /shared/runs/paper
 
 --workdir must be on storage every host sees (NFS, Lustre, a mounted bucket).
 --dry-run prints the environment and command and runs nothing.

@@ -9,8 +9,8 @@ Usage: launch/local.sh [--dry-run] train|sweep|analyze|reproduce ARGS...
 Runs `python -m icl_jax ARGS...` from the repository root, with the repo's Python
 ($ICL_JAX_PYTHON, else .venv/bin/python, else python3).
 
-  launch/local.sh train --config configs/small.py:layers=2 --workdir runs/2l
-  launch/local.sh sweep --config configs/sweeps/paper_small.py:attn --workdir runs/paper_small --jobs 2 --analyze
+  launch/local.sh train --config small:layers=2 --workdir runs/2l
+  launch/local.sh sweep --config paper_small:attn --workdir runs/paper_small --jobs 2 --analyze
 
 --dry-run prints the command (for a sweep, also every member's command) and runs nothing.
 USAGE

@@ -15,7 +15,7 @@ so each member trains, resumes and is indexed in DIR/sweep.json as in a local sw
 DIR must be on a filesystem the compute nodes share. Run it again after a partial
 failure: finished members are skipped.
 
-  launch/slurm.sh --config configs/sweeps/paper_small.py --workdir /shared/runs/paper_small \
+  launch/slurm.sh --config paper_small --workdir /shared/runs/paper_small \
     --partition cpu --time 02:00:00 --cpus 4
 
 --dry-run prints the sbatch script and submits nothing.

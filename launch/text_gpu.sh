@@ -1,6 +1,6 @@
 #!/bin/bash
 # The text profile's members on one lent accelerator, in the order that uses a short loan
-# best (README, "The text profile": the first H200 session ran this by hand).
+# best (docs/text.md, "The text profile": the first H200 session ran this by hand).
 #
 #   MEMBERS=1l,2l,2l-smear STEPS=10000 TRAIN_S=1200 W=/root/w OUT=/some/dir bash launch/text_gpu.sh
 #
@@ -33,11 +33,11 @@ from icl_jax import data
 from icl_jax.bench import load_config
 t = time.time()
 overrides = dict(a[len("--config."):].split("=", 1) for a in sys.argv[2:])
-c = load_config("configs/text_hoogland.py:layers=1", {**overrides, "data.roots": sys.argv[1]})
+c = load_config("text_hoogland:layers=1", {**overrides, "data.roots": sys.argv[1]})
 s = data.make_source(c)
 print(f"corpus: {len(s.train):,} training tokens, {len(s.eval):,} held out, {time.time() - t:.0f} s")
 PY
-$PY -m icl_jax sweep --config configs/sweeps/text.py --workdir "$W" --members "$MEMBERS" \
+$PY -m icl_jax sweep --config text --workdir "$W" --members "$MEMBERS" \
   --jobs "$n" "--config.data.roots=$ROOTS" "--config.train.steps=$STEPS" $TRAIN_ARGS \
   > "$W/sweep.log" 2>&1 &
 SWEEP=$!

@@ -25,7 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-CONFIG = "configs/text_pycode.py"
+CONFIG = "text_pycode"
 PM_THRESHOLD = 0.3  # an induction head: prefix matching above this, copying above 0
 # the corpus every trial shares: the standard library and the installed packages, named
 # explicitly so that the corpus does not depend on PYTHONPATH or the working directory

@@ -13,10 +13,10 @@ jax finds the other workers itself. DIR is where the repository is installed on
 the workers (default: icl_jax, relative to the home directory there).
 
 --workdir must be storage every worker sees: a gs:// path, or a bucket or Filestore
-mounted at the same path on every worker (see launch/README.md).
+mounted at the same path on every worker (see docs/clusters.md).
 
   launch/tpu_pod.sh --tpu my-v4-32 --zone us-central2-b -- \
-    train --config configs/paper.py --workdir gs://my-bucket/runs/paper
+    train --config paper --workdir gs://my-bucket/runs/paper
 
 --dry-run prints the gcloud command and runs nothing.
 USAGE

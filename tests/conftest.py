@@ -7,13 +7,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+SMALL = "small"  # the built-in config every test starts from (icl_jax/configs/small.py)
 
 
 def tiny_config(arg="layers=2", **overrides):
     """The small config shrunk so that a run takes a second or two."""
     from icl_jax import config as config_lib
-    cfg = config_lib.load(os.path.join(ROOT, "configs", "small.py") + ":" + arg)
+    cfg = config_lib.load(f"{SMALL}:{arg}")
     defaults = {"model.d_model": "32", "model.n_heads": "2", "model.context": "32",
                 "model.vocab_size": "32", "train.steps": "12", "train.batch_size": "8",
                 "train.log_every": "2", "train.eval_every": "4", "eval.n_examples": "8",
@@ -34,10 +35,10 @@ def tiny():
 @pytest.fixture(scope="session")
 def trained_2l(tmp_path_factory):
     """(root, root/runs/2l): a 2-layer model trained 20 steps, 6 snapshots; shared by the
-    analysis and export tests (and the README's notebook example, which reads runs/2l)."""
+    analysis and export tests (and the notebook example in docs/getting-started.md, which reads runs/2l)."""
     from icl_jax import config as config_lib, train
     root = tmp_path_factory.mktemp("trained")
-    config = config_lib.load(os.path.join(ROOT, "configs", "small.py") + ":layers=2")
+    config = config_lib.load(f"{SMALL}:layers=2")
     config.train.steps = 20
     config.model.d_model = 32
     config.eval.n_examples = 16

@@ -1,5 +1,5 @@
 """analyze() on a tiny trained run: scores.json, the shared PCA, the kept last snapshot, the
-figures and the page; the stackings of the scorer; the README's notebook example, executed."""
+figures and the page; the stackings of the scorer; the docs' notebook example, executed."""
 import json
 import math
 import pathlib
@@ -134,11 +134,11 @@ def test_analyze_measures_with_overridden_eval_fields_only(trained_2l, tmp_path,
 
 def test_notebook_example_in_docs_runs(trained_2l, monkeypatch):
     root, _ = trained_2l
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "getting-started.md").read_text()
     code = re.search(r"### In a notebook.*?```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(root)  # the example reads runs/2l
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/getting-started.md", "exec"), namespace)
     assert namespace["result"]["runs"]["2l"]["steps"][-1] == 20
     assert namespace["pm"].shape == (3, 2, 4)
     assert namespace["fig"].axes

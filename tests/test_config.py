@@ -1,5 +1,3 @@
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from icl_jax import config as config_lib
 from icl_jax.model import init_params, make_model
-from conftest import ROOT
-
-SMALL = os.path.join(ROOT, "configs", "small.py")
+from conftest import SMALL
 
 
 def test_config_file_argument_picks_the_family():
@@ -59,9 +55,9 @@ def test_invalid_configs_are_rejected_naming_the_field(overrides, field):
 
 def test_unknown_field_added_in_a_config_file_is_rejected(tmp_path):
     path = tmp_path / "c.py"
-    path.write_text(f"import importlib.util\nspec = importlib.util.spec_from_file_location('s', {SMALL!r})\n"
-                    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-                    "def get_config(arg):\n    c = m.get_config(arg)\n    c.model.rope = True\n    return c\n")
+    # a user's config built on a built-in one, as the docs show it
+    path.write_text("from icl_jax.configs import small\n"
+                    "def get_config(arg):\n    c = small.get_config(arg)\n    c.model.rope = True\n    return c\n")
     with pytest.raises(config_lib.ConfigError, match="model.rope"):
         config_lib.validate(config_lib.load(str(path)))
 
@@ -119,3 +115,37 @@ def test_load_validated_takes_overrides_as_text_or_values_and_validates():
     assert values.model.d_head == values.model.d_model // values.model.n_heads  # validated
     with pytest.raises(config_lib.ConfigError, match="'train.steps'"):
         config_lib.load_validated(SMALL, {"train.steps": 0})
+
+
+def test_built_in_configs_and_sweeps_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from icl_jax import sweep
+    monkeypatch.chdir(tmp_path)  # no checkout here: names resolve inside the package
+    assert config_lib.load("paper:layers=3").model.n_layers == 3
+    assert set(config_lib.builtin()) >= {"small", "paper", "text", "text_cpu", "text_hoogland"}
+    assert sweep.load_sweep("quick")["base"] == "small"
+    # the checkout's old paths name the files that moved into the package
+    assert config_lib.load("configs/small.py:layers=1").model.n_layers == 1
+    assert list(sweep.load_sweep("configs/sweeps/seeds.py:2")["members"]) == ["seed=0", "seed=1"]
+    with pytest.raises(config_lib.ConfigError, match=r"'smal' does not exist; the built-in "
+                                                     r"configs are paper, small, text"):
+        config_lib.load("smal:layers=2")
+    with pytest.raises(config_lib.ConfigError, match="sweep file 'quick.py' does not exist"):
+        sweep.load_sweep("quick.py")
+    # a file of one's own wins over a built-in name only as a path
+    (tmp_path / "small.py").write_text("from icl_jax.configs import small\n"
+                                       "def get_config(arg):\n    c = small.get_config(arg)\n"
+                                       "    c.model.d_model = 48\n    return c\n")
+    assert config_lib.load("small.py").model.d_model == 48
+    assert config_lib.load("small").model.d_model == 64
+
+
+def test_version_and_the_configs_listing(capsys):
+    import icl_jax
+    from icl_jax import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"icl-jax {icl_jax.__version__}"
+    assert cli.main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "small " in out and "The quick model family" in out and "paper_small " in out
+    assert config_lib.BUILTIN in out

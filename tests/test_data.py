@@ -1,6 +1,5 @@
 """Tests for icl_jax.data and icl_jax.corpus: determinism, host slicing, synthetic structure,
 files, the token cache, errors."""
-import importlib.util
 import os
 import pathlib
 import socket
@@ -11,10 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from icl_jax import corpus, data
+from icl_jax import config as config_lib, corpus, data
+from conftest import SMALL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-L = 65  # configs/small.py: context 64 + 1 shifted target
+L = 65  # the small config: context 64 + 1 shifted target
 
 
 @pytest.fixture(autouse=True)
@@ -24,10 +24,7 @@ def _token_cache(tmp_path_factory, monkeypatch):
 
 
 def _small_config(**data_fields):
-    spec = importlib.util.spec_from_file_location("small_config", ROOT / "configs" / "small.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load(SMALL)
     for key, value in data_fields.items():
         if key in ("vocab_size", "context"):
             config.model[key] = value

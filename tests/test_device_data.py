@@ -11,13 +11,13 @@ from jax.sharding import PartitionSpec as P
 
 from icl_jax import checkpoints, config as config_lib, data, device_data, train
 
-EARLY, LATE, L, V = 5, 50, 65, 64  # configs/small.py's ICL indices; targets sit one later
+EARLY, LATE, L, V = 5, 50, 65, 64  # the small config's ICL indices; targets sit one later
 N = 4096  # rows per sample: a share's standard error is under 0.008
 
 
 @functools.lru_cache(maxsize=None)
 def _samples(background, parallel_fill=False):
-    """((numpy tokens, pasted), (device tokens, pasted), source) for configs/small.py's data."""
+    """((numpy tokens, pasted), (device tokens, pasted), source) for the small config's data."""
     source = data.SyntheticSource(V, 0, background, 4, 1, 3, 6, 19, L, 0.5, "uniform")
     host = data._uniform_segments(np.random.default_rng(1), N, L, V, source.table, 1, 3, 6, 19,
                                   lag=source.lag, copy_prob=source.copy_prob)
@@ -120,7 +120,7 @@ def test_rows_made_on_4_devices_are_the_one_device_batch():
 
 
 def test_auto_makes_batches_on_accelerators_only():
-    d = config_lib.load("configs/small.py:layers=2").data
+    d = config_lib.load("small:layers=2").data
     assert device_data.use_device(d, "gpu") and device_data.use_device(d, "tpu")
     assert not device_data.use_device(d, "cpu")
     d.generate = "device"
@@ -137,11 +137,11 @@ def test_auto_makes_batches_on_accelerators_only():
 ])
 def test_device_generation_of_data_it_cannot_make_is_a_config_error(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.load_validated("configs/small.py:layers=2", overrides)
+        config_lib.load_validated("small:layers=2", overrides)
 
 
 def test_saved_configs_without_generate_resume():
-    cfg = config_lib.load_validated("configs/small.py:layers=2")
+    cfg = config_lib.load_validated("small:layers=2")
     saved = cfg.to_dict()
     del saved["data"]["generate"]
     assert config_lib.from_dict(saved).data.generate == "auto"

@@ -116,3 +116,15 @@ def test_cli_export_user_mistakes(tmp_path, capsys):
     assert cli.main(["export", "--workdir", str(tmp_path)] + out) == 2
     assert "no snapshots" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_without_torch_the_transformer_lens_export_names_the_extra(trained_2l, tmp_path, capsys,
+                                                                  monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch", None)  # as where torch is not installed
+    _, workdir = trained_2l
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "m.npz"),
+                     "--transformer-lens", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'icl_jax[tl]'" in err, err
+    assert not (tmp_path / "m.pt").exists()

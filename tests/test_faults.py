@@ -16,7 +16,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--config", "configs/small.py:layers=1", "--config.train.steps=1000",
+ARGS = ["--config", "small:layers=1", "--config.train.steps=1000",
         "--config.model.d_model=16", "--config.eval.n_examples=8", "--config.train.log_every=10",
         "--config.train.eval_every=50", "--config.checkpoint.every=25",
         "--config.checkpoint.log_spaced=4", "--quiet"]

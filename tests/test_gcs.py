@@ -267,7 +267,7 @@ def test_train_kill_resume_analyze_export_in_a_bucket(gcs, run_url, tmp_path):
     """The whole life of a run in gs://: needs train, checkpoints, analysis and export to
     go through icl_jax.workdir (etils.epath) and orbax only."""
     env = {**os.environ, **gcs, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    train = ["train", "--config", "configs/small.py:layers=2", "--workdir", run_url,
+    train = ["train", "--config", "small:layers=2", "--workdir", run_url,
              "--config.model.d_model=16", "--config.model.context=32",
              "--config.model.vocab_size=32", "--config.eval.n_examples=8",
              "--config.data.segment_len_min=3", "--config.data.segment_len_max=8",

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import SMALL, tiny_config
 from icl_jax import data as data_lib, head_llc, llc
 from icl_jax.model import init_params, make_model
 
@@ -223,7 +223,7 @@ def test_agrees_with_devinterps_head_restriction(sampler, monkeypatch):
     from icl_jax import config as config_lib, export
 
     layer, head = 1, 2
-    config = config_lib.load_validated("configs/small.py:layers=2")
+    config = config_lib.load_validated(f"{SMALL}:layers=2")
     model = make_model(config.model)
     params = init_params(model, jax.random.key(2))
     pool = np.asarray(data_lib.make_source(config).eval_set(256, config.model.context + 1))

@@ -169,7 +169,7 @@ def test_noise_drawn_in_blocks_is_each_steps_own(toy, sampler):
 def quick_model(layers):
     from icl_jax import config as config_lib, data as data_lib
     from icl_jax.model import init_params, make_model
-    config = config_lib.load_validated(f"configs/small.py:layers={layers}")
+    config = config_lib.load_validated(f"small:layers={layers}")
     model = make_model(config.model)
     params = init_params(model, jax.random.key(layers))
     pool = data_lib.make_source(config).eval_set(256, config.model.context + 1)

@@ -4,7 +4,7 @@ node never sees a program for the first time.
 Lowered for ("tpu",) and ("cuda",): the training step (one model, and an ensemble of
 members) data-parallel over an abstract 8-device mesh, the scores of stacked snapshots
 (vmapped), and the forward pass; in float32 and in bfloat16 mixed precision; for the quick
-profile's model (configs/small.py) and the paper profile's (configs/paper.py: d_model 768,
+profile's model (the small config) and the paper profile's (the paper config: d_model 768,
 12 heads, context 2048, vocabulary 8192; only the batch is smaller). Each module must hold no host callback and no float64, and on accelerators must
 use jax.nn.dot_product_attention.
 
@@ -14,7 +14,6 @@ it (test_cudnn_attention_cannot_be_lowered_without_cudnn); model.attention "auto
 jax's default implementation, XLA's, which lowers anywhere.
 """
 import logging
-import os
 import re
 
 import jax
@@ -25,7 +24,6 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from icl_jax import config as config_lib, data, device_data, scores, train
 from icl_jax.model import init_params, loss_by_position, make_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DEVICES = 8  # the abstract mesh: more devices than this machine has
 MEMBERS = 2  # ensemble members
 SNAPSHOTS = 3  # stacked snapshots scored in one call
@@ -37,8 +35,7 @@ DOT_PRODUCT_ATTENTION = "BTNH,BSNH->BNTS"
 
 
 def _config(profile: str, dtype: str):
-    path = os.path.join(ROOT, "configs", f"{profile}.py")
-    config = config_lib.load(path + ":layers=2")
+    config = config_lib.load(f"{profile}:layers=2")
     overrides = {"model.dtype": dtype, "train.batch_size": str(2 * N_DEVICES)}
     if profile == "paper":
         overrides.update({"model.context": str(PAPER_CONTEXT), "eval.n_examples": "8"})

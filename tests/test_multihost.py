@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 from icl_jax import distributed
 
-TINY = ["--config", os.path.join(ROOT, "configs", "small.py") + ":layers=2",
+TINY = ["--config", "small:layers=2",
         "--config.train.steps=4", "--config.model.d_model=16", "--config.eval.n_examples=4",
         "--config.checkpoint.every=2", "--config.checkpoint.log_spaced=0",
         "--config.train.batch_size=8", "--quiet"]

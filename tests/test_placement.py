@@ -8,7 +8,7 @@ import pytest
 
 from icl_jax import config as config_lib, data
 
-EARLY, LATE, L = 5, 50, 65  # configs/small.py's ICL indices; targets sit one position later
+EARLY, LATE, L = 5, 50, 65  # the small config's ICL indices; targets sit one position later
 
 
 def _batch(placement, n=4096, background="lag2", **kw):
@@ -55,7 +55,7 @@ def test_uniform_placement_writes_each_string_twice():
 
 
 def test_saved_configs_without_placement_keep_the_old_data():
-    cfg = config_lib.load_validated("configs/small.py:layers=2", {"data.placement": "uniform"})
+    cfg = config_lib.load_validated("small:layers=2", {"data.placement": "uniform"})
     assert cfg.data.placement == "uniform"
     saved = json.loads(cfg.to_json())
     del saved["data"]["placement"]
@@ -65,7 +65,7 @@ def test_saved_configs_without_placement_keep_the_old_data():
 def test_saved_text_configs_without_placement_still_resume():
     # text runs never read data.placement: a run saved before the field existed must compare
     # equal to today's config of the same run, or resuming it fails on a field it never used
-    cfg = config_lib.load_validated("configs/small.py:layers=2", {"data.name": "pystdlib", "model.vocab_size": 256})
+    cfg = config_lib.load_validated("small:layers=2", {"data.name": "pystdlib", "model.vocab_size": 256})
     saved = json.loads(cfg.to_json())
     del saved["data"]["placement"]
     assert config_lib.upgrade(saved)["data"]["placement"] == cfg.data.placement
@@ -121,6 +121,6 @@ def test_a_copy2_background_repeats_the_token_two_back_or_follows_the_previous_o
     with pytest.raises(data.DataError, match="copy2"):
         data.SyntheticSource(64, 0, "copy2", placement="after")
     # the data a config names
-    cfg = config_lib.load_validated("configs/small.py:layers=2", {"data.background": "copy2"})
+    cfg = config_lib.load_validated("small:layers=2", {"data.background": "copy2"})
     made = data.make_source(cfg)
     assert made.copy_prob == data.COPY2_PROB and made.lag == 1

@@ -49,29 +49,33 @@ def test_profile_sweep_files_take_no_argument():
 
 
 def test_the_family_is_defined_once_in_paper_small():
-    family = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py:family"))
-    every = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_small.py"))
+    family = sweep.load_sweep("paper_small:family")
+    every = sweep.load_sweep("paper_small")
     assert list(family["members"]) == FAMILY
     assert all(family["members"][n] == every["members"][n] for n in FAMILY)
     quick = sweep.load_sweep(reproduce.sweep_file("quick"))
     assert quick["members"] == family["members"]
-    assert os.path.samefile(quick["base"], os.path.join(ROOT, "configs", "small.py"))
+    assert quick["base"] == "small"
 
 
 def test_cli_passes_every_reproduce_option_through(monkeypatch, tmp_path, capsys):
     calls = {}
     monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.setdefault("run", (a, k)))
-    monkeypatch.setattr(reproduce, "update_readme",
-                        lambda *a: calls.setdefault("readme", a))
     work = str(tmp_path / "r")
     assert cli.main(["reproduce", "--profile", "text", "--seed", "3", "--workdir", work,
-                     "--update-readme", "--quiet", "--llc", "--config.train.steps=50"]) == 0
+                     "--quiet", "--llc", "--config.train.steps=50"]) == 0
     args, kwargs = calls["run"]
     assert args == ("text", work, 3, {"train.steps": "50"})
     assert kwargs == {"progress": False, "llc": True}
-    assert calls["readme"] == (work, os.path.join(ROOT, "README.md"),
-                               os.path.join(ROOT, "docs", "results"))
     assert f"{work}/results.md" in capsys.readouterr().out
+
+
+def _launch_module(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "launch", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -101,17 +105,21 @@ def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
     again = reproduce.reproduce("quick", str(work), seed=1, overrides=overrides, progress=False)
     assert (work / "2l" / "metrics.jsonl").stat().st_mtime == mtime
     assert again["rows"] == out["rows"] and again["claims"] == out["claims"]
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Results\n\nold\n")
-    reproduce.update_readme(str(work), str(readme), str(tmp_path / "docs" / "results"))
-    reproduce.update_readme(str(work), str(readme), str(tmp_path / "docs" / "results"))
-    text = readme.read_text()
-    assert text.count(reproduce.README_START) == 1 and "| 3l |" in text
+    # the docs' results page, regenerated from the run by launch/publish_results.py
+    publish = _launch_module("publish_results")
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Results\n\nprose kept\n\n" + publish.START + "\nSTALE BLOCK\n" + publish.END + "\n")
+    for _ in range(2):
+        publish.publish(str(work), str(page))
+    text = page.read_text()
+    assert text.count(publish.START) == 1 and "| 3l |" in text and "STALE BLOCK" not in text
+    assert "prose kept" in text and "](results/family.png)" in text
     assert (tmp_path / "docs" / "results" / "pca.png").exists()
 
 
 def test_text_cpu_is_the_setting_the_cpu_search_found():
-    """configs/text_cpu.py must train what launch/text_search.py's b64 trial trained (the
+    """The text_cpu config must train what launch/text_search.py's b64 trial trained (the
     trial whose 2L formed an induction head), but for its own number of steps."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
@@ -124,3 +132,49 @@ def test_text_cpu_is_the_setting_the_cpu_search_found():
     differ = {k for k in set(searched) | set(profile) if searched.get(k) != profile.get(k)}
     # the same corpus too; measured on more examples (eval is not the run: MEASUREMENT)
     assert differ <= {"train.steps", "eval.n_examples"}, differ
+
+
+def test_parse_seeds():
+    assert reproduce.parse_seeds("0-9") == list(range(10))
+    assert reproduce.parse_seeds("0-2,7,5") == [0, 1, 2, 5, 7]
+    for bad in ("", "a", "3-1", "-2", "1-"):
+        with pytest.raises(config_lib.ConfigError, match="--seeds"):
+            reproduce.parse_seeds(bad)
+
+
+def test_cli_reproduce_seeds(monkeypatch, tmp_path, capsys):
+    calls = {}
+    monkeypatch.setattr(reproduce, "reproduce_seeds",
+                        lambda *a, **k: calls.setdefault("run", (a, k)))
+    work = str(tmp_path / "s")
+    assert cli.main(["reproduce", "--seeds", "0-2", "--workdir", work, "--quiet"]) == 0
+    assert calls["run"][0] == ("quick", work, [0, 1, 2], {})
+    assert cli.main(["reproduce", "--seeds", "x", "--workdir", work]) == 2
+    assert "--seeds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reproduce_seeds_trains_each_seed_and_tables_the_claims(tmp_path):
+    """Two seeds, each member's two seeds trained as one ensemble (what an accelerator does;
+    vmapped on this CPU too), then each seed reproduced (training skipped: finished) and the
+    robustness table written: every claim counted on both seeds."""
+    overrides = {"model.d_model": "16", "model.n_heads": "2", "model.context": "32",
+                 "model.vocab_size": "32", "train.steps": "4", "train.batch_size": "8",
+                 "train.eval_every": "2", "eval.n_examples": "8", "eval.icl_early_index": "2",
+                 "eval.icl_late_index": "20", "eval.probe_tokens": "7",
+                 "eval.probe_sequences": "2", "data.segment_len_min": "3",
+                 "data.segment_len_max": "8", "checkpoint.every": "2", "checkpoint.log_spaced": "0"}
+    work = tmp_path / "seeds"
+    out = reproduce.reproduce_seeds("quick", str(work), [3, 4], overrides, progress=False,
+                                    ensemble=True)
+    for seed in (3, 4):
+        assert json.loads((work / f"s{seed}" / "2l" / "config.json").read_text())["seed"] == seed
+        assert (work / f"s{seed}" / "report.html").exists()
+    rob = out["robustness"]
+    for table in rob["claims"].values():
+        assert sorted(sum((table[k] for k in table), [])) == [3, 4]
+    text = (work / "results.md").read_text()
+    assert "| 1. Co-occurrence |" in text and "| 4 |" in text
+    page = (work / "report.html").read_text()
+    assert 'href="s3/report.html"' in page and "Co-occurrence" in page
+    assert json.loads((work / "claims.json").read_text())["robustness"]["seeds"]["3"]

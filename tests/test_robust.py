@@ -73,7 +73,7 @@ def test_a_second_writer_on_the_same_workdir_is_refused(tmp_path):
 
 
 def _train_cmd(workdir, steps):
-    return [sys.executable, "-m", "icl_jax", "train", "--config", "configs/small.py:layers=1",
+    return [sys.executable, "-m", "icl_jax", "train", "--config", "small:layers=1",
             "--workdir", workdir, f"--config.train.steps={steps}", "--config.model.d_model=16",
             "--config.eval.n_examples=8", "--config.checkpoint.every=1000",
             "--config.checkpoint.log_spaced=0", "--config.train.log_every=10"]

@@ -178,6 +178,9 @@ def test_snapshot_scores_equal_the_stand_alone_functions():
             "icl_se": np.std(diffs, ddof=1) / 2.0,
             "icl_by_example": np.asarray(diffs),
             "per_token_loss": scores.per_token_losses(model, p, eval_BT1, inputs["pca_index_B"]),
+            # each example's mean loss over its context, one example at a time
+            "loss_by_example": np.asarray([scores.mean_loss_by_position(
+                model, p, eval_BT1[b:b + 1]).mean() for b in range(4)]),
             "prefix_matching": scores.prefix_matching(model, p, probe, 3),
             "previous_token": scores.previous_token(model, p, eval_BT1[:, :-1]),
             "copying": scores.copying(model, p),

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SMALL
 from icl_jax import cli, sweep
 from icl_jax.config import ConfigError
 
-PAPER = os.path.join(ROOT, "configs", "sweeps", "paper_small.py")
+PAPER = "paper_small"  # the built-in sweep
 TINY = {"train.steps": "4", "model.d_model": "16", "eval.n_examples": "4",
         "checkpoint.every": "2", "checkpoint.log_spaced": "0", "train.batch_size": "8"}
 
@@ -19,7 +19,7 @@ TINY = {"train.steps": "4", "model.d_model": "16", "eval.n_examples": "4",
 def _write_sweep(tmp_path, members, overrides=None):
     path = tmp_path / "my_sweep.py"
     path.write_text(f"def get_sweep(arg=None):\n    return {{'base': "
-                    f"{os.path.join(ROOT, 'configs', 'small.py:layers=1')!r}, 'overrides': "
+                    f"{SMALL + ':layers=1'!r}, 'overrides': "
                     f"{overrides or {}!r}, 'members': {members!r}}}\n")
     return str(path)
 
@@ -48,12 +48,12 @@ def test_paper_small_has_the_papers_family(tmp_path):
 
 
 def test_product_names_and_overrides(tmp_path):
-    members = sweep.resolve(os.path.join(ROOT, "configs", "sweeps", "lrs.py") + ":seeds=2",
+    members = sweep.resolve("lrs:seeds=2",
                             str(tmp_path))
     assert [m.name for m in members] == ["lr=3e-4_seed=0", "lr=3e-4_seed=1", "lr=1e-3_seed=0",
                                          "lr=1e-3_seed=1", "lr=3e-3_seed=0", "lr=3e-3_seed=1"]
     assert members[0].config.train.lr == pytest.approx(3e-4) and members[1].config.seed == 1
-    seeds = sweep.resolve(os.path.join(ROOT, "configs", "sweeps", "seeds.py"), str(tmp_path))
+    seeds = sweep.resolve("seeds", str(tmp_path))
     assert [m.config.seed for m in seeds] == [0, 1, 2, 3]
     assert {m.config.model.n_layers for m in seeds} == {2}
 
@@ -76,16 +76,15 @@ def test_a_bad_member_is_named_before_anything_runs(tmp_path):
 
 def test_ensemble_key_groups_seeds_and_lrs_not_shapes(tmp_path):
     key = lambda ms: {sweep.ensemble_key(m.config) for m in ms}
-    sweeps = os.path.join(ROOT, "configs", "sweeps")
-    assert len(key(sweep.resolve(os.path.join(sweeps, "seeds.py"), str(tmp_path)))) == 1
-    assert len(key(sweep.resolve(os.path.join(sweeps, "lrs.py"), str(tmp_path)))) == 1
+    assert len(key(sweep.resolve("seeds", str(tmp_path)))) == 1
+    assert len(key(sweep.resolve("lrs", str(tmp_path)))) == 1
     paper = sweep.resolve(PAPER, str(tmp_path))
     assert len(key(paper)) == 14  # layers, MLPs and smearing all change the program
     from icl_jax import train
     if hasattr(train, "ensemble_mismatch"):  # the same rule as train_ensemble's check
         by = {m.name: m.config for m in paper}
         assert train.ensemble_mismatch([by["1l"], by["2l"]]) == "model.n_layers"
-        lrs = [m.config for m in sweep.resolve(os.path.join(sweeps, "lrs.py"), str(tmp_path))]
+        lrs = [m.config for m in sweep.resolve("lrs", str(tmp_path))]
         assert train.ensemble_mismatch(lrs) is None
 
 
@@ -114,14 +113,14 @@ def test_launch_scripts_dry_run(tmp_path):
         r = _bash(f"launch/{script}", "--help")
         assert r.returncode == 0 and "Usage: launch/" + script in r.stdout, script
 
-    r = _bash("launch/local.sh", "--dry-run", "train", "--config", "configs/small.py:layers=2",
+    r = _bash("launch/local.sh", "--dry-run", "train", "--config", "small:layers=2",
               "--workdir", "runs/2l")
     assert r.returncode == 0
     assert r.stdout.strip() == (f"{sys.executable} -m icl_jax train --config "
-                                "configs/small.py:layers=2 --workdir runs/2l")
+                                "small:layers=2 --workdir runs/2l")
 
     r = _bash("launch/tpu_pod.sh", "--dry-run", "--tpu", "pod1", "--zone", "us-central2-b", "--",
-              "train", "--config", "configs/paper.py", "--workdir", "gs://bkt/runs/paper")
+              "train", "--config", "paper", "--workdir", "gs://bkt/runs/paper")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("gcloud compute tpus tpu-vm ssh pod1 --zone us-central2-b "
                                "--worker=all --command ")
@@ -135,14 +134,14 @@ def test_launch_scripts_dry_run(tmp_path):
             f"{sys.executable} -m icl_jax train --workdir /shared/r") in r.stdout
 
     wd = str(tmp_path / "paper_small")
-    r = _bash("launch/slurm.sh", "--dry-run", "--config", "configs/sweeps/paper_small.py:smear",
+    r = _bash("launch/slurm.sh", "--dry-run", "--config", "paper_small:smear",
               "--workdir", wd, "--partition", "cpu", "--", "--config.train.steps=100")
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --array=0-1" in r.stdout and "#SBATCH --partition=cpu" in r.stdout
     assert "MEMBERS=(1l-smear 2l-smear)" in r.stdout
-    assert (f"-m icl_jax sweep --config configs/sweeps/paper_small.py:smear --workdir {wd} "
+    assert (f"-m icl_jax sweep --config paper_small:smear --workdir {wd} "
             '--config.train.steps=100 --members "${MEMBERS[$SLURM_ARRAY_TASK_ID]}"') in r.stdout
-    r = _bash("launch/slurm.sh", "--dry-run", "--config", "configs/sweeps/paper_small.py:smear",
+    r = _bash("launch/slurm.sh", "--dry-run", "--config", "paper_small:smear",
               "--workdir", wd, "--", "--config.model.context=3")
     assert r.returncode == 2 and "sweep member '1l-smear'" in r.stderr and not r.stdout
 

@@ -159,7 +159,7 @@ def _cli(*args, cwd=ROOT):
 
 
 def test_cli_trains_two_steps_end_to_end(tmp_path):
-    out = _cli("train", "--config", "configs/small.py:layers=1", "--workdir", str(tmp_path),
+    out = _cli("train", "--config", "small:layers=1", "--workdir", str(tmp_path),
                "--config.train.steps=2", "--config.model.d_model=16", "--config.eval.n_examples=4",
                "--config.train.batch_size", "4")
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,6 @@
 """The paper's small-model shapes, for accelerators (the paper profile).
 
-Usage: --config configs/paper.py:layers=2 (same arguments as configs/small.py).
+Usage: --config paper:layers=2 (the same arguments as small).
 d_model 768, 12 heads of 64, shortformer positions, ~10,000 steps with the paper's
 schedule (warm-up, weight decay lowered at step 4750) and 200 snapshots (every 50
 steps). The paper trained at context 8192 on ~1M tokens a step with a 2^16 vocabulary;
@@ -8,17 +8,11 @@ here the context is 2048 and the data the standard library through a locally tra
 BPE (8192 tokens), so a single accelerator finishes a model in hours; raise
 model.context, train.batch_size and data.bpe_vocab_size where memory allows.
 """
-import os
-
-from icl_jax.config import load_file
-
-
-def _small():
-    return load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
+from icl_jax.configs import small
 
 
 def get_config(arg=None):
-    c = _small().get_config(arg)
+    c = small.get_config(arg)
     c.model.d_model = 768
     c.model.n_heads = 12
     c.model.d_head = 64

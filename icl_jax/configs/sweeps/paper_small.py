@@ -2,13 +2,13 @@
 
 Attention-only transformers with 1-6 layers ("1l".."6l"), the same with MLPs
 ("1l-mlp".."6l-mlp"), and 1L and 2L with smeared keys ("1l-smear", "2l-smear"; the
-attention-only 1l and 2l are their vanilla controls), all from configs/small.py.
+attention-only 1l and 2l are their vanilla controls), all from small.py.
 
-Usage: icl-jax sweep --config configs/sweeps/paper_small.py[:SUBSET[,steps=N]] --workdir runs/paper_small
+Usage: icl-jax sweep --config paper_small[:SUBSET[,steps=N]] --workdir runs/paper_small
   SUBSET: attn | mlp | smear | all (default all) | family (the six models `icl-jax
           reproduce` trains: 1l, 2l, 3l, 1l-smear, 2l-smear, 2l-mlp; the sweep files
           quick.py, text.py and paper.py beside this one are that family on each profile)
-  steps=N: train N steps instead of configs/small.py's 6,000 (on its copy2 synthetic data
+  steps=N: train N steps instead of small.py's 6,000 (on its copy2 synthetic data
            the 2L models' phase changes come at ~1,000-3,000 steps, 2L-MLP's last).
 
 Measured on this 2-core CPU, `all` with --jobs 2 --analyze: 50 min of training and 6 min
@@ -45,4 +45,4 @@ def get_sweep(arg=None):
     if subset == "family":
         every = {n: m for family in FAMILIES.values() for n, m in family.items()}
         members = {n: every[n] for n in FAMILY}
-    return {"base": "configs/small.py", "overrides": overrides, "members": members}
+    return {"base": "small", "overrides": overrides, "members": members}

@@ -1,6 +1,6 @@
 """The quick model family: small transformers on the built-in synthetic data.
 
-Usage: --config configs/small.py:layers=2,mlp=False,smear=False,positions=shortformer
+Usage: --config small:layers=2,mlp=False,smear=False,positions=shortformer
 Every field can be overridden on the command line, e.g. --config.train.steps=4000.
 """
 import ml_collections
@@ -25,7 +25,7 @@ def get_config(arg=None):
     args = _parse(arg)
     unknown = set(args) - {"layers", "mlp", "smear", "positions", "layer_norm"}
     if unknown:
-        raise ValueError(f"configs/small.py: unknown argument(s) {sorted(unknown)}; "
+        raise ValueError(f"small.py: unknown argument(s) {sorted(unknown)}; "
                          "valid: layers, mlp, smear, positions, layer_norm")
     c = ml_collections.ConfigDict()
     c.seed = 0

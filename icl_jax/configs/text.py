@@ -1,8 +1,8 @@
 """Natural text on one CPU core: the Python standard library's source, as bytes (the text
-profile before it moved to configs/text_hoogland.py; the prefetch bench reads it).
+profile before it moved to text_hoogland.py; the prefetch bench reads it).
 
-Usage: --config configs/text.py:layers=2  (same arguments as configs/small.py)
-Positions, widths and the training recipe follow configs/small.py; what changes is the
+Usage: --config text:layers=2  (same arguments as small.py)
+Positions, widths and the training recipe follow small.py; what changes is the
 data and the scale it needs: a 256-byte vocabulary, a 256-byte context (repeated
 identifiers within it are what induction heads can use), and the ICL score at indices
 20 and 200 (the paper's 1:10 ratio).
@@ -19,17 +19,11 @@ Measured on a 2-core CPU (one core a run, ~0.17 s a step), 2 layers, this config
   accelerator raise --config.train.batch_size (256: 8x the tokens a step) and steps.
   A BPE-1024 vocabulary at context 128 formed none by step 4,300.
 """
-import os
-
-from icl_jax.config import load_file
-
-
-def _small():
-    return load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
+from icl_jax.configs import small
 
 
 def get_config(arg=None):
-    c = _small().get_config(arg)
+    c = small.get_config(arg)
     c.data.name = "pystdlib"
     c.data.tokenizer = "bytes"
     c.model.vocab_size = 256

@@ -1,30 +1,23 @@
 """Natural text at CPU scale: 2-layer attention-only models on installed Python source (pycode).
 
-Usage: --config configs/text_pycode.py:vocab=2048,context=256,d_model=128,heads=4,lr=2e-3
+Usage: --config text_pycode:vocab=2048,context=256,d_model=128,heads=4,lr=2e-3
 Arguments (all optional): layers, vocab (BPE size), context, d_model, heads, lr, warmup,
 batch, steps, ln (LayerNorm), smear, mlp. The corpus is every .py file the interpreter reaches
 (data.roots to pin folders), deduplicated, tokenized once into the shared cache
 (see icl_jax/corpus.py). launch/text_search.py searches these arguments for the cheapest setting
 that forms an induction head; docs/text-search.md has what each setting did.
 """
-import os
-
-from icl_jax.config import load_file
+from icl_jax.configs import small
 
 ARGS = dict(layers=2, vocab=2048, context=256, d_model=128, heads=4, lr=2e-3, warmup=200,
             batch=32, steps=20_000, ln="true", smear="false", mlp="false")
 
 
-def _small():
-    return load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
-
-
 def get_config(arg=None):
-    small = _small()
     args = small._parse(arg)
     unknown = set(args) - set(ARGS)
     if unknown:
-        raise ValueError(f"configs/text_pycode.py: unknown argument(s) {sorted(unknown)}; "
+        raise ValueError(f"text_pycode.py: unknown argument(s) {sorted(unknown)}; "
                          f"valid: {', '.join(ARGS)}")
     a = {**ARGS, **args}
     c = small.get_config(f"layers={a['layers']},mlp={a['mlp']},smear={a['smear']},"

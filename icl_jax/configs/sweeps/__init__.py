@@ -1,0 +1,3 @@
+"""The built-in sweep files, by name: `icl-jax sweep --config paper_small:attn`; quick,
+text, text-cpu and paper are `icl-jax reproduce`'s profiles. Each is a Python file with
+get_sweep(arg) that icl-jax executes."""
