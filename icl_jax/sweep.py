@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from icl_jax import config as config_lib, workdir as workdir_lib
+from icl_jax import config as config_lib, progress as progress_lib, workdir as workdir_lib
 from icl_jax.config import ConfigError
 
 INDEX = "sweep.json"
@@ -340,8 +340,10 @@ def _run_pool(members, index, jobs, progress, say, cache=None):
                 log = open(os.path.join(m.workdir, "train.log"), "a")
                 log.write(f"\n# {_now()} {shlex.join(m.command())}\n")
                 log.flush()
+                which = progress_lib.member_env(m.name, index.mine.index(m.name) + 1,
+                                                len(index.mine))  # its bar says member k of N
                 proc = subprocess.Popen(m.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, stdin=subprocess.DEVNULL)
+                                        env={**env, **which}, stdin=subprocess.DEVNULL)
                 stop.children.append(proc)
                 running[m.name] = (m, proc, time.time(), log)
                 index.update(m.name, status="running", started=_now(), pid=proc.pid,
@@ -483,7 +485,10 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
         use_compilation_cache(cache)  # members trained in this process
     interrupted = None
     for g in groups:
-        if _run_ensemble(g, index, progress, say):
+        with progress_lib.member([m.name for m in g], [index.mine.index(m.name) + 1 for m in g],
+                                 len(index.mine)):
+            stopped = _run_ensemble(g, index, progress, say)
+        if stopped:
             interrupted = "a signal"  # the rest stay pending; the same command resumes
             break
     if singles and not interrupted:

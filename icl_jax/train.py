@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from icl_jax import checkpoints, config as config_lib, data as data_lib, device_data, scores
-from icl_jax import flops as flops_lib, prefetch, workdir as workdir_lib
+from icl_jax import flops as flops_lib, prefetch, progress as progress_lib, workdir as workdir_lib
 from icl_jax.model import init_params, loss_by_position, make_model
 
 
@@ -240,41 +240,6 @@ def prepare_workdir(config, workdir, overwrite: bool):
         multihost_utils.sync_global_devices(f"prepare_workdir {workdir}")
 
 
-class Progress:
-    """One line redrawn in place on a terminal; a log line every so often otherwise."""
-
-    def __init__(self, total: int, enabled: bool, peak_label: str = ""):
-        self.total, self.enabled = total, enabled and jax.process_index() == 0
-        self.peak_label = peak_label
-        self.tty = sys.stderr.isatty()
-        self.last_print = 0.0
-
-    def update(self, step: int, record: dict):
-        if not self.enabled:
-            return
-        parts = [f"step {step}/{self.total}", f"loss {record['train_loss']:.3f}"]
-        if "tokens_per_s" in record:
-            parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
-        if "mfu" in record:
-            parts.append(f"MFU {record['mfu']:.1%} of {self.peak_label}")
-        if "icl_score" in record:
-            parts += [f"icl {record['icl_score']:+.3f}",
-                      f"prefix-match {record['prefix_matching_max']:.2f}"]
-        frac = step / self.total
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        line = f"[{bar}] " + "  ".join(parts)
-        if self.tty:
-            sys.stderr.write("\r" + line + " " * 4)
-            sys.stderr.flush()
-        elif "icl_score" in record or time.time() - self.last_print > 30 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
-            self.last_print = time.time()
-
-    def close(self):
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-
-
 class _StopSignal:
     """SIGTERM / SIGINT set a flag; the loop saves a snapshot at the current step and exits."""
 
@@ -455,7 +420,8 @@ def _train(members, sources, progress, stop_after):
     del states
 
     # --- compile once, ahead of time, and say how much memory the step needs
-    peak = flops_lib.peak(config.model.dtype)  # measured before the step competes for cores
+    # measured before the step competes for cores; raised if training outruns it (MFU <= 1)
+    peak = progress_lib.BoundedPeak(flops_lib.peak(config.model.dtype))
     lowered = make_train_step(model, tx, mesh, t, members.stacked,
                               generator=generator).lower(state, get_batch(start))
     t_compile = time.perf_counter()
@@ -485,7 +451,8 @@ def _train(members, sources, progress, stop_after):
             save(0)
         for log, rec in zip(logs, eval_records(state["params"])):
             log.write({"step": 0, "tokens": 0, "train_loss": None, "tokens_per_s": 0.0, **rec})
-    metrics_log = _MetricsQueue(members, logs, Progress(t.steps, progress, peak.label), start,
+    bar = progress_lib.Bar(t.steps, progress and jax.process_index() == 0, peak, start)
+    metrics_log = _MetricsQueue(members, logs, bar, start,
                                 t.batch_size * config.model.context,
                                 flops_lib.train_flops_per_token(config.model), peak)
 

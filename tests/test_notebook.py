@@ -18,6 +18,23 @@ def test_notebook_is_stored_without_outputs():
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
 
 
+def _cells():
+    return json.load(open(NOTEBOOK))["cells"]
+
+
+def test_notebook_text_quotes_no_step_numbers():
+    """Numbers of one run go stale: the prose names none (the cells compute them)."""
+    prose = "\n".join("".join(c["source"]) for c in _cells() if c["cell_type"] == "markdown")
+    assert not re.search(r"\b\d{1,3},\d{3}\b|steps? \d{3,}", prose), re.findall(
+        r"\b\d{1,3},\d{3}\b|steps? \d{3,}", prose)
+
+
+def test_notebook_keeps_its_paths_in_one_cell():
+    code = ["".join(c["source"]) for c in _cells() if c["cell_type"] == "code"]
+    with_paths = [i for i, c in enumerate(code) if re.search(r"ROOT\s*/|configs", c)]
+    assert with_paths == [0], with_paths
+
+
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
@@ -31,12 +48,29 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
     client.execute()  # raises CellExecutionError naming the cell that failed
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 6, "every figure cell draws"
-    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    images = [i for i, c in enumerate(code) for o in c.outputs
+              if "image/png" in o.get("data", {})]
+    # something to see early: the training cell draws before anything is analysed
+    trains = next(i for i, c in enumerate(code) if "train_and_evaluate" in c.source)
+    analyses = next(i for i, c in enumerate(code) if "analysis.analyze" in c.source)
+    assert images[0] == trains < analyses
+    assert len(images) >= 8, "every figure cell draws"
+    # measured in front of the reader, from Run and icl_jax.scores, before the analysis...
+    by_hand = "\n".join(c.source for c in code[:analyses])
+    for call in ("icl_jax.Run(", "scores.prefix_matching(", "scores.icl_score(",
+                 "scores.head_ablation_icl(", "scores.icl_with_heads_removed("):
+        assert call in by_hand, call
+    # ...which then agrees with them (the cell asserts it) and draws the paper's figures
+    text = "".join(o.get("text", "") for o in code[analyses].outputs)
+    assert "the analysis agrees with the measurements by hand" in text
+    html = [o["data"]["text/html"] for o in nb_outputs(nb) if "text/html" in o.get("data", {})]
     assert any("attention-view" in h for h in html)
     assert os.path.exists(tmp_path / "run" / "analysis" / "scores.json")
+
+
+def nb_outputs(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
 
 
 def _payload(page):
