@@ -302,7 +302,7 @@ def test_analyze_llc_heads_records_every_head(tmp_path):
                               llc_heads=view)
     report.write_report(result, progress=False)  # the report shows the head figure
     assert (out / "llc_heads.png").stat().st_size > 10_000
-    assert "2l: llc heads" in (out / "report.html").read_text()
+    assert "2l: every head&#x27;s weight-refined LLC" in (out / "report.html").read_text()
     saved = json.loads((out / "scores.json").read_text())
     rec = saved["llc_heads"]
     steps = saved["steps"]
