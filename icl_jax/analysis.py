@@ -142,7 +142,8 @@ def _out_of_memory(err: Exception) -> bool:
 
 
 def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
-              progress: bool = True, stacking: str | None = None, llc: bool = False):
+              progress: bool = True, stacking: str | None = None, llc: bool = False,
+              llc_heads=None):
     """(per-snapshot scores as numpy arrays [N, ...], LastSnapshot) of every snapshot of a run.
 
     Snapshots are restored `chunk` at a time, stacked on a leading axis and scored in
@@ -154,6 +155,8 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     llc: also the local learning coefficient of each chunk (llc.llc_over_snapshots, the
     run's `llc` config section, batches from its held-out data), under the keys llc,
     llc_std, llc_loss_trace [N, chain, draw], and llc_diverged / llc_messages.
+    llc_heads: a head_llc.HeadView: also every head's refined LLC, under the key llc_heads
+    (head_llc.Recorder.record).
     """
     e, name = run.config.eval, run.workdir
     source = data_lib.make_source(run.config, run.workdir)
@@ -170,6 +173,9 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
     if llc:
         from icl_jax import llc as llc_lib
         llc_pool = llc_lib.held_out_pool(source, run.config)
+    if llc_heads:
+        from icl_jax import head_llc
+        heads = head_llc.Recorder(run, source, llc_heads, stacking, chunk)
 
     def scored(trees):
         """Scores `trees` in calls of `size` snapshots (the last padded by repeating its last
@@ -201,6 +207,8 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
             llcs.append(llc_lib.llc_over_snapshots(
                 run.model, trees, llc_pool, run.config.llc, steps=good[len(good) - n:],
                 seed=run.config.seed, stacking=stacking, chunk=chunk))
+        if llc_heads:
+            heads.add(trees, good[len(good) - n:])
         last = (trees[-1], *scored(trees))
         if progress:
             print(f"scoring {name}: {len(good)}/{len(steps)} snapshots "
@@ -231,6 +239,10 @@ def score_run(run: checkpoints.Run, chunk: int = 16, ablation: str = "pattern",
         per["llc_diverged"] = [d for c in llcs for d in c["diverged"]]
         per["llc_messages"] = [m for c in llcs for m in c["messages"]]
         for m in per["llc_messages"]:
+            print(f"warning: {name}: {m}", file=sys.stderr)
+    if llc_heads:
+        per["llc_heads"] = heads.record()
+        for m in per["llc_heads"]["messages"]:
             print(f"warning: {name}: {m}", file=sys.stderr)
     per["steps"] = np.asarray(good)
     per["tokens"] = per["steps"] * (run.config.train.batch_size * run.config.model.context)
@@ -313,7 +325,7 @@ def _record(name, run, s, ablation) -> dict:
         "ablation_icl": s["ablation_icl"], "composition": s["composition"],
         "per_token_loss": s["per_token_loss"],
         **{k: s[k] for k in ("llc", "llc_std", "llc_loss_trace", "llc_diverged",
-                             "llc_messages") if k in s},
+                             "llc_messages", "llc_heads") if k in s},
         "phase_change": phase_change_of(s),
         "untrained_icl_note": untrained_icl_note(s),
         "induction_heads": induction_heads(s["prefix_matching"][-1], s["copying"][-1],
@@ -324,7 +336,7 @@ def _record(name, run, s, ablation) -> dict:
 
 # the modules whose code decides a snapshot's scores (this one too: scorer, score_run): an
 # edit to any of them rescores
-SCORING_CODE = ("analysis", "scores", "model", "data", "corpus", "llc")
+SCORING_CODE = ("analysis", "scores", "model", "data", "corpus", "llc", "head_llc")
 # what a saved scores.json keeps per snapshot (the rest, phase change and induction heads,
 # is derived again by _record with the code as it stands)
 _PER_SNAPSHOT = ("icl_score", "icl_se", "icl_by_example", "loss_by_example", "loss_by_position",
@@ -342,16 +354,19 @@ def _code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def scoring_key(run: checkpoints.Run, ablation: str, llc: bool, steps=None) -> str:
+def scoring_key(run: checkpoints.Run, ablation: str, llc: bool, steps=None,
+                llc_heads=None) -> str:
     """A digest of everything a run's scores follow from: the snapshots scored (`steps`;
     default: every snapshot the run holds now), each with what it holds (Run.snapshot_id),
-    its whole config, the ablation kind, whether the LLC is estimated, and the scoring code.
-    A scores.json keyed on the snapshots it scored is reused only while the run holds those
-    same snapshots: one added, repaired or saved again since is scored."""
+    its whole config, the ablation kind, whether the LLC is estimated (and every head's: a
+    HeadView), and the scoring code. A scores.json keyed on the snapshots it scored is
+    reused only while the run holds those same snapshots: one added, repaired or saved
+    again since is scored."""
     steps = run.steps if steps is None else steps
+    heads = {"llc_heads": dataclasses.asdict(llc_heads)} if llc_heads else {}
     what = json.dumps({"snapshots": [[int(s), run.snapshot_id(int(s))] for s in steps],
                        "config": run.config.to_dict(),
-                       "ablation": ablation, "llc": bool(llc), "code": _code_digest()},
+                       "ablation": ablation, "llc": bool(llc), "code": _code_digest(), **heads},
                       sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:24]
 
@@ -387,7 +402,7 @@ def last_snapshot(run: checkpoints.Run, step: int) -> LastSnapshot:
 
 def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = True,
             ablation: str = "pattern", llc=False, rescore: bool = False,
-            measure: dict | None = None) -> dict:
+            measure: dict | None = None, llc_heads=None) -> dict:
     """Scores every snapshot of every run and writes scores.json and pca.json; the figures
     and report.html are report.write_report's, from what this returns.
 
@@ -403,7 +418,9 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     <common parent>/analysis). Returns {"runs": {name: scores}, "pca": {...}, "out": dir,
     "last": {name: LastSnapshot}} where scores is what scores.json holds (lists), with the
     run's "workdir". llc: True estimates the local learning coefficient of every snapshot of
-    every run (see score_run), or a collection of run names, of those runs only.
+    every run (see score_run), or a collection of run names, of those runs only. llc_heads:
+    a head_llc.HeadView, every head's refined LLC of every run, or {run name: HeadView}, of
+    those runs only (score_run).
     """
     if isinstance(workdirs, str):
         workdirs = [workdirs]
@@ -420,7 +437,8 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
     for name, run in opened.items():
         with_llc = llc is True or (bool(llc) and name in llc)
         run_dir = workdir_lib.path(out) if single else workdir_lib.path(out) / name
-        key = scoring_key(run, ablation, with_llc)
+        view = llc_heads.get(name) if isinstance(llc_heads, dict) else llc_heads
+        key = scoring_key(run, ablation, with_llc, llc_heads=view)
         per = None if rescore else saved_scores(run_dir / "scores.json", key)
         if per is not None:
             last[name] = last_snapshot(run, int(per["steps"][-1]))
@@ -429,11 +447,12 @@ def analyze(workdirs, out: str | None = None, chunk: int = 16, progress: bool = 
                       f"{len(per['steps'])} snapshots, config, ablation and scoring code; "
                       "--rescore scores again)", file=sys.stderr, flush=True)
         else:
-            per, last[name] = score_run(run, chunk, ablation, progress, llc=with_llc)
+            per, last[name] = score_run(run, chunk, ablation, progress, llc=with_llc,
+                                        llc_heads=view)
             # derived from the numbers as saved, so that a reuse derives the same
             per = _per_snapshot(_jsonable(per))
         # keyed on the snapshots scored (a damaged one skipped is scored once repaired)
-        key = scoring_key(run, ablation, with_llc, per["steps"])
+        key = scoring_key(run, ablation, with_llc, per["steps"], llc_heads=view)
         runs[name] = _jsonable({**_record(name, run, per, ablation), "scored_with": key})
         workdir_lib.write_text(run_dir / "scores.json", json.dumps(runs[name]))
     pca = shared_pca(runs)

@@ -510,6 +510,7 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     rows = [_row(case, "ours, 1 snapshot, compile incl.", [first], "s"),
             _row(case, "ours", [ours], "s", how),
             _row(case, "ours, process CPU", [ours_cpu], "s", "all threads")]
+    rows += bench_head_llc(config, model, trees[:2], pool, cfg)
     try:
         import datasets
         import torch
@@ -543,6 +544,28 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
         _row(case, "devinterp / ours", [theirs / ours], "x", "> 1: ours faster"),
         _row(case, "devinterp / ours, CPU", [theirs_cpu / ours_cpu], "x", "> 1: ours faster"),
     ]
+
+
+def bench_head_llc(config, model, trees, pool, cfg) -> list:
+    """Every head's wrLLC (head_llc.heads_over_snapshots, the same chains x draws) of a few
+    snapshots: seconds per snapshot per head, after a warm-up (on CPUs, the compile) on the
+    first snapshot alone; its cost against the whole model's is what sizes the per-head
+    view's defaults (head_llc.REPRODUCE_VIEW)."""
+    from icl_jax import head_llc
+    heads = config.model.n_layers * config.model.n_heads
+    case = f"{_name(config)} head LLC x{len(trees)} snapshots, {cfg.chains}x{cfg.draws}"
+    t0 = time.perf_counter()
+    jax.block_until_ready(head_llc.heads_over_snapshots(model, trees[:1], {"all": pool},
+                                                        cfg)["llc"])
+    first = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(head_llc.heads_over_snapshots(model, trees, {"all": pool}, cfg)["llc"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return [_row(case, "ours, 1 snapshot, compile incl.", [first], "s", f"{heads} heads"),
+            _row(case, "ours, per snapshot per head", [wall / len(trees) / heads], "s",
+                 f"{heads} heads a snapshot, one program"),
+            _row(case, "ours, per snapshot per head, CPU", [cpu / len(trees) / heads], "s",
+                 "process CPU, all threads")]
 
 
 # ----------------------------------------------------------------------------- driver

@@ -33,6 +33,14 @@ def _ablation(kind: str) -> str:
     return kind
 
 
+def _llc_mode(text: str):
+    from icl_jax.head_llc import parse_mode
+    try:
+        return parse_mode(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--llc ")) from None
+
+
 def build_parser():
     from icl_jax import __version__
     parser = argparse.ArgumentParser(
@@ -71,9 +79,12 @@ def build_parser():
     p.add_argument("--ablation", default="pattern", type=_ablation,
                    help="how heads are ablated for their ICL attribution: pattern (patterns "
                         "frozen; default), zero or mean")
-    p.add_argument("--llc", action="store_true",
+    p.add_argument("--llc", nargs="?", const="model", default=None, type=_llc_mode,
+                   metavar="model|heads|heads,data",
                    help="also estimate the local learning coefficient of every snapshot "
-                        "(SGLD chains; the config's llc section; minutes on a CPU)")
+                        "(SGLD chains; the config's llc section; minutes on a CPU); heads: "
+                        "and every head's (weight-refined); heads,data: and every head's on "
+                        "the data's subsets (data-refined; docs/llc-heads.md)")
     p.add_argument("--rescore", action="store_true",
                    help="score every snapshot again, even where a scores.json written with "
                         "the same snapshots, config and scoring code could be reused")
@@ -101,7 +112,8 @@ def build_parser():
                         "and report.html (on an accelerator each member's seeds train as one "
                         "ensemble)")
     p.add_argument("--llc", action="store_true",
-                   help="also the local learning coefficient of every 1l and 2l snapshot")
+                   help="also the local learning coefficient of every 1l and 2l snapshot, "
+                        "and every head's of 12 snapshots of 2l and 3l")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("sweep", help="train every member of a sweep, N at a time; sweep.json "
@@ -202,7 +214,8 @@ def cmd_analyze(args, overrides):
               file=sys.stderr)
         return 2
     result = analysis.analyze(args.workdir, out=args.out, chunk=args.chunk,
-                              ablation=args.ablation, progress=not args.quiet, llc=args.llc,
+                              ablation=args.ablation, progress=not args.quiet,
+                              llc=bool(args.llc), llc_heads=args.llc and args.llc[1],
                               rescore=args.rescore, measure=overrides)
     from icl_jax import report
     report.write_report(result, progress=not args.quiet)

@@ -214,12 +214,15 @@ class SyntheticSource(Source):
               f"tokens: a segment and its copy need 2 * segment_len_max <= {seq_len}")
 
     def _make(self, rng, n, seq_len):
+        return self._make_pasted(rng, n, seq_len)[0]
+
+    def _make_pasted(self, rng, n, seq_len):
         self._check(seq_len)
         if self.placement == "uniform":
             return _uniform_segments(rng, n, seq_len, self.vocab_size, self.table,
-                                     *self.segments, lag=self.lag, copy_prob=self.copy_prob)[0]
+                                     *self.segments, lag=self.lag, copy_prob=self.copy_prob)
         return _synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments,
-                                 lag=self.lag, fresh_fraction=self.fresh_fraction)[0]
+                                 lag=self.lag, fresh_fraction=self.fresh_fraction)
 
     def batch(self, step, batch_size, seq_len, rows=None):
         x = self._make(_step_rng(self.seed, step), batch_size, seq_len)
@@ -227,6 +230,11 @@ class SyntheticSource(Source):
 
     def eval_set(self, n, seq_len):
         return self._make(_rng(self.seed, EVAL_KEY), n, seq_len)
+
+    def eval_set_pasted(self, n, seq_len):
+        """(eval_set(n, seq_len), bool [n, seq_len]: the positions a segment wrote, its
+        source and its copy): the subsets of head_llc's data-refined LLC."""
+        return self._make_pasted(_rng(self.seed, EVAL_KEY), n, seq_len)
 
     def token_frequencies(self):
         x = self._make(_rng(self.seed, FREQ_KEY), 256, self.seq_len)

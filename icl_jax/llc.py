@@ -72,7 +72,7 @@ def batch_indices(n_pool: int, cfg, seed: int = 0) -> np.ndarray:
     return idx[:, :steps].astype(np.int32)
 
 
-def _hyper(cfg) -> tuple:
+def sampler_settings(cfg) -> tuple:
     """The hashable sampler settings a compiled program depends on."""
     return (cfg.sampler, float(cfg.eps), float(cfg.gamma), nbeta_of(cfg),
             float(cfg.rms_alpha), float(cfg.rms_eps))
@@ -99,10 +99,14 @@ def noise_block(stacking: str, n_params: int, steps: int) -> int:
     NOISE_BLOCK_BYTES, since XLA's CPU code runs the draw of each of the ~20 leaves as a
     few small loops whose fixed cost, not the arithmetic, is most of it (0.2-0.6 of 9 ms of
     CPU per chain step on the quick 2L model); vmapped (accelerators), 1: there the chains' and
-    snapshots' copies multiply the block's memory, and the draws are wide already."""
+    snapshots' copies multiply the block's memory, and the draws are wide already. A block of
+    at least half that size that divides the steps is preferred (10 for 100 steps): the chain
+    is then one loop of whole blocks, compiled once, not a second copy for the rest (the
+    3L model's per-head program compiles each layer's chain separately: head_llc.py)."""
     if stacking == "vmap":
         return 1
-    return max(1, min(16, steps, NOISE_BLOCK_BYTES // (4 * max(n_params, 1))))
+    k = max(1, min(16, steps, NOISE_BLOCK_BYTES // (4 * max(n_params, 1))))
+    return next((j for j in range(k, (k + 1) // 2 - 1, -1) if steps % j == 0), k)
 
 
 def _chain(loss_fn, hyper, block, w_star, pool, idx_SM, keys_S):
@@ -144,22 +148,27 @@ def _chain(loss_fn, hyper, block, w_star, pool, idx_SM, keys_S):
     return jnp.concatenate([losses.reshape(n), steps(carry, (idx_SM[n:], keys_S[n:]))[1]])
 
 
-def _sample(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key):
-    """Every chain of one snapshot: (losses [C, S], loss at w* on the whole pool). Chains
-    vmapped, or (stacking "map", for CPUs) one after another: XLA's CPU code runs the
-    vmapped chains' per-chain weight products as slow batched kernels (18% more CPU time
-    per chain step on the quick 2L model)."""
+def chain_losses(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key):
+    """Every chain from w*: the minibatch losses [C, S]. Chains vmapped, or (stacking "map",
+    for CPUs) one after another: XLA's CPU code runs the vmapped chains' per-chain weight
+    products as slow batched kernels (18% more CPU time per chain step on the quick 2L
+    model). The noise of step s of chain c is step_noise(chain_keys(key, C, S)[c, s], w_star),
+    whatever tree w_star is (a whole model's params, or one head's: head_llc.py)."""
     keys_CS = chain_keys(key, *idx_CSM.shape[:2])
-    block = noise_block(stacking, _n_params(w_star), idx_CSM.shape[1])
+    block = noise_block(stacking, count_params(w_star), idx_CSM.shape[1])
     chain = functools.partial(_chain, loss_fn, hyper, block, w_star, pool)
     if stacking == "vmap":
-        losses_CS = jax.vmap(chain)(idx_CSM, keys_CS)
-    else:
-        losses_CS = jax.lax.map(lambda xs: chain(*xs), (idx_CSM, keys_CS))
-    return losses_CS, loss_fn(w_star, pool)
+        return jax.vmap(chain)(idx_CSM, keys_CS)
+    return jax.lax.map(lambda xs: chain(*xs), (idx_CSM, keys_CS))
 
 
-def _summarise(losses_CS, init_loss, n_params, cfg, names=None) -> dict:
+def sample_chains(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key):
+    """Every chain of one snapshot: (losses [C, S], loss at w* on the whole pool)."""
+    return (chain_losses(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key),
+            loss_fn(w_star, pool))
+
+
+def summarise(losses_CS, init_loss, n_params, cfg, names=None) -> dict:
     """The estimate from one snapshot's traces, leaving out chains that went bad."""
     nbeta = nbeta_of(cfg)
     draws_CD = losses_CS[:, cfg.burn_in:]
@@ -190,7 +199,7 @@ def _summarise(losses_CS, init_loss, n_params, cfg, names=None) -> dict:
     }
 
 
-def _n_params(tree) -> int:
+def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
@@ -213,11 +222,11 @@ def estimate_llc(loss_fn, params, data, cfg, seed: int = 0, indices=None,
     n_pool = jax.tree.leaves(data)[0].shape[0]
     idx = batch_indices(n_pool, cfg, seed) if indices is None else np.asarray(indices, np.int32)
     pool = jax.tree.map(jnp.asarray, data)
-    run = jax.jit(lambda w, pool, idx, key: _sample(
-        lambda p, b: loss_fn(p, b), _hyper(cfg), _stacking(stacking), w, pool, idx, key))
+    run = jax.jit(lambda w, pool, idx, key: sample_chains(
+        lambda p, b: loss_fn(p, b), sampler_settings(cfg), resolve_stacking(stacking), w, pool, idx, key))
     losses, init = jax.device_get(run(params, pool, idx, jax.random.key(seed)))
     init = float(init) if init_loss is None else float(init_loss)
-    out = _summarise(np.asarray(losses), init, _n_params(params), cfg)
+    out = summarise(np.asarray(losses), init, count_params(params), cfg)
     out["nbeta"] = nbeta_of(cfg)
     return out
 
@@ -244,7 +253,22 @@ def token_loss(model):
     return loss
 
 
-def _stacking(stacking: str | None) -> str:
+def weighted_token_loss(model):
+    """token_loss over some positions only: batch {"tokens": [B, T + 1], "weight": [B, T]},
+    the mean cross-entropy of the predictions whose weight is 1 (a data-refined LLC's loss:
+    head_llc.py). With every weight 1 it is token_loss."""
+    def loss(params, batch):
+        tokens_BT1, w_BT = batch["tokens"], batch["weight"]
+        logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1])
+        target_BTV = jax.nn.one_hot(tokens_BT1[:, 1:], logits_BTV.shape[-1],
+                                    dtype=logits_BTV.dtype)
+        ce_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - (logits_BTV * target_BTV).sum(-1)
+        # a batch without a weighted position (never at the subsets' sizes) reads 0, not NaN
+        return (w_BT * ce_BT).sum() / jnp.maximum(w_BT.sum(), 1.0)
+    return loss
+
+
+def resolve_stacking(stacking: str | None) -> str:
     if stacking is None:
         return default_stacking()
     if stacking not in STACKING:
@@ -259,7 +283,7 @@ def _snapshots_program(model_json: str, hyper: tuple, stacking: str):
     snapshot, its chains one after another. Calling it snapshot by snapshot costs nothing
     against its chains x draws steps and, unlike a lax.map over a chunk, neither pads a
     short last chunk nor compiles again for one (analyze's 33rd snapshot did)."""
-    per = functools.partial(_sample, token_loss(make_model(json.loads(model_json))), hyper,
+    per = functools.partial(sample_chains, token_loss(make_model(json.loads(model_json))), hyper,
                             stacking)
     if stacking == "vmap":
         return jax.jit(jax.vmap(per, in_axes=(0, None, None, None)))
@@ -289,12 +313,12 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     steps = list(range(n_snap)) if steps is None else [int(s) for s in steps]
     if len(steps) != n_snap:
         raise ValueError(f"{len(steps)} steps given for {n_snap} snapshots")
-    stacking = _stacking(stacking)
-    program = _snapshots_program(json.dumps(model.cfg, sort_keys=True), _hyper(cfg), stacking)
+    stacking = resolve_stacking(stacking)
+    program = _snapshots_program(json.dumps(model.cfg, sort_keys=True), sampler_settings(cfg), stacking)
     pool = jnp.asarray(data)
     idx = jnp.asarray(batch_indices(pool.shape[0], cfg, seed))
     key = jax.random.key(seed)
-    n_params = _n_params(jax.tree.map(lambda a: a[0], stacked_params))
+    n_params = count_params(jax.tree.map(lambda a: a[0], stacked_params))
     chunk = max(1, min(chunk, n_snap)) if stacking == "vmap" else 1
     per, t0 = [], time.perf_counter()
     for start in range(0, n_snap, chunk):
@@ -309,7 +333,7 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
                                     part)
             losses_SCT, init_S = jax.device_get(program(part, pool, idx, key))
         for i in range(n):
-            per.append(_summarise(np.asarray(losses_SCT[i]), float(init_S[i]), n_params, cfg,
+            per.append(summarise(np.asarray(losses_SCT[i]), float(init_S[i]), n_params, cfg,
                                   {"snapshot step": steps[start + i]}))
         if progress:
             print(f"llc: {len(per)}/{n_snap} snapshots ({time.perf_counter() - t0:.1f} s)",

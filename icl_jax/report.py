@@ -673,6 +673,17 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
                 "a dip while the previous-token heads form and a rise while the induction "
                 "heads do (Hoogland et al. 2024).", "not in Olsson et al.; Hoogland et al. "
                 "2024, “The Developmental Landscape of In-Context Learning”."))
+        if run.get("llc_heads") is not None:  # analyze --llc heads: every head's wrLLC
+            from icl_jax import head_llc_plot
+            appendix.append(F.add(
+                head_llc_plot.plot_head_llc(run, f"{name}: every head's refined LLC"),
+                ("" if single else name + "/") + "llc_heads.png",
+                f"{name}: every head's weight-refined LLC",
+                "the heads' curves grouped by K-means (colour), each head's role from its "
+                "scores at the last snapshot beside it; the induction heads' curves change in "
+                "the phase change (shaded).", "not in Olsson et al.; Wang et al. 2025, "
+                "“Differentiation and Specialization of Attention Heads via the Refined Local "
+                "Learning Coefficient”."))
     drawn = {"family.png", "loss.png", "pca.png", "coperturbation.png"}
     for title, fname, fig in figures:
         if fname in drawn:

@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from icl_jax import analysis, claims, config as config_lib, report, sweep, train
+from icl_jax import analysis, claims, config as config_lib, head_llc, report, sweep, train
 from icl_jax import workdir as workdir_lib
 from icl_jax.config import ConfigError
 
@@ -146,7 +146,9 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
               overrides: dict | None = None, progress: bool = True, llc: bool = False) -> dict:
     """Trains the profile's family (finished members skipped, unfinished resumed), analyses
     it, checks the claims and writes results.md, claims.json and report.html in `workdir`.
-    llc: also the local learning coefficient of every snapshot of the 1l and 2l members."""
+    llc: also the local learning coefficient of every snapshot of the 1l and 2l members, and
+    every head's wrLLC of the 2l and 3l members (head_llc.REPRODUCE_VIEW: 12 snapshots, 2
+    chains a head)."""
     spec, texts = sweep_file(profile), _overrides(seed, overrides)
     members = sweep.resolve(spec, workdir, texts)  # config errors first
     names = [m.name for m in members]
@@ -172,7 +174,9 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     t_analysis = time.time()
     result = analysis.analyze([os.path.join(workdir, n) for n in names], out=workdir,
                               progress=progress,
-                              llc={"1l", "2l"} if llc else False, measure=measure)
+                              llc={"1l", "2l"} if llc else False, measure=measure,
+                              llc_heads={n: head_llc.REPRODUCE_VIEW for n in ("2l", "3l")}
+                              if llc else None)
     rows, found = claims.check_claims(result)
     device = f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
     text = claims.results_markdown(rows, found, profile, train_seconds,
