@@ -96,6 +96,7 @@ def _orbax_log_to(workdir, writable: bool):
         log.addHandler(logging.NullHandler())
     if "hook" not in _ORBAX_LOG:
         _ORBAX_LOG["hook"] = sys.unraisablehook = _orbax_unraisable_to_log(sys.unraisablehook)
+        logging.getLogger("asyncio").addFilter(_orbax_tasks_to_log)
     if writable and "file" not in _ORBAX_LOG and not workdir_lib.is_remote(workdir):
         p = workdir_lib.path(workdir)
         p.mkdir(parents=True, exist_ok=True)
@@ -118,6 +119,18 @@ def _orbax_unraisable_to_log(previous):
             return
         previous(unraisable)
     return hook
+
+
+def _orbax_tasks_to_log(record: logging.LogRecord) -> bool:
+    """When the garbage collector meets one of orbax's read tasks that failed on a damaged
+    snapshot, asyncio logs "Task exception was never retrieved" with its traceback: that
+    goes to orbax's log too; asyncio's other messages pass."""
+    text = record.getMessage()
+    if "never retrieved" in text and "orbax" in text:
+        logging.getLogger("absl").error("after a failed read: %s", text,
+                                        exc_info=record.exc_info)
+        return False
+    return True
 
 
 class Store:
