@@ -182,6 +182,8 @@ def cmd_train(args, overrides):
         config = config_lib.with_overrides(train.run_config(args.workdir), overrides)
     else:
         config = load_config(args.config or DEFAULT_CONFIG, overrides)
+    from icl_jax import sweep
+    sweep.use_compilation_cache(sweep.compilation_cache())  # a resume loads, not compiles
     record = train.train_and_evaluate(config, args.workdir, overwrite=args.overwrite,
                                       progress=not args.quiet)
     import jax

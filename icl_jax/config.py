@@ -251,7 +251,17 @@ def override(config: ml_collections.ConfigDict, assignments: dict[str, str]):
     return config
 
 
-ATTENTION = ("auto", "blocked", "dot_product_attention")  # model.attention; see model.py
+ATTENTION = ("auto", "blocked", "dot_product_attention", "cudnn")  # model.attention; see model.py
+
+
+def cudnn_fits(dtype: str, d_head: int) -> bool:
+    """Whether cuDNN's fused (flash) attention takes a model's heads: inputs in a 16-bit
+    float and a head dimension that is a multiple of 8 and at most 128 (Hopper takes 256;
+    128 holds on every GPU), jax's check_is_flash_attention. The paper's d_head 64 and
+    Hoogland's 32 fit in bfloat16."""
+    return dtype == "bfloat16" and d_head % 8 == 0 and d_head <= 128
+
+
 GENERATE = ("auto", "device", "host")  # data.generate; see device_data.py
 
 # field -> (type, allowed values or None); the schema every config must follow.
@@ -336,6 +346,9 @@ def validate(config) -> ml_collections.ConfigDict:
               f"({m.d_model}) must be a multiple of model.n_heads ({m.n_heads}) "
               "when model.d_head is 0")
         m.d_head = m.d_model // m.n_heads
+    _need(m.attention != "cudnn" or cudnn_fits(m.dtype, m.d_head), "model.attention",
+          "'cudnn' needs model.dtype bfloat16 and a model.d_head that is a multiple of 8 "
+          f"and at most 128, got {m.dtype} and {m.d_head} ('auto' picks it where it fits)")
 
     _need(d.name in ("synthetic", "pystdlib", "pycode", "files"), "data.name",
           f"must be synthetic, pystdlib, pycode or files, got {d.name!r}")

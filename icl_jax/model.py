@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from icl_jax.config import ATTENTION
+from icl_jax.config import ATTENTION, cudnn_fits
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -103,21 +103,29 @@ def project(x_BTD, *weights):
     return [y_BTnHK[:, :, i * H:(i + 1) * H] for i in range(n)]
 
 
-def attention_kernel(name: str = "auto", platform: str | None = None) -> str:
+def attention_kernel(name: str = "auto", platform: str | None = None,
+                     dtype: str = "float32", d_head: int = 64) -> str:
     """model.attention resolved for the platform the program is compiled for ("cpu",
     "cuda", "rocm", "tpu"; None: jax's default backend, the one jit compiles for).
 
     "auto" is our blocked causal_attention on CPU, where XLA's dot_product_attention
     materialises every T x S score (the d_model 768 model's forward and backward took
-    1.3x as long with it), and jax.nn.dot_product_attention on accelerators. The choice
-    is made when the model is built, never while tracing, so that a program exported
-    on this CPU for a GPU or a TPU gets the accelerator's kernel.
+    1.3x as long with it); on CUDA, cuDNN's fused attention where it takes the model's
+    heads (cudnn_fits: bfloat16, d_head a multiple of 8), which never writes the T x S
+    scores to memory; elsewhere jax.nn.dot_product_attention's XLA path (jax's default
+    implementation: it materialises float32 scores and probabilities for every query-key
+    pair). The choice is made when the model is built, never while tracing, so that a
+    program exported on this CPU for a GPU or a TPU gets the accelerator's kernel.
     """
     if name not in ATTENTION:
         raise ValueError(f"model.attention must be one of {ATTENTION}, got {name!r}")
     if name == "auto":
         platform = platform or jax.default_backend()
-        return "blocked" if platform == "cpu" else "dot_product_attention"
+        if platform == "cpu":
+            return "blocked"
+        if platform in ("cuda", "gpu") and cudnn_fits(dtype, d_head):
+            return "cudnn"
+        return "dot_product_attention"
     return name
 
 
@@ -127,7 +135,7 @@ class Attention(nn.Module):
     smear_keys: bool = False
     smear_init: float = 0.0
     dtype: jnp.dtype = jnp.float32
-    kernel: str = "blocked"  # or "dot_product_attention" (see attention_kernel)
+    kernel: str = "blocked"  # or "dot_product_attention", "cudnn" (see attention_kernel)
 
     @nn.compact
     def __call__(self, x_BTD, qk_in_BTD, mask_H, fill_THK, frozen_BHTS):
@@ -158,11 +166,13 @@ class Attention(nn.Module):
         z_BHTK, pattern_BHTS = causal_attention(heads_first(q_BTHK) / math.sqrt(K),
                                                 heads_first(k_BTHK), heads_first(v_BTHK))
         z_BTHK = z_BHTK.swapaxes(1, 2)
-        if self.kernel == "dot_product_attention":
-            # z from jax's kernel; causal_attention above then only serves the pattern,
-            # which under jit is computed only when a caller uses it (training doesn't)
-            z_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK,
-                                                  scale=1.0 / math.sqrt(K), is_causal=True)
+        if self.kernel in ("dot_product_attention", "cudnn"):
+            # z from jax's kernel (XLA's or cuDNN's fused one); causal_attention above then
+            # only serves the pattern, which under jit is computed only when a caller uses
+            # it (training doesn't)
+            z_BTHK = jax.nn.dot_product_attention(
+                q_BTHK, k_BTHK, v_BTHK, scale=1.0 / math.sqrt(K), is_causal=True,
+                implementation="cudnn" if self.kernel == "cudnn" else None)
         if frozen_BHTS is not None:  # pattern-preserving ablation: z from the given pattern
             z_BTHK = jnp.einsum("bhts,bshk->bthk", c(frozen_BHTS), v_BTHK)
 
@@ -266,7 +276,9 @@ def make_model(model_config, platform: str | None = None) -> Transformer:
     """Builds the module from a validated `model` config section, for the platform its
     programs are compiled for ("cpu", "cuda", "tpu"; None: jax's default backend)."""
     cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-    return Transformer(cfg, attention_kernel(cfg.get("attention", "auto"), platform))
+    return Transformer(cfg, attention_kernel(cfg.get("attention", "auto"), platform,
+                                             cfg.get("dtype", "float32"),
+                                             cfg.get("d_head", 64)))
 
 
 def init_params(model: Transformer, rng):

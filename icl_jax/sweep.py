@@ -301,18 +301,18 @@ def _accelerator_present() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/kfd", "/dev/accel0"))
 
 
-CACHE = ".jax_cache"  # <sweep workdir>/.jax_cache: compiled programs shared by its members
-
-
-def compilation_cache(workdir: str) -> str | None:
-    """The persistent compilation cache of a sweep: JAX_COMPILATION_CACHE_DIR if set, else
-    <workdir>/.jax_cache ('' in that variable turns it off). Members of one shape then
-    compile once per sweep, not once per member (and once per resume)."""
+def compilation_cache() -> str | None:
+    """Where compiled programs are kept across runs: $JAX_COMPILATION_CACHE_DIR if set ('' in
+    that variable turns it off), else <cache root>/jax ($ICL_JAX_CACHE/jax, else
+    ~/.cache/icl_jax/jax: beside the text data's cache, corpus.cache_root). One place for
+    every workdir: the members of a sweep, a reproduction in a new workdir and a run resumed
+    find the programs an earlier one compiled (jax keys them by program, jax version and
+    device, so a stale entry is never used)."""
     given = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if given is not None:
         return given or None
-    return None if workdir_lib.is_remote(workdir) else os.path.join(
-        workdir_lib.absolute(workdir), CACHE)
+    from icl_jax.corpus import cache_root
+    return os.path.join(cache_root(), "jax")
 
 
 def use_compilation_cache(directory: str | None):
@@ -528,7 +528,7 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
     say(f"sweep {spec}: {len(selected)} member(s), {len(selected) - len(todo)} already "
         f"finished; {len(todo)} to train ({jobs} at a time) in {workdir}")
     t0 = time.time()
-    cache = compilation_cache(workdir)
+    cache = compilation_cache()
     if groups:
         use_compilation_cache(cache)  # members trained in this process
     interrupted = None

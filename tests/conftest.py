@@ -4,6 +4,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "ICL_JAX_CACHE" not in os.environ:  # the text data's and jax's caches: not the user's
+    import tempfile
+    os.environ["ICL_JAX_CACHE"] = tempfile.mkdtemp(prefix="icl_jax_test_cache_")
 
 import pytest  # noqa: E402
 

@@ -168,6 +168,29 @@ def test_auto_attention_follows_the_platform_the_model_is_built_for(platform, ke
     assert ("BTNH,BSNH->BNTS" in text) == (kernel == "dot_product_attention")
 
 
+@pytest.mark.parametrize("dtype, d_head, kernel", [
+    ("bfloat16", 64, "cudnn"), ("bfloat16", 32, "cudnn"), ("bfloat16", 128, "cudnn"),
+    ("float32", 64, "dot_product_attention"),    # cuDNN's flash kernel wants 16-bit inputs
+    ("bfloat16", 12, "dot_product_attention"),   # not a multiple of 8
+    ("bfloat16", 256, "dot_product_attention")])  # over 128 (Hopper alone takes 256)
+def test_auto_attention_on_cuda_is_cudnns_where_its_kernel_fits(dtype, d_head, kernel):
+    from icl_jax.model import attention_kernel
+    assert attention_kernel("auto", "cuda", dtype, d_head) == kernel
+    assert attention_kernel("auto", "tpu", dtype, d_head) == "dot_product_attention"
+    cfg = tiny_config("layers=1", **{"model.dtype": dtype, "model.d_head": d_head})
+    assert make_model(cfg.model, platform="cuda").kernel == kernel
+
+
+@pytest.mark.parametrize("dtype, d_head", [("float32", 16), ("bfloat16", 12)])
+def test_cudnn_attention_named_where_it_cannot_run_is_refused(dtype, d_head):
+    from icl_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="model.attention.*'cudnn' needs"):
+        tiny_config("layers=1", **{"model.attention": "cudnn", "model.dtype": dtype,
+                                   "model.d_head": d_head})
+    tiny_config("layers=1", **{"model.attention": "cudnn", "model.dtype": "bfloat16",
+                               "model.d_head": 16})
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.1])
 def test_mlp_out_init_sets_the_std_of_w_out(scale):
     cfg = tiny_config("layers=2,mlp=true", **{"model.d_mlp": 256, "model.mlp_out_init": scale})

@@ -168,21 +168,23 @@ def test_a_tiny_sweep_trains_indexes_and_skips(tmp_path, capsys):
 
 
 def test_members_of_one_shape_compile_once_per_sweep(tmp_path, monkeypatch):
-    """The sweep's persistent compilation cache: a second member that differs only in its
-    seed finds every program the first one compiled (no new cache entry)."""
+    """The persistent compilation cache, in one place for every workdir
+    ($ICL_JAX_CACHE/jax): a second member that differs only in its seed, in another sweep
+    workdir, finds every program the first one compiled (no new cache entry)."""
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    wd = str(tmp_path / "runs")
-    cache = os.path.join(wd, sweep.CACHE)
+    monkeypatch.setenv("ICL_JAX_CACHE", str(tmp_path / "cache"))
+    cache = str(tmp_path / "cache" / "jax")
+    assert sweep.compilation_cache() == cache
     first = _write_sweep(tmp_path, {"a": {}}, overrides=TINY)
-    sweep.run_sweep(first, wd, progress=False)
+    sweep.run_sweep(first, str(tmp_path / "runs"), progress=False)
     after_a = sorted(os.listdir(cache))
     assert after_a  # the train step, init, evaluation: all written
     both = _write_sweep(tmp_path, {"a": {}, "b": {"overrides": {"seed": 1}}}, overrides=TINY)
-    index = sweep.run_sweep(both, wd, progress=False)
+    index = sweep.run_sweep(both, str(tmp_path / "elsewhere"), progress=False)
     assert index["members"]["b"]["status"] == "done"
     assert sorted(os.listdir(cache)) == after_a
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # '' turns it off
-    assert sweep.compilation_cache(wd) is None
+    assert sweep.compilation_cache() is None
 
 
 def test_an_in_process_sweep_stops_when_its_member_is_stopped(tmp_path, monkeypatch):
