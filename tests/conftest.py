@@ -7,6 +7,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "ICL_JAX_CACHE" not in os.environ:  # the text data's and jax's caches: not the user's
     import tempfile
     os.environ["ICL_JAX_CACHE"] = tempfile.mkdtemp(prefix="icl_jax_test_cache_")
+# Every test process (this one, `icl-jax` subprocesses, sweep members) shares one persistent
+# compilation cache: the same tiny programs, compiled by dozens of tests, are compiled once
+# and loaded after (a loaded program is the compiled one: results are unchanged).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["ICL_JAX_CACHE"], "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402
 
