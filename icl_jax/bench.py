@@ -14,15 +14,14 @@ divided by the peak of a large matrix product timed in the same repeats (MFU).
 The count of what our blocked causal attention actually executes is cross-checked
 against XLA's cost analysis of the compiled step.
 
-This file holds the timing, the rows, the driver and the suites' benchmarks; the PyTorch
-and TransformerLens peers they are timed against are in bench_torch.py, and the
-accelerator suite (its own sizes, targets and output files) in bench_accelerator.py.
+This file holds the driver and the suites' benchmarks; the timing, the rows and the
+presets are in bench_harness.py, the PyTorch and TransformerLens peers they are timed
+against in bench_torch.py, and the accelerator suite (its own sizes, targets and output
+files) in bench_accelerator.py; those three never import this one.
 """
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import platform
 import sys
@@ -33,29 +32,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_jax import config as config_lib, data as data_lib, device_data, train
+from icl_jax import config as config_lib, data as data_lib, train
 from icl_jax import workdir as workdir_lib
 from icl_jax.flops import train_flops
 from icl_jax.model import QUERY_BLOCK, init_params, make_model
+# PRESETS, xla_flops and train_flops are part of this module's face (tests, launch/)
+from icl_jax.bench_harness import (PRESETS, JaxTrainer, auto_pipeline,  # noqa: F401
+                                   data_pipelines, format_row, header, interleaved,
+                                   load_config, matmul_peak_fn, note_row, row, shape_name,
+                                   xla_flops)
 
-SMALL = "small"  # the built-in config
 
-# The sizes of the default suite: the quick profile's models, a d_model 256 model at a
-# long context, and the paper's small shape (d_model 768, 12 heads) at a CPU-sized context.
-PRESETS = {
-    "small L1": ("layers=1", {}),
-    "small L2": ("layers=2", {}),
-    "small L3": ("layers=3", {}),
-    "d256 T512 L2": ("layers=2", {"model.d_model": 256, "model.context": 512,
-                                  "train.batch_size": 16}),
-    "d768 H12 T256 L2": ("layers=2", {"model.d_model": 768, "model.n_heads": 12,
-                                      "model.context": 256, "train.batch_size": 8}),
-    # the paper's shape in bf16 through jax.nn.dot_product_attention: the accelerator row
-    "paper L2 bf16 T2048": ("layers=2", {"model.d_model": 768, "model.n_heads": 12,
-                                         "model.context": 2048, "train.batch_size": 8,
-                                         "model.dtype": "bfloat16",
-                                         "model.attention": "dot_product_attention"}),
-}
 DEFAULT_TRAIN = ("small L2", "d256 T512 L2", "d768 H12 T256 L2")
 
 
@@ -77,120 +64,28 @@ DEFAULT_PREFETCH = (("text:layers=2", {"train.steps": 80}),
 
 # ----------------------------------------------------------------------------- timing
 
-def interleaved(fns: dict, repeats: int, warmup: int = 1, min_s: float = 0.2) -> dict:
-    """{name: seconds per call [repeats]}; each repeat runs every fn in turn.
-
-    A fn is called `n` times per repeat, n chosen in warm-up so a repeat takes about
-    min_s; the time per call is the repeat's time over n.
-    """
-    reps = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        reps[name] = max(1, int(math.ceil(min_s / max(time.perf_counter() - t0, 1e-6))))
-    out = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            out[name].append((time.perf_counter() - t0) / reps[name])
-    return {k: np.asarray(v) for k, v in out.items()}
 
 
-def _stats(x):
-    x = np.asarray(x, np.float64)
-    return {"median": float(np.median(x)), "p25": float(np.percentile(x, 25)),
-            "p75": float(np.percentile(x, 75)), "min": float(x.min()), "max": float(x.max())}
 
 
-def _row(case, metric, values, unit, note="", scale=1.0):
-    """A table row from per-repeat values (already in `unit` after `scale`)."""
-    return {"case": case, "metric": metric, **_stats(np.asarray(values) * scale), "unit": unit,
-            "note": note, "load": os.getloadavg()[0]}
 
 
-def _note(case, metric, note):
-    return {"case": case, "metric": metric, "median": None, "unit": "", "note": note,
-            "load": os.getloadavg()[0]}
 
 
-def matmul_peak_fn(n: int | None = None):
-    """(fn, flops): one n^3 matrix product, float32 on CPU, bfloat16 on accelerators."""
-    platform_ = jax.devices()[0].platform
-    dtype = jnp.float32 if platform_ == "cpu" else jnp.bfloat16
-    n = n or (2048 if platform_ == "cpu" else 8192)
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    return (lambda: f(a).block_until_ready()), 2 * n ** 3
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def xla_flops(compiled) -> float | None:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    return None if not ca or "flops" not in ca else float(ca["flops"])
 
 
 # ----------------------------------------------------------------------------- configs
 
-def load_config(spec: str, overrides: dict | None = None):
-    """A validated config from 'file.py:arg' (or a PRESETS name) and field overrides."""
-    if spec in PRESETS:
-        arg, preset = PRESETS[spec]
-        spec, overrides = f"{SMALL}:{arg}", {**preset, **(overrides or {})}
-    return config_lib.load_validated(spec, overrides)
 
 
-def _name(config):
-    m, t = config.model, config.train
-    return f"L{m.n_layers} d{m.d_model} H{m.n_heads} T{m.context} B{t.batch_size}"
 
 
-def _batch(config, k: int | None = None, step: int = 0):
-    source = data_lib.make_source(config)
-    B, S = config.train.batch_size, config.model.context + 1
-    if k is None:
-        return source.batch(step, B, S)
-    return np.stack([source.batch(step + i, B, S) for i in range(k)])
 
 
-class JaxTrainer:
-    """Our compiled training step on a fixed batch; call() runs one step and waits."""
-
-    def __init__(self, config, ensemble: int | None = None):
-        self.config, t = config, config.train
-        self.model = make_model(config.model)
-        self.tx = train.make_optimizer(t)
-        mesh = train.make_mesh()
-        self.step = train.make_train_step(self.model, self.tx, mesh, t, ensemble=bool(ensemble))
-        if ensemble:
-            states = [train.init_state(self.model, self.tx, config.seed + i, t)
-                      for i in range(ensemble)]
-            state = jax.tree.map(lambda *a: jnp.stack(a), *states)
-            spec = jax.sharding.PartitionSpec(None, "data")
-        else:
-            state = train.init_state(self.model, self.tx, config.seed, t)
-            spec = jax.sharding.PartitionSpec("data")
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.state = jax.device_put(state, rep)
-        self.batch = jax.device_put(_batch(config, ensemble),
-                                    jax.sharding.NamedSharding(mesh, spec))
-        self.compiled = self.step.lower(self.state, self.batch).compile()
-
-    def __call__(self):
-        self.state, metrics = self.compiled(self.state, self.batch)
-        jax.block_until_ready(metrics)
-
-    def memory_bytes(self) -> int | None:
-        mem = self.compiled.memory_analysis()
-        if mem is None:
-            return None
-        return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
 
 
 # ----------------------------------------------------------------------------- suites
@@ -198,7 +93,7 @@ class JaxTrainer:
 def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     """Tokens/s and MFU of our step; PyTorch, torch.compile and TransformerLens beside it."""
     from icl_jax import bench_torch
-    case, rows = _name(config), []
+    case, rows = shape_name(config), []
     m, t = config.model, config.train
     tokens = t.batch_size * m.context
     ours = JaxTrainer(config)
@@ -208,7 +103,7 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     xla = xla_flops(ours.compiled)  # of the per-device program of the data-parallel step
     xla = xla and xla * jax.device_count()
     fns = {"peak": peak_fn, "jax": ours}
-    peers = bench_torch._torch_candidates(config, rows, case) if torch_rows else {}
+    peers = bench_torch.torch_candidates(config, rows, case) if torch_rows else {}
     fns.update(peers)
     if peers and jax.devices()[0].platform == "cpu":
         fns["torch peak"] = bench_torch.torch_matmul_peak_fn()[0]
@@ -218,48 +113,48 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     # The device's peak is the faster of the two libraries' products, repeat by repeat:
     # XLA:CPU's own GEMM and PyTorch's MKL differ by up to 20% on the same core.
     peak = peak_flops / times["peak"]
-    rows.append(_row(case, "matmul peak", peak, "GFLOP/s", "2048^3 float32 in the same repeats"
+    rows.append(row(case, "matmul peak", peak, "GFLOP/s", "2048^3 float32 in the same repeats"
                      if jax.devices()[0].platform == "cpu" else "bf16 matmul", 1e-9))
     if "torch peak" in times:
         torch_peak = peak_flops / times["torch peak"]
-        rows.append(_row(case, "torch matmul peak", torch_peak, "GFLOP/s",
+        rows.append(row(case, "torch matmul peak", torch_peak, "GFLOP/s",
                          "the same product through PyTorch (MKL), same repeats", 1e-9))
-        rows.append(_row(case, "XLA / torch matmul", peak / torch_peak, "x",
+        rows.append(row(case, "XLA / torch matmul", peak / torch_peak, "x",
                          "the two libraries' GEMM on the same product"))
         peak = np.maximum(peak, torch_peak)
     peak_note = "of the faster matmul peak" if "torch peak" in times else "of the matmul peak"
-    rows.append(_row(case, "jax train", tokens / times["jax"], "tok/s",
+    rows.append(row(case, "jax train", tokens / times["jax"], "tok/s",
                      f"{times['jax'].min() * 1e3:.1f} ms/step at best"))
-    rows.append(_row(case, "jax MFU", flops / times["jax"] / peak, "%",
+    rows.append(row(case, "jax MFU", flops / times["jax"] / peak, "%",
                      f"{flops / 1e9:.2f} GFLOP/step (full T x S), {peak_note}", 100))
     if xla:
-        rows.append({**_note(case, "FLOPs check", f"executed analytic {executed / 1e9:.3f} vs "
+        rows.append({**note_row(case, "FLOPs check", f"executed analytic {executed / 1e9:.3f} vs "
                              f"XLA cost analysis {xla / 1e9:.3f} GFLOP/step "
                              f"({100 * (xla / executed - 1):+.1f}%)"),
                      "analytic_executed": executed, "xla": xla, "analytic_full": flops})
     if "jax attention" in times and "torch eager" in times:
         ja, ta = times["jax attention"], times["torch attention"]
-        rows.append(_row(case, "attention fwd+bwd, jax", ja, "ms", "one layer's causal "
+        rows.append(row(case, "attention fwd+bwd, jax", ja, "ms", "one layer's causal "
                          "attention core (model.causal_attention)", 1e3))
-        rows.append(_row(case, "attention fwd+bwd, torch", ta, "ms",
+        rows.append(row(case, "attention fwd+bwd, torch", ta, "ms",
                          "scaled_dot_product_attention(is_causal=True), same inputs", 1e3))
         gap = times["jax"] - times["torch eager"]
         share = m.n_layers * (ja - ta) / gap
-        rows.append(_row(case, "attention share of gap", share, "%",
+        rows.append(row(case, "attention share of gap", share, "%",
                          f"{m.n_layers} layers x (jax - torch attention) / (jax - torch eager "
                          "step); meaningful only when the step is slower", 100))
         K = m.d_head or m.d_model // m.n_heads
         q_rows = min(QUERY_BLOCK, m.context)
         shape = f"{t.batch_size * m.n_heads} x [{q_rows} x {K}] x [{K} x {m.context}]"
-        rows.append(_row(case, "batched matmul, jax", bmm_flops / times["jax bmm"], "GFLOP/s",
+        rows.append(row(case, "batched matmul, jax", bmm_flops / times["jax bmm"], "GFLOP/s",
                          f"{shape}: the last query block's scores", 1e-9))
-        rows.append(_row(case, "batched matmul, torch.bmm", bmm_flops / times["torch bmm"],
+        rows.append(row(case, "batched matmul, torch.bmm", bmm_flops / times["torch bmm"],
                          "GFLOP/s", "the same product", 1e-9))
     for name in peers:
-        rows.append(_row(case, f"{name} train", tokens / times[name], "tok/s"))
-        rows.append(_row(case, f"{name} MFU", flops / times[name] / peak, "%",
+        rows.append(row(case, f"{name} train", tokens / times[name], "tok/s"))
+        rows.append(row(case, f"{name} MFU", flops / times[name] / peak, "%",
                          f"same FLOPs, {peak_note}", 100))
-        rows.append(_row(case, f"jax / {name}", times[name] / times["jax"], "x",
+        rows.append(row(case, f"jax / {name}", times[name] / times["jax"], "x",
                          "tokens/s ratio, per repeat"))
     return rows
 
@@ -268,7 +163,7 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
     """All snapshots scored in one call (vmapped, and lax.map) against a Python loop over them,
     and against a loop scoring each with TransformerLens hooks (tl_check.py)."""
     from icl_jax import analysis, bench_torch, scores
-    case, rows = f"{_name(config)} x{n_snapshots} snapshots", []
+    case, rows = f"{shape_name(config)} x{n_snapshots} snapshots", []
     model, e = make_model(config.model), config.eval
     trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
@@ -282,21 +177,21 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
         "mapped": lambda: jax.block_until_ready(mapped(stacked, inputs)),
         "loop": lambda: [jax.block_until_ready(single(p, inputs)) for p in trees],
     }
-    tl = bench_torch._tl_hooks_scorer(model, trees, inputs, key, rows, case)
+    tl = bench_torch.tl_hooks_scorer(model, trees, inputs, key, rows, case)
     if tl is not None:
         fns["TL hooks"] = tl
     times = interleaved(fns, repeats, min_s=0)
-    rows.append(_row(case, "score vmapped", times["vmapped"], "s"))
-    rows.append(_row(case, "score lax.map", times["mapped"], "s"))
-    rows.append(_row(case, "score loop", times["loop"], "s"))
-    rows.append(_row(case, "loop / vmapped", times["loop"] / times["vmapped"], "x"))
-    rows.append(_row(case, "loop / lax.map", times["loop"] / times["mapped"], "x",
+    rows.append(row(case, "score vmapped", times["vmapped"], "s"))
+    rows.append(row(case, "score lax.map", times["mapped"], "s"))
+    rows.append(row(case, "score loop", times["loop"], "s"))
+    rows.append(row(case, "loop / vmapped", times["loop"] / times["vmapped"], "x"))
+    rows.append(row(case, "loop / lax.map", times["loop"] / times["mapped"], "x",
                      f"analyze uses {scores.default_stacking()} here"))
     if "TL hooks" in times:
-        rows.append(_row(case, "score TransformerLens hooks", times["TL hooks"], "s",
+        rows.append(row(case, "score TransformerLens hooks", times["TL hooks"], "s",
                          f"loop of tl_check.score_with_hooks over the {n_snapshots} snapshots; "
                          "HookedTransformers built before timing, only scoring timed"))
-        rows.append(_row(case, "TL hooks / lax.map", times["TL hooks"] / times["mapped"], "x",
+        rows.append(row(case, "TL hooks / lax.map", times["TL hooks"] / times["mapped"], "x",
                          "TransformerLens time over the lax.map call's, per repeat "
                          "(> 1: TransformerLens slower)"))
     return rows
@@ -304,15 +199,15 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
 
 def bench_ensemble(config, repeats: int, sizes=(4, 8)) -> list:
     """K members in one vmapped step against K sequential steps of one member."""
-    case, rows = _name(config), []
+    case, rows = shape_name(config), []
     tokens = config.train.batch_size * config.model.context
     single = JaxTrainer(config)
     ens = {k: JaxTrainer(config, ensemble=k) for k in sizes}
     fns = {"single": single, **{f"K={k}": e for k, e in ens.items()}}
     times = interleaved(fns, repeats)
     for k in sizes:
-        rows.append(_row(case, f"ensemble K={k}", k * tokens / times[f"K={k}"], "tok/s"))
-        rows.append(_row(case, f"K={k} vmapped / sequential", k * times["single"] /
+        rows.append(row(case, f"ensemble K={k}", k * tokens / times[f"K={k}"], "tok/s"))
+        rows.append(row(case, f"K={k} vmapped / sequential", k * times["single"] /
                          times[f"K={k}"], "x", "tokens/s ratio"))
     mem = {k: e.memory_bytes() for k, e in ens.items()}
     if all(mem.values()) and len(sizes) >= 2:
@@ -322,7 +217,7 @@ def bench_ensemble(config, repeats: int, sizes=(4, 8)) -> list:
         avail = _available_memory()
         if per > 0 and avail:
             k_max = int((0.8 * avail - base) // per)
-            rows.append(_note(case, "largest ensemble", f"K <= {k_max:,} by the compiled step's "
+            rows.append(note_row(case, "largest ensemble", f"K <= {k_max:,} by the compiled step's "
                               f"memory ({per / 2**20:.2f} MiB per member, 80% of "
                               f"{avail / 2**30:.1f} GiB available)"))
     return rows
@@ -347,7 +242,7 @@ def _available_memory():
 def bench_checkpoint(config, repeats: int) -> list:
     """Step-time overhead of asynchronous orbax snapshots at the default schedule."""
     from icl_jax import checkpoints
-    case, rows = _name(config), []
+    case, rows = shape_name(config), []
     t, ck = config.train, config.checkpoint
     ours = JaxTrainer(config)
     every = ck.every
@@ -379,57 +274,39 @@ def bench_checkpoint(config, repeats: int) -> list:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     per_save = times["snapshots"] - times["no snapshots"]
-    rows.append(_row(case, "step, no snapshots", times["no snapshots"] / every, "ms", scale=1e3))
-    rows.append(_row(case, "step, async snapshots", times["snapshots"] / every, "ms",
+    rows.append(row(case, "step, no snapshots", times["no snapshots"] / every, "ms", scale=1e3))
+    rows.append(row(case, "step, async snapshots", times["snapshots"] / every, "ms",
                      f"one every {every} steps", 1e3))
     n_snap = len(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
     overhead = (n_snap * per_save + tail) / (t.steps * times["no snapshots"] / every)
-    rows.append(_row(case, "snapshot overhead", overhead, "%",
+    rows.append(row(case, "snapshot overhead", overhead, "%",
                      f"{n_snap} snapshots in {t.steps} steps (default schedule); "
                      "difference of the two rows above", 100))
     share = n_snap * np.median(blocking) / (t.steps * np.median(times["no snapshots"]) / every)
-    rows.append(_row(case, "save() blocks the loop", np.asarray(blocking), "ms",
+    rows.append(row(case, "save() blocks the loop", np.asarray(blocking), "ms",
                      f"x {n_snap} snapshots = {100 * share:.2f}% of the run's step time", 1e3))
     return rows
 
 
-def data_pipelines(config, workdir=None) -> dict:
-    """{"host": numpy's batch of the next step, "device": the same drawn by device_data on
-    the default device (jitted, waited for; only for data it can make)}: one global batch
-    each call."""
-    source = data_lib.make_source(config, workdir)
-    b, s = config.train.batch_size, config.model.context + 1
-    host_steps, device_steps = itertools.count(1), itertools.count(1)
-    fns = {"host": lambda: source.batch(next(host_steps), b, s)}
-    if isinstance(source, data_lib.SyntheticSource) and source.placement == "uniform":
-        gen = device_data.DeviceSynthetic(source)
-        inputs = jax.device_put(gen.inputs())
-        make = jax.jit(lambda inputs, step: gen.batch(inputs, step, b))
-        fns["device"] = lambda: make(inputs, np.int32(next(device_steps))).block_until_ready()
-    return fns
 
 
-def _auto_pipeline(config) -> str:
-    """The pipeline data.generate gives training on this platform."""
-    use = device_data.use_device(config.data, jax.devices()[0].platform)
-    return "device" if use else "host"
 
 
 def bench_data(config, repeats: int) -> list:
     """The data pipelines' tokens/s (numpy's on the host, device_data's on the device)
     against the training step's."""
-    case, rows = _name(config), []
+    case, rows = shape_name(config), []
     t, m = config.train, config.model
     tokens = t.batch_size * m.context
     pipelines = data_pipelines(config)
     times = interleaved({**pipelines, "train": JaxTrainer(config)}, repeats)
     for name in pipelines:
-        rows.append(_row(case, f"data ({config.data.name}, {name})", tokens / times[name],
+        rows.append(row(case, f"data ({config.data.name}, {name})", tokens / times[name],
                          "tok/s"))
-        rows.append(_row(case, f"{name} / train", times["train"] / times[name], "x",
+        rows.append(row(case, f"{name} / train", times["train"] / times[name], "x",
                          "how many times faster it makes tokens than training consumes them"))
-    auto = _auto_pipeline(config)
-    rows.append(_row(case, "data / train", times["train"] / times[auto], "x",
+    auto = auto_pipeline(config)
+    rows.append(row(case, "data / train", times["train"] / times[auto], "x",
                      f"the pipeline data.generate={config.data.generate!r} trains on here: {auto}"))
     return rows
 
@@ -440,7 +317,7 @@ def bench_prefetch(config, repeats: int) -> list:
     tokens/s from each run's own log, its first and last logged spans left out (warm-up;
     the last one holds the final evaluation). Runs train.steps steps (100 when the config
     asks for more than 2,000)."""
-    case, rows = f"{_name(config)} {config.data.name}", []
+    case, rows = f"{shape_name(config)} {config.data.name}", []
     c = config.copy_and_resolve_references()
     steps = c.train.steps if c.train.steps <= 2000 else 100
     c.train.steps, c.train.log_every = steps, max(steps // 8, 10)
@@ -467,10 +344,10 @@ def bench_prefetch(config, repeats: int) -> list:
     finally:
         train.PREFETCH_BATCHES = saved
     for name in depths:
-        rows.append(_row(case, f"train, batches {name}", rates[name], "tok/s",
+        rows.append(row(case, f"train, batches {name}", rates[name], "tok/s",
                          f"{steps} steps a run, log every {c.train.log_every}"))
     ratio = np.asarray(rates["prefetched"]) / np.asarray(rates["synchronous"])
-    rows.append(_row(case, "prefetched / synchronous", ratio, "x", "tokens/s ratio, per repeat"))
+    rows.append(row(case, "prefetched / synchronous", ratio, "x", "tokens/s ratio, per repeat"))
     source, t = data_lib.make_source(c), c.train
     step = [0]
 
@@ -479,7 +356,7 @@ def bench_prefetch(config, repeats: int) -> list:
         source.batch(step[0], t.batch_size, c.model.context + 1)
 
     data_s = interleaved({"data": batch}, repeats)["data"]
-    rows.append(_row(case, f"data ({c.data.name}) alone", t.batch_size * c.model.context
+    rows.append(row(case, f"data ({c.data.name}) alone", t.batch_size * c.model.context
                      / data_s, "tok/s", "source.batch of the whole batch, on the host"))
     return rows
 
@@ -492,7 +369,7 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     shared machine the CPU seconds are the fairer comparison). Ours is warmed (on CPUs,
     compiled) on the first snapshot alone, then timed on all of them."""
     from icl_jax import bench_torch, export, llc, scores
-    case = f"{_name(config)} LLC x{n_snapshots} snapshots, {chains}x{draws}"
+    case = f"{shape_name(config)} LLC x{n_snapshots} snapshots, {chains}x{draws}"
     model, cfg = make_model(config.model), config.llc.copy_and_resolve_references()
     cfg.chains, cfg.draws = chains, draws
     trees = [init_params(model, jax.random.key(i)) for i in range(n_snapshots)]
@@ -507,17 +384,17 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     ours, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
     how = (f"snapshots by {scores.default_stacking()}, chains "
            f"{'vmapped' if scores.default_stacking() == 'vmap' else 'one after another'}")
-    rows = [_row(case, "ours, 1 snapshot, compile incl.", [first], "s"),
-            _row(case, "ours", [ours], "s", how),
-            _row(case, "ours, process CPU", [ours_cpu], "s", "all threads")]
+    rows = [row(case, "ours, 1 snapshot, compile incl.", [first], "s"),
+            row(case, "ours", [ours], "s", how),
+            row(case, "ours, process CPU", [ours_cpu], "s", "all threads")]
     rows += bench_head_llc(config, model, trees[:2], pool, cfg)
     try:
         import datasets
         import torch
         from devinterp.slt.llc import llc as devinterp_llc
     except ImportError as e:
-        return rows + [_note(case, "devinterp", f"skipped: {e}")]
-    bench_torch._set_torch_threads()
+        return rows + [note_row(case, "devinterp", f"skipped: {e}")]
+    bench_torch.set_torch_threads()
 
     def per_token_loss(net, ids):
         logits = net(ids[:, :-1])
@@ -538,11 +415,11 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
         devinterp_llc(tl, walk, {}, **kwargs)
     theirs, theirs_cpu = time.perf_counter() - t0, time.process_time() - c0
     return rows + [
-        _row(case, "devinterp loop", [theirs], "s", "HookedTransformers built before timing"),
-        _row(case, "devinterp loop, process CPU", [theirs_cpu], "s",
+        row(case, "devinterp loop", [theirs], "s", "HookedTransformers built before timing"),
+        row(case, "devinterp loop, process CPU", [theirs_cpu], "s",
              f"torch threads {torch.get_num_threads()}"),
-        _row(case, "devinterp / ours", [theirs / ours], "x", "> 1: ours faster"),
-        _row(case, "devinterp / ours, CPU", [theirs_cpu / ours_cpu], "x", "> 1: ours faster"),
+        row(case, "devinterp / ours", [theirs / ours], "x", "> 1: ours faster"),
+        row(case, "devinterp / ours, CPU", [theirs_cpu / ours_cpu], "x", "> 1: ours faster"),
     ]
 
 
@@ -553,7 +430,7 @@ def bench_head_llc(config, model, trees, pool, cfg) -> list:
     view's defaults (head_llc.REPRODUCE_VIEW)."""
     from icl_jax import head_llc
     heads = config.model.n_layers * config.model.n_heads
-    case = f"{_name(config)} head LLC x{len(trees)} snapshots, {cfg.chains}x{cfg.draws}"
+    case = f"{shape_name(config)} head LLC x{len(trees)} snapshots, {cfg.chains}x{cfg.draws}"
     t0 = time.perf_counter()
     jax.block_until_ready(head_llc.heads_over_snapshots(model, trees[:1], {"all": pool},
                                                         cfg)["llc"])
@@ -561,10 +438,10 @@ def bench_head_llc(config, model, trees, pool, cfg) -> list:
     t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(head_llc.heads_over_snapshots(model, trees, {"all": pool}, cfg)["llc"])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return [_row(case, "ours, 1 snapshot, compile incl.", [first], "s", f"{heads} heads"),
-            _row(case, "ours, per snapshot per head", [wall / len(trees) / heads], "s",
+    return [row(case, "ours, 1 snapshot, compile incl.", [first], "s", f"{heads} heads"),
+            row(case, "ours, per snapshot per head", [wall / len(trees) / heads], "s",
                  f"{heads} heads a snapshot, one program"),
-            _row(case, "ours, per snapshot per head, CPU", [cpu / len(trees) / heads], "s",
+            row(case, "ours, per snapshot per head, CPU", [cpu / len(trees) / heads], "s",
                  "process CPU, all threads")]
 
 
@@ -638,25 +515,7 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
     return result
 
 
-def header():
-    return (f"| {'case':30s} | {'metric':28s} | {'median':>12s} | {'IQR':>23s} | "
-            f"{'min - max':>23s} | unit    | load | note\n|{'-' * 32}|{'-' * 30}|{'-' * 14}|"
-            f"{'-' * 25}|{'-' * 25}|---------|------|-----")
 
 
-def _fmt(x):
-    if x is None:
-        return ""
-    a = abs(x)
-    return f"{x:,.0f}" if a >= 1000 else f"{x:.1f}" if a >= 10 else f"{x:.2f}" if a >= 0.1 \
-        else f"{x:.3g}"
 
 
-def format_row(r):
-    if r.get("median") is None:
-        return (f"| {r['case']:30s} | {r['metric']:28s} | {'':>12s} | {'':>23s} | {'':>23s} | "
-                f"{'':7s} | {r['load']:4.1f} | {r['note']}")
-    iqr = f"{_fmt(r['p25'])} - {_fmt(r['p75'])}"
-    mm = f"{_fmt(r['min'])} - {_fmt(r['max'])}"
-    return (f"| {r['case']:30s} | {r['metric']:28s} | {_fmt(r['median']):>12s} | {iqr:>23s} | "
-            f"{mm:>23s} | {r['unit']:7s} | {r['load']:4.1f} | {r['note']}")

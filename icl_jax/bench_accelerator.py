@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import data as data_lib
-from icl_jax.bench import (JaxTrainer, _auto_pipeline, _fmt, _name, _row, data_pipelines,
-                           interleaved, load_config, matmul_peak_fn)
+from icl_jax.bench_harness import (JaxTrainer, auto_pipeline, data_pipelines, fmt,
+                                   interleaved, load_config, matmul_peak_fn, row, shape_name)
 from icl_jax.flops import train_flops
 from icl_jax.model import init_params, make_model
 
@@ -66,15 +66,15 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
     paper_step = JaxTrainer(paper)
     peak_fn, peak_flops = matmul_peak_fn(256 if tiny else None)
     times = interleaved({"peak": peak_fn, "paper": paper_step}, repeats)
-    case = f"paper {_name(paper)} {m.dtype}"
+    case = f"paper {shape_name(paper)} {m.dtype}"
     tokens = t.batch_size * m.context
-    rows.append(_row(case, "matmul peak", peak_flops / times["peak"], "TFLOP/s",
+    rows.append(row(case, "matmul peak", peak_flops / times["peak"], "TFLOP/s",
                      f"{'bfloat16' if jax.default_backend() != 'cpu' else 'float32'} "
                      "square product, same repeats", 1e-12))
     paper_tok_s = tokens / times["paper"]
-    rows.append(_row(case, "paper train", paper_tok_s, "tok/s",
+    rows.append(row(case, "paper train", paper_tok_s, "tok/s",
                      f"attention: {paper_step.model.kernel}"))
-    rows.append(_row(case, "paper MFU", train_flops(m, t.batch_size, m.context) / times["paper"]
+    rows.append(row(case, "paper MFU", train_flops(m, t.batch_size, m.context) / times["paper"]
                      / (peak_flops / times["peak"]), "%", "full T x S FLOPs over the peak", 100))
 
     # (2) ensembles of the quick model in one program against one member
@@ -82,11 +82,11 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
     one = JaxTrainer(quick)
     ensembles = {k: JaxTrainer(quick, ensemble=k) for k in sizes}
     times = interleaved({"one": one, **{f"K={k}": e for k, e in ensembles.items()}}, repeats)
-    case, tokens = f"quick {_name(quick)}", quick.train.batch_size * quick.model.context
-    rows.append(_row(case, "one member train", tokens / times["one"], "tok/s"))
+    case, tokens = f"quick {shape_name(quick)}", quick.train.batch_size * quick.model.context
+    rows.append(row(case, "one member train", tokens / times["one"], "tok/s"))
     for k in sizes:
-        rows.append(_row(case, f"K={k} summed", k * tokens / times[f"K={k}"], "tok/s"))
-        rows.append(_row(case, f"K={k} summed / one", k * times["one"] / times[f"K={k}"], "x",
+        rows.append(row(case, f"K={k} summed", k * tokens / times[f"K={k}"], "tok/s"))
+        rows.append(row(case, f"K={k} summed / one", k * times["one"] / times[f"K={k}"], "x",
                          f"{k} would be perfect scaling"))
     quick_step_s = times["one"]
 
@@ -105,9 +105,9 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
         "loop": lambda: [jax.block_until_ready(single(p, inputs)) for p in trees]},
         repeats, min_s=0)
     case = f"quick x{n} snapshots"
-    rows.append(_row(case, "score vmapped", times["vmapped"], "s"))
-    rows.append(_row(case, "score loop", times["loop"], "s"))
-    rows.append(_row(case, "vmapped / loop", times["loop"] / times["vmapped"], "x",
+    rows.append(row(case, "score vmapped", times["vmapped"], "s"))
+    rows.append(row(case, "score loop", times["loop"], "s"))
+    rows.append(row(case, "vmapped / loop", times["loop"] / times["vmapped"], "x",
                      "loop time over vmapped time, per repeat"))
 
     # (4) the data pipelines against the step, both profiles: tokens/s against tokens/s;
@@ -118,14 +118,14 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
             pipelines = data_pipelines(config, tmp)  # text: the tokenizer is built here
         b = config.train.batch_size
         times = interleaved(pipelines, repeats)
-        auto = _auto_pipeline(config)
-        case = f"{name} {_name(config)} {config.data.name}"
-        rows.append(_row(case, "step", step_tok_s, "tok/s", "from the rows above"))
+        auto = auto_pipeline(config)
+        case = f"{name} {shape_name(config)} {config.data.name}"
+        rows.append(row(case, "step", step_tok_s, "tok/s", "from the rows above"))
         for pipe in sorted(pipelines, key=lambda p: p != auto):
             data_tok_s = b * config.model.context / times[pipe]
             label = "data" if pipe == auto else f"{pipe} data"
-            rows.append(_row(case, label, data_tok_s, "tok/s", f"made on the {pipe}"))
-            rows.append(_row(case, f"{label} / step", data_tok_s / np.median(step_tok_s), "x",
+            rows.append(row(case, label, data_tok_s, "tok/s", f"made on the {pipe}"))
+            rows.append(row(case, f"{label} / step", data_tok_s / np.median(step_tok_s), "x",
                              "how many times faster the pipeline makes tokens than the step "
                              "uses them"))
 
@@ -140,7 +140,7 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
                     "--config.train.steps=4"]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
-            rows.append(_row("quick reproduction", "reproduce --profile quick",
+            rows.append(row("quick reproduction", "reproduce --profile quick",
                              [time.perf_counter() - t0], "s", "wall time, one run"))
     return rows
 
@@ -174,8 +174,8 @@ def bench_accelerator(out_dir: str, repeats: int = 3, tiny: bool = False,
              "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
     for r in rows:
         met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
-        lines.append(f"| {r['case']} | {r['metric']} | {_fmt(r['median'])} | {_fmt(r['p25'])} - "
-                     f"{_fmt(r['p75'])} | {r['unit']} | {r.get('target', '')} | {met} | "
+        lines.append(f"| {r['case']} | {r['metric']} | {fmt(r['median'])} | {fmt(r['p25'])} - "
+                     f"{fmt(r['p75'])} | {r['unit']} | {r.get('target', '')} | {met} | "
                      f"{r['note']} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "accelerator.md"), "w") as f:

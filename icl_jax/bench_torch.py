@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_jax.bench import _batch, _note
+from icl_jax.bench_harness import fixed_batch, note_row
 from icl_jax.model import QUERY_BLOCK, causal_attention
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -113,7 +113,7 @@ def torch_trainer(net, config, compile_: bool = False):
     opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=(t.b1, t.b2),
                             weight_decay=t.weight_decay)
     fwd = torch.compile(net) if compile_ else net
-    tokens = torch.from_numpy(_batch(config).astype(np.int64))
+    tokens = torch.from_numpy(fixed_batch(config).astype(np.int64))
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
 
     def step():
@@ -132,20 +132,20 @@ def torch_trainer(net, config, compile_: bool = False):
 TORCH_THREADS = [None]  # None: every core; set by run(torch_threads=...)
 
 
-def _set_torch_threads():
+def set_torch_threads():
     # With every core busy elsewhere, OpenMP's spinning barriers can make 2 threads 10-30x
     # slower than 1; --torch-threads picks the count.
     import torch
     torch.set_num_threads(TORCH_THREADS[0] or os.cpu_count() or 1)
 
 
-def _torch_candidates(config, rows, case):
+def torch_candidates(config, rows, case):
     """{name: step fn} of the PyTorch rows that can run here; a note row for each that can't."""
     out = {}
     try:
         import torch  # noqa: F401
     except ImportError:
-        rows.append(_note(case, "PyTorch rows", "torch not installed (the bench extra: "
+        rows.append(note_row(case, "PyTorch rows", "torch not installed (the bench extra: "
                           "pip install 'icl_jax[bench]')"))
         return out
     m = config.model
@@ -153,20 +153,20 @@ def _torch_candidates(config, rows, case):
         out["torch eager"] = torch_trainer(torch_reference(m), config)
         out["torch.compile"] = torch_trainer(torch_reference(m), config, compile_=True)
     except NotImplementedError as e:
-        rows.append(_note(case, "PyTorch rows", f"skipped: {e}"))
+        rows.append(note_row(case, "PyTorch rows", f"skipped: {e}"))
     try:
         out["TransformerLens"] = torch_trainer(transformer_lens_model(m), config)
     except ImportError:
-        rows.append(_note(case, "TransformerLens", "transformer_lens not installed "
+        rows.append(note_row(case, "TransformerLens", "transformer_lens not installed "
                           "(the bench extra: pip install 'icl_jax[bench]')"))
     except NotImplementedError as e:
-        rows.append(_note(case, "TransformerLens", f"skipped: {e}"))
-    _set_torch_threads()
+        rows.append(note_row(case, "TransformerLens", f"skipped: {e}"))
+    set_torch_threads()
     for name, fn in list(out.items()):
         try:
             fn()  # torch.compile can fail without a C++ toolchain: skip, don't crash
         except Exception as e:  # noqa: BLE001
-            rows.append(_note(case, name, f"skipped: {type(e).__name__}: {str(e)[:120]}"))
+            rows.append(note_row(case, name, f"skipped: {type(e).__name__}: {str(e)[:120]}"))
             del out[name]
     return out
 
@@ -218,7 +218,7 @@ def attention_fns(m, batch: int):
 
 # ----------------------------------------------------------------------------- scoring
 
-def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
+def tl_hooks_scorer(model, trees, inputs, key, rows, case):
     """A fn scoring every snapshot with tl_check.score_with_hooks, its HookedTransformers built
     here, outside the timing; None and a note row where TransformerLens can't run."""
     try:
@@ -226,15 +226,15 @@ def _tl_hooks_scorer(model, trees, inputs, key, rows, case):
         import transformer_lens  # noqa: F401
         from icl_jax import tl_check
     except ImportError:
-        rows.append(_note(case, "TransformerLens hooks", "transformer_lens not installed "
+        rows.append(note_row(case, "TransformerLens hooks", "transformer_lens not installed "
                           "(the bench extra: pip install 'icl_jax[bench]')"))
         return None
     try:
         tls = [tl_check.hooked_transformer(t, model.cfg) for t in trees]
     except NotImplementedError as e:
-        rows.append(_note(case, "TransformerLens hooks", f"skipped: {e}"))
+        rows.append(note_row(case, "TransformerLens hooks", f"skipped: {e}"))
         return None
-    _set_torch_threads()
+    set_torch_threads()
     tokens = tuple(torch.from_numpy(np.array(inputs[k])).long()  # a writable copy
                    for k in ("eval_BT1", "probe_BT", "pca_index_B"))
     return lambda: [tl_check.score_with_hooks(tl, *tokens, *key) for tl in tls]

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from icl_jax.data import EVAL_KEY, DataError, Source, _need, _rng, _step_rng
+from icl_jax.sources import EVAL_KEY, DataError, Source, need, step_rng, stream_rng
 
 BIN_DTYPES = ("uint16", "uint32")
 TOKENIZERS = ("bytes", "bpe")
@@ -39,15 +39,15 @@ class TokenSource(Source):
         return np.asarray(arr[offsets[:, None] + np.arange(seq_len)]).astype(np.int32)
 
     def batch(self, step, batch_size, seq_len, rows=None):
-        _need(len(self.train) >= seq_len, f"the {self.name} training split has {len(self.train)} "
+        need(len(self.train) >= seq_len, f"the {self.name} training split has {len(self.train)} "
               f"tokens, fewer than seq_len={seq_len}; use a larger corpus or smaller model.context")
-        offsets = _step_rng(self.seed, step).integers(0, len(self.train) - seq_len + 1, batch_size)
+        offsets = step_rng(self.seed, step).integers(0, len(self.train) - seq_len + 1, batch_size)
         return self._windows(self.train, offsets if rows is None else offsets[rows], seq_len)
 
     def eval_set(self, n, seq_len):
-        _need(len(self.eval) >= seq_len, f"the {self.name} held-out split has {len(self.eval)} "
+        need(len(self.eval) >= seq_len, f"the {self.name} held-out split has {len(self.eval)} "
               f"tokens, fewer than seq_len={seq_len}; raise data.holdout_fraction or add data")
-        offsets = _rng(self.seed, EVAL_KEY).integers(0, len(self.eval) - seq_len + 1, n)
+        offsets = stream_rng(self.seed, EVAL_KEY).integers(0, len(self.eval) - seq_len + 1, n)
         return self._windows(self.eval, offsets, seq_len)
 
     def token_frequencies(self):
@@ -65,10 +65,10 @@ def _looks_like_text(data):
 
 
 def _check_text(path, data):
-    _need(b"\0" not in data, f"{path} does not look like text (it contains NUL bytes); "
+    need(b"\0" not in data, f"{path} does not look like text (it contains NUL bytes); "
           "pass token files as .npy or .bin")
     bad = len(data) - len(data.decode("utf-8", "ignore").encode("utf-8"))
-    _need(bad <= 0.3 * len(data), f"{path} does not look like text ({bad / max(len(data), 1):.0%} "
+    need(bad <= 0.3 * len(data), f"{path} does not look like text ({bad / max(len(data), 1):.0%} "
           "of its bytes are not UTF-8); pass token files as .npy or .bin")
 
 
@@ -293,18 +293,18 @@ def _stdlib_files():
 
 
 def _list_files(path):
-    _need(path, "data.path is empty; set it to a text file, directory, glob, .npy or .bin")
+    need(path, "data.path is empty; set it to a text file, directory, glob, .npy or .bin")
     if any(c in path for c in "*?["):
         files = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-        _need(files, f"data.path {path!r} matches no files")
+        need(files, f"data.path {path!r} matches no files")
     elif os.path.isdir(path):
         files = []
         for dirpath, dirs, names in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip .git and the like
             files += [os.path.join(dirpath, n) for n in names if not n.startswith(".")]
-        _need(files, f"data.path directory {path} contains no files")
+        need(files, f"data.path directory {path} contains no files")
     else:
-        _need(os.path.isfile(path), f"data.path {path} does not exist")
+        need(os.path.isfile(path), f"data.path {path} does not exist")
         files = [path]
     return sorted(files)
 
@@ -316,30 +316,30 @@ def _load_token_file(path, bin_dtype):
             arr = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise DataError(f"{path} is not a readable .npy file ({e})") from e
-        _need(arr.dtype.kind in "iu", f"{path} must hold integer token ids, not {arr.dtype}")
+        need(arr.dtype.kind in "iu", f"{path} must hold integer token ids, not {arr.dtype}")
         arr = arr.reshape(-1)
     else:
-        _need(bin_dtype in BIN_DTYPES,
+        need(bin_dtype in BIN_DTYPES,
               f"unsupported data.bin_dtype {bin_dtype!r}; valid: {', '.join(BIN_DTYPES)}")
         size, item = os.path.getsize(path), np.dtype(bin_dtype).itemsize
-        _need(size % item == 0, f"{path} has {size} bytes, not a multiple of {item} "
+        need(size % item == 0, f"{path} has {size} bytes, not a multiple of {item} "
               f"(data.bin_dtype={bin_dtype})")
         arr = np.memmap(path, dtype=bin_dtype, mode="r") if size else np.zeros(0, bin_dtype)
-    _need(arr.size, f"{path} holds no tokens")
-    _need(arr.min() >= 0, f"{path} contains negative token ids")
+    need(arr.size, f"{path} holds no tokens")
+    need(arr.min() >= 0, f"{path} contains negative token ids")
     return arr, int(arr.max()) + 1
 
 
 def _files_source(f, seed):
     files = _list_files(f["path"])
     if any(p.endswith((".npy", ".bin")) for p in files):
-        _need(len(files) == 1, f"data.path {f['path']} matches {len(files)} files; token files "
+        need(len(files) == 1, f"data.path {f['path']} matches {len(files)} files; token files "
               "(.npy, .bin) must be passed one at a time")
         arr, vocab = _load_token_file(files[0], f["bin_dtype"])
         cut = len(arr) - int(len(arr) * f["holdout_fraction"])
         return TokenSource(arr[:cut], arr[cut:], vocab, seed, name=files[0])
     stats = [os.stat(p) for p in files]
-    _need(sum(s.st_size for s in stats), f"data.path {f['path']} is empty (0 bytes of text)")
+    need(sum(s.st_size for s in stats), f"data.path {f['path']} is empty (0 bytes of text)")
     # the user edits their files: any change of name, size or time makes a new cache
     fingerprint = hashlib.sha256(json.dumps(
         [(p, s.st_size, s.st_mtime_ns) for p, s in zip(files, stats)]).encode()).hexdigest()
@@ -370,7 +370,7 @@ def pycode_roots(roots=""):
     if roots.strip():
         out = [os.path.abspath(os.path.expanduser(r.strip())) for r in roots.split(",") if r.strip()]
         for r in out:
-            _need(os.path.isdir(r), f"data.roots entry {r} is not a directory")
+            need(os.path.isdir(r), f"data.roots entry {r} is not a directory")
     else:
         out = [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
     return sorted(set(out))
@@ -419,8 +419,8 @@ def _pycode_source(f, seed):
 
     def split():
         files = pycode_files(roots)
-        _need(files, f"data.roots {', '.join(roots) or '(none)'} hold no readable .py files")
-        _need(len(files) >= 2, f"data.roots {', '.join(roots)} hold only one distinct .py file; "
+        need(files, f"data.roots {', '.join(roots) or '(none)'} hold no readable .py files")
+        need(len(files) >= 2, f"data.roots {', '.join(roots)} hold only one distinct .py file; "
               "a train and a held-out split need at least two")
         return tuple([p for p, _, _ in side] for side in split_by_hash(files, f["holdout_fraction"]))
     # installing a package does not change the key: the corpus is frozen at its first build,
@@ -432,16 +432,16 @@ def _pycode_source(f, seed):
 def make_text_source(f, seed, seq_len):
     """The TokenSource of the text corpus f["name"] names (f: config.data with the defaults
     filled in), with both splits at least seq_len tokens long; DataError if unusable."""
-    _need(f["tokenizer"] in TOKENIZERS,
+    need(f["tokenizer"] in TOKENIZERS,
           f"unknown data.tokenizer {f['tokenizer']!r}; valid: {', '.join(TOKENIZERS)}")
-    _need(f["tokenizer"] != "bpe" or f["bpe_vocab_size"] >= 257, "data.bpe_vocab_size must be "
+    need(f["tokenizer"] != "bpe" or f["bpe_vocab_size"] >= 257, "data.bpe_vocab_size must be "
           f">= 257 (256 bytes + end-of-text), got {f['bpe_vocab_size']}")
-    _need(0 < f["holdout_fraction"] < 1,
+    need(0 < f["holdout_fraction"] < 1,
           f"data.holdout_fraction must be in (0, 1), got {f['holdout_fraction']}")
     source = {"pystdlib": _stdlib_source, "pycode": _pycode_source,
               "files": _files_source}[f["name"]](f, seed)
     for split, arr in (("training", source.train), ("held-out", source.eval)):
-        _need(len(arr) >= seq_len, f"the {split} split of {source.name} has {len(arr)} tokens, "
+        need(len(arr) >= seq_len, f"the {split} split of {source.name} has {len(arr)} tokens, "
               f"fewer than model.context + 1 = {seq_len}; use a larger corpus or adjust "
               "data.holdout_fraction")
     return source

@@ -8,8 +8,11 @@ same global batch instead of coordinating.
 """
 import numpy as np
 
-# rng stream keys that training steps (small non-negative ints) never reach
-EVAL_KEY, TABLE_KEY, FREQ_KEY = 2**32 - 1, 2**32 - 2, 2**32 - 3
+from icl_jax import corpus
+# DataError and Source: the names every caller of make_source meets, kept here too
+from icl_jax.sources import (EVAL_KEY, FREQ_KEY, TABLE_KEY, DataError, Source,  # noqa: F401
+                             need, step_rng, stream_rng)
+
 NAMES = ("synthetic", "pystdlib", "pycode", "files")
 # markov: token t depends on token t-1; lag2: on token t-2, which pays a head that
 # attends to the previous token from the next position (the first half of induction);
@@ -29,45 +32,9 @@ _DEFAULTS = dict(name="synthetic", background="uniform", markov_branching=4, seg
                  placement="after", roots="")
 
 
-class DataError(ValueError):
-    """A user's data mistake: message names the file or field."""
-
-
-def _need(ok, message):
-    if not ok:
-        raise DataError(message)
-
-
-def _rng(seed, key):
-    return np.random.default_rng([seed, key])
-
-
-def _step_rng(seed, step):
-    _need(0 <= step < FREQ_KEY, f"step must be in [0, {FREQ_KEY}), got {step}")
-    return _rng(seed, step)
-
-
-class Source:
-    """A token distribution: training batches by step, a fixed held-out set, unigram counts."""
-    vocab_size: int
-    name: str
-
-    def batch(self, step, batch_size, seq_len, rows=None):
-        """int32 [n_rows, seq_len]: rows `rows` (all if None) of the global batch of `step`."""
-        raise NotImplementedError
-
-    def eval_set(self, n, seq_len):
-        """int32 [n, seq_len], held out, fixed by the seed."""
-        raise NotImplementedError
-
-    def token_frequencies(self):
-        """float64 [vocab_size] token counts over a sample of the training distribution."""
-        raise NotImplementedError
-
-
 def _markov_table(vocab, branching, seed):
     # argsort of random keys is a random permutation per row: distinct successors, no Python loop
-    keys = _rng(seed, TABLE_KEY).random((vocab, vocab))
+    keys = stream_rng(seed, TABLE_KEY).random((vocab, vocab))
     return np.argsort(keys, axis=1)[:, :branching].astype(np.int32)
 
 
@@ -182,15 +149,15 @@ class SyntheticSource(Source):
     def __init__(self, vocab_size, seed, background="uniform", markov_branching=4, segments_min=1,
                  segments_max=3, segment_len_min=6, segment_len_max=19, seq_len=65,
                  fresh_fraction=0.5, placement="after"):
-        _need(background in BACKGROUNDS,
+        need(background in BACKGROUNDS,
               f"unknown data.background {background!r}; valid: {', '.join(BACKGROUNDS)}")
-        _need(vocab_size >= 2, f"model.vocab_size must be >= 2, got {vocab_size}")
-        _need(background == "uniform" or 1 <= markov_branching <= vocab_size,
+        need(vocab_size >= 2, f"model.vocab_size must be >= 2, got {vocab_size}")
+        need(background == "uniform" or 1 <= markov_branching <= vocab_size,
               f"data.markov_branching must be in 1..{vocab_size} (model.vocab_size), "
               f"got {markov_branching}")
-        _need(0 <= segments_min <= segments_max, "data.segments_min and data.segments_max must "
+        need(0 <= segments_min <= segments_max, "data.segments_min and data.segments_max must "
               f"satisfy 0 <= min <= max, got {segments_min} and {segments_max}")
-        _need(1 <= segment_len_min <= segment_len_max, "data.segment_len_max must be >= "
+        need(1 <= segment_len_min <= segment_len_max, "data.segment_len_max must be >= "
               f"data.segment_len_min >= 1, got {segment_len_min} and {segment_len_max}")
         self.vocab_size, self.seed, self.seq_len = int(vocab_size), int(seed), int(seq_len)
         self.segments = tuple(int(v) for v in (segments_min, segments_max, segment_len_min,
@@ -199,17 +166,17 @@ class SyntheticSource(Source):
             if background != "uniform" else None
         self.lag = {"lag2": 2, "mixed": 0}.get(background, 1)
         self.copy_prob = COPY2_PROB if background == "copy2" else 0.0
-        _need(0 <= fresh_fraction <= 1, f"data.fresh_fraction must be in [0, 1], got {fresh_fraction}")
+        need(0 <= fresh_fraction <= 1, f"data.fresh_fraction must be in [0, 1], got {fresh_fraction}")
         self.fresh_fraction = float(fresh_fraction)
-        _need(placement in PLACEMENTS,
+        need(placement in PLACEMENTS,
               f"unknown data.placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
-        _need(background not in ("mixed", "copy2") or placement == "uniform",
+        need(background not in ("mixed", "copy2") or placement == "uniform",
               f"data.background {background!r} needs data.placement 'uniform'")
         self.placement = placement
         self._check(self.seq_len)
 
     def _check(self, seq_len):
-        _need(self.segments[1] == 0 or 2 * self.segments[3] <= seq_len,
+        need(self.segments[1] == 0 or 2 * self.segments[3] <= seq_len,
               f"data.segment_len_max={self.segments[3]} is too long for sequences of {seq_len} "
               f"tokens: a segment and its copy need 2 * segment_len_max <= {seq_len}")
 
@@ -225,19 +192,19 @@ class SyntheticSource(Source):
                                  lag=self.lag, fresh_fraction=self.fresh_fraction)
 
     def batch(self, step, batch_size, seq_len, rows=None):
-        x = self._make(_step_rng(self.seed, step), batch_size, seq_len)
+        x = self._make(step_rng(self.seed, step), batch_size, seq_len)
         return x if rows is None else np.ascontiguousarray(x[rows])
 
     def eval_set(self, n, seq_len):
-        return self._make(_rng(self.seed, EVAL_KEY), n, seq_len)
+        return self._make(stream_rng(self.seed, EVAL_KEY), n, seq_len)
 
     def eval_set_pasted(self, n, seq_len):
         """(eval_set(n, seq_len), bool [n, seq_len]: the positions a segment wrote, its
         source and its copy): the subsets of head_llc's data-refined LLC."""
-        return self._make_pasted(_rng(self.seed, EVAL_KEY), n, seq_len)
+        return self._make_pasted(stream_rng(self.seed, EVAL_KEY), n, seq_len)
 
     def token_frequencies(self):
-        x = self._make(_rng(self.seed, FREQ_KEY), 256, self.seq_len)
+        x = self._make(stream_rng(self.seed, FREQ_KEY), 256, self.seq_len)
         return np.bincount(x.ravel(), minlength=self.vocab_size).astype(np.float64)
 
 
@@ -248,17 +215,16 @@ def make_source(config, workdir=None):
     accepted so that every caller can pass what it has."""
     f = {**_DEFAULTS, **dict(config.data.items())}
     seed, seq_len, model_vocab = int(config.seed), config.model.context + 1, config.model.vocab_size
-    _need(seed >= 0, f"seed must be >= 0, got {seed}")
+    need(seed >= 0, f"seed must be >= 0, got {seed}")
     if f["name"] == "synthetic":
         source = SyntheticSource(
             model_vocab, seed, f["background"], int(f["markov_branching"]), int(f["segments_min"]),
             int(f["segments_max"]), int(f["segment_len_min"]), int(f["segment_len_max"]), seq_len,
             float(f.get("fresh_fraction", 0.5)), f["placement"])
     else:
-        _need(f["name"] in NAMES, f"unknown data.name {f['name']!r}; valid: {', '.join(NAMES)}")
-        from icl_jax import corpus  # corpus imports this module: importing it here avoids a cycle
+        need(f["name"] in NAMES, f"unknown data.name {f['name']!r}; valid: {', '.join(NAMES)}")
         source = corpus.make_text_source(f, seed, seq_len)
-    need = source.vocab_size
-    _need(need <= model_vocab, f"model.vocab_size={model_vocab} is too small for data "
-          f"{source.name!r}, which needs {need}; set model.vocab_size >= {need}")
+    wanted = source.vocab_size
+    need(wanted <= model_vocab, f"model.vocab_size={model_vocab} is too small for data "
+         f"{source.name!r}, which needs {wanted}; set model.vocab_size >= {wanted}")
     return source

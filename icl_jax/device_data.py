@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import data as data_lib
+from icl_jax.sources import need
 
 DATA_KEY = 0x64617461  # folded into the seed's key, so the data never shares parameter init's
 # the background's parallel fill holds [seq_len, vocab] successor maps per row; past this
@@ -50,9 +51,9 @@ class DeviceSynthetic:
     """
 
     def __init__(self, source: data_lib.SyntheticSource, parallel_fill: bool | None = None):
-        data_lib._need(source.placement == "uniform", "data.generate='device' needs "
+        need(source.placement == "uniform", "data.generate='device' needs "
                        f"data.placement='uniform', got {source.placement!r}")
-        data_lib._need(source.lag >= 1, "data.generate='device' does not make the 'mixed' "
+        need(source.lag >= 1, "data.generate='device' does not make the 'mixed' "
                        "background yet (a lag per row); use data.generate='host'")
         self.vocab, self.seq_len, self.lag, self.seed = (source.vocab_size, source.seq_len,
                                                          source.lag, source.seed)
@@ -186,13 +187,13 @@ def device_generator(sources, data_configs, platform: str):
     wanted = [use_device(d, platform) for d in data_configs]
     if not any(wanted):
         return None
-    data_lib._need(all(wanted), f"ensemble members disagree on data.generate ({sorted(modes)}) "
+    need(all(wanted), f"ensemble members disagree on data.generate ({sorted(modes)}) "
                    "on this platform; give every member the same")
     for d, s in zip(data_configs, sources):
-        data_lib._need(isinstance(s, data_lib.SyntheticSource), "data.generate='device' makes "
+        need(isinstance(s, data_lib.SyntheticSource), "data.generate='device' makes "
                        f"only synthetic data, not data.name={d.name!r}; use 'auto' or 'host'")
     gens = [DeviceSynthetic(s, parallel_fill=platform != "cpu") for s in sources]
-    data_lib._need(len({g.shape for g in gens}) == 1, "ensemble members made on the device "
+    need(len({g.shape for g in gens}) == 1, "ensemble members made on the device "
                    "must share their data fields (only the seed may differ); set "
                    "data.generate='host' to train members with different data")
     return gens[0], [g.inputs() for g in gens]

@@ -366,11 +366,11 @@ def setup_html(result, configs: dict, sweep: dict | None) -> str:
     profile = _profile(sweep)
     items = []
     if profile:
-        from icl_jax import reproduce
-        others = [p for p in reproduce.PROFILES if p != profile]
+        from icl_jax.configs.sweeps import PROFILES
+        others = [p for p in PROFILES if p != profile]
         items.append(("profile", f"{profile} ({sweep['sweep']})"
                       + (f"; not run here: the {', '.join(others)} profiles"
-                         if profile in reproduce.PROFILES else "")))
+                         if profile in PROFILES else "")))
     else:
         items.append(("runs", ", ".join(f"{n} ({r['workdir']})"
                                          for n, r in result["runs"].items())))

@@ -19,8 +19,7 @@ import jax
 from icl_jax import analysis, claims, config as config_lib, head_llc, report, sweep, train
 from icl_jax import workdir as workdir_lib
 from icl_jax.config import ConfigError
-
-PROFILES = ("quick", "text", "text-cpu", "paper")
+from icl_jax.configs.sweeps import PROFILES
 
 
 def sweep_file(profile: str) -> str:

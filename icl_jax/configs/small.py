@@ -6,7 +6,7 @@ Every field can be overridden on the command line, e.g. --config.train.steps=400
 import ml_collections
 
 
-def _parse(arg):
+def parse_arg(arg):
     """'layers=2,mlp=True' -> {'layers': '2', 'mlp': 'True'} (a bare '2' means layers=2)."""
     out = {}
     for part in filter(None, (arg or "").split(",")):
@@ -22,7 +22,7 @@ def _bool(value):
 
 
 def get_config(arg=None):
-    args = _parse(arg)
+    args = parse_arg(arg)
     unknown = set(args) - {"layers", "mlp", "smear", "positions", "layer_norm"}
     if unknown:
         raise ValueError(f"small.py: unknown argument(s) {sorted(unknown)}; "

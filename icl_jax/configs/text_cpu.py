@@ -22,7 +22,7 @@ CPU = dict(vocab=2048, context=128, d_model=128, heads=4, lr=5e-3, warmup=300, b
 
 
 def get_config(arg=None):
-    args = small._parse(arg)
+    args = small.parse_arg(arg)
     c = text_pycode.get_config(",".join(f"{k}={v}" for k, v in {**CPU, **args}.items()))
     c.data.roots = ROOTS
     # one text example's ICL score spreads ~3.4 nats, so 128 examples left the ICL change's

@@ -16,7 +16,7 @@ HOOGLAND = dict(vocab=5000, context=1024, d_model=256, heads=8, lr=1e-3, warmup=
 
 
 def get_config(arg=None):
-    args = small._parse(arg)
+    args = small.parse_arg(arg)
     c = text_pycode.get_config(",".join(f"{k}={v}" for k, v in {**HOOGLAND, **args}.items()))
     c.model.d_head = 32
     c.model.d_mlp = 4 * c.model.d_model  # the MLP member: the usual 4x width

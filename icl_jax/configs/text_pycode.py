@@ -14,7 +14,7 @@ ARGS = dict(layers=2, vocab=2048, context=256, d_model=128, heads=4, lr=2e-3, wa
 
 
 def get_config(arg=None):
-    args = small._parse(arg)
+    args = small.parse_arg(arg)
     unknown = set(args) - set(ARGS)
     if unknown:
         raise ValueError(f"text_pycode.py: unknown argument(s) {sorted(unknown)}; "
