@@ -114,6 +114,9 @@ def build_parser():
     p.add_argument("--llc", action="store_true",
                    help="also the local learning coefficient of every 1l and 2l snapshot, "
                         "and every head's of 12 snapshots of 2l and 3l")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="members trained at once (default: one per core on a CPU, each in "
+                        "its own process, longest first; one on an accelerator)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("sweep", help="train every member of a sweep, N at a time; sweep.json "
@@ -242,14 +245,17 @@ def cmd_export(args, overrides):
 
 def cmd_reproduce(args, overrides):
     from icl_jax import reproduce
+    if args.jobs is not None and args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
     if args.seeds is not None:
         seeds = reproduce.parse_seeds(args.seeds)
         reproduce.reproduce_seeds(args.profile, args.workdir, seeds, overrides,
-                                  progress=not args.quiet, llc=args.llc)
+                                  progress=not args.quiet, llc=args.llc, jobs=args.jobs)
         print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
         return 0
     reproduce.reproduce(args.profile, args.workdir, args.seed, overrides,
-                        progress=not args.quiet, llc=args.llc)
+                        progress=not args.quiet, llc=args.llc, jobs=args.jobs)
     print(f"results: {args.workdir}/results.md  report: {args.workdir}/report.html")
     return 0
 

@@ -101,7 +101,7 @@ def train_seed_ensembles(profile: str, workdir: str, seeds, overrides=None,
 
 def reproduce_seeds(profile: str = "quick", workdir: str = "runs/seeds", seeds=(0, 1),
                     overrides: dict | None = None, progress: bool = True, llc: bool = False,
-                    ensemble: bool | None = None) -> dict:
+                    ensemble: bool | None = None, jobs: int | None = None) -> dict:
     """reproduce() for each seed, in seed_workdir(workdir, seed), then the claims' robustness
     over the seeds (claims.robustness) into <workdir>/results.md, claims.json and report.html.
     A seed that fails to train is recorded as not run, with its error. ensemble: each
@@ -120,7 +120,7 @@ def reproduce_seeds(profile: str = "quick", workdir: str = "runs/seeds", seeds=(
             print(f"== seed {seed} ({k + 1} of {len(seeds)})", file=sys.stderr, flush=True)
         try:
             per_seed[seed] = reproduce(profile, seed_workdir(workdir, seed), seed, overrides,
-                                       progress=progress, llc=llc)["claims"]
+                                       progress=progress, llc=llc, jobs=jobs)["claims"]
         except train.TrainingError as e:
             per_seed[seed] = e.args[0] if e.args else str(e)
     rob = claims.robustness(per_seed)
@@ -141,13 +141,27 @@ def reproduce_seeds(profile: str = "quick", workdir: str = "runs/seeds", seeds=(
     return {"robustness": rob, "claims": per_seed}
 
 
+def training_jobs(platform: str, members: int) -> int:
+    """Members trained at once: on a CPU one per core (each in its own process, its XLA
+    single-threaded: a small model's step uses one core about as well as two, so two
+    members on two cores take the time of one), at most `members`; on an accelerator one,
+    in this process (its whole device for each)."""
+    if platform != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, members))
+
+
 def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int = 0,
-              overrides: dict | None = None, progress: bool = True, llc: bool = False) -> dict:
+              overrides: dict | None = None, progress: bool = True, llc: bool = False,
+              jobs: int | None = None) -> dict:
     """Trains the profile's family (finished members skipped, unfinished resumed), analyses
     it, checks the claims and writes results.md, claims.json and report.html in `workdir`.
     llc: also the local learning coefficient of every snapshot of the 1l and 2l members, and
     every head's wrLLC of the 2l and 3l members (head_llc.REPRODUCE_VIEW: 12 snapshots, 2
-    chains a head)."""
+    chains a head). jobs: members trained at once (default training_jobs: one per core on a
+    CPU, longest first, each in its own process; 1: one after another in this process).
+    Every member's training is the same bit for bit whichever way it runs."""
     spec, texts = sweep_file(profile), _overrides(seed, overrides)
     members = sweep.resolve(spec, workdir, texts)  # config errors first
     names = [m.name for m in members]
@@ -159,9 +173,14 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     warning = scale_warning({m.name: m.config for m in members}, jax.devices()[0].platform)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    # one member after another in this process, as fast as one `train` each (no process
-    # and jax start per member): the quick profile must stay under 10 minutes on 2 cores
-    index = sweep.run_sweep(spec, workdir, overrides=texts, progress=progress, in_process=True)
+    if jobs is None:
+        jobs = training_jobs(jax.devices()[0].platform, len(members))
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    # jobs 1: one member after another in this process (no process and jax start per
+    # member); more: that many processes at once, the costliest members first
+    index = sweep.run_sweep(spec, workdir, jobs=jobs, overrides=texts, progress=progress,
+                            in_process=jobs == 1)
     members = index["members"]
     unfinished = {n: members[n] for n in names if members[n].get("status") != "done"}
     if unfinished:

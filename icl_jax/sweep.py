@@ -373,6 +373,14 @@ class _Stop:
             signal.signal(sig, old)
 
 
+def member_cost(m) -> int:
+    """A member's training FLOPs (steps x one step's): with several at a time the pool
+    starts the costliest first, so that the longest member does not run alone at the end."""
+    from icl_jax.flops import train_flops
+    c = m.config
+    return c.train.steps * train_flops(c.model, c.train.batch_size, c.model.context)
+
+
 def _run_pool(members, index, jobs, progress, say, cache=None):
     """Runs each member's train process, `jobs` at a time; updates the index as they go."""
     env = child_env(jobs, cache)
@@ -502,6 +510,8 @@ def run_sweep(spec: str, workdir: str, jobs: int = 1, analyze: bool = False,
             singles = []
     if in_process:
         groups, singles = groups + [[m] for m in singles], []
+    if jobs > 1:  # longest first (the order is stable among equal costs)
+        singles.sort(key=member_cost, reverse=True)
 
     if dry_run:
         for m in selected:

@@ -63,11 +63,24 @@ def test_cli_passes_every_reproduce_option_through(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.setdefault("run", (a, k)))
     work = str(tmp_path / "r")
     assert cli.main(["reproduce", "--profile", "text", "--seed", "3", "--workdir", work,
-                     "--quiet", "--llc", "--config.train.steps=50"]) == 0
+                     "--quiet", "--llc", "--jobs", "3", "--config.train.steps=50"]) == 0
     args, kwargs = calls["run"]
     assert args == ("text", work, 3, {"train.steps": "50"})
-    assert kwargs == {"progress": False, "llc": True}
+    assert kwargs == {"progress": False, "llc": True, "jobs": 3}
     assert f"{work}/results.md" in capsys.readouterr().out
+    assert cli.main(["reproduce", "--workdir", work, "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --jobs must be at least 1, got 0"
+
+
+def test_a_cpu_trains_one_member_per_core_and_an_accelerator_one(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert reproduce.training_jobs("cpu", 6) == 2
+    assert reproduce.training_jobs("cpu", 1) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert reproduce.training_jobs("cpu", 6) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert reproduce.training_jobs("cpu", 6) == 6
+    assert reproduce.training_jobs("gpu", 6) == reproduce.training_jobs("tpu", 6) == 1
 
 
 def _launch_module(name):
@@ -96,6 +109,9 @@ def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
     index = json.loads((work / "sweep.json").read_text())["members"]
     assert list(index) == FAMILY and all(m["status"] == "done" and m["wall_s"] > 0
                                          for m in index.values())
+    # on two or more cores, members trained in processes of their own (an exit code each)
+    jobs = reproduce.training_jobs("cpu", len(FAMILY))
+    assert all((m.get("exit_code") == 0) == (jobs > 1) for m in index.values()), index
     assert (work / "family.png").stat().st_size > 1000
     page = (work / "report.html").read_text()
     assert page.count("id='claims-table'") == 1 and "Co-perturbation" in page

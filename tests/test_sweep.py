@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, tiny_config
 from icl_jax import cli, sweep
 from icl_jax.config import ConfigError
 
@@ -95,11 +95,26 @@ def test_dry_run_prints_every_members_command(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     commands = [line for line in out if not line.startswith("#")]
     assert len(commands) == 2
-    assert f"--workdir {wd}/1l-smear" in commands[0] and "layers=1,smear=true" in commands[0]
-    assert f"--workdir {wd}/2l-smear" in commands[1] and "--config.train.steps=50" in commands[1]
+    # two at a time: the costlier member (two layers) starts first
+    assert f"--workdir {wd}/2l-smear" in commands[0] and "--config.train.steps=50" in commands[0]
+    assert f"--workdir {wd}/1l-smear" in commands[1] and "layers=1,smear=true" in commands[1]
     assert all(" -m icl_jax train --config " in c for c in commands)
     assert any("xla_cpu_multi_thread_eigen=false" in line for line in out if line.startswith("#"))
     assert not os.path.exists(wd)
+    # one at a time: the sweep's own order
+    assert cli.main(["sweep", "--config", PAPER + ":smear", "--workdir", wd, "--dry-run",
+                     "--config.train.steps=50"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert [c.split("--workdir ")[1].split()[0] for c in commands] == [f"{wd}/1l-smear",
+                                                                       f"{wd}/2l-smear"]
+
+
+def test_the_costliest_members_start_first():
+    class M:  # what member_cost reads of a member
+        def __init__(self, layers, steps):
+            self.config = tiny_config(f"layers={layers}", **{"train.steps": steps})
+    assert sweep.member_cost(M(2, 100)) > sweep.member_cost(M(1, 100))
+    assert sweep.member_cost(M(1, 300)) == 3 * sweep.member_cost(M(1, 100))
 
 
 def _bash(*args, **env):
