@@ -62,32 +62,6 @@ DEFAULT_PREFETCH = (("text:layers=2", {"train.steps": 80}),
                     ("small L2", {"train.steps": 800}))
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- suites
 
 def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
@@ -114,48 +88,48 @@ def bench_train(config, repeats: int, torch_rows: bool = True) -> list:
     # XLA:CPU's own GEMM and PyTorch's MKL differ by up to 20% on the same core.
     peak = peak_flops / times["peak"]
     rows.append(row(case, "matmul peak", peak, "GFLOP/s", "2048^3 float32 in the same repeats"
-                     if jax.devices()[0].platform == "cpu" else "bf16 matmul", 1e-9))
+                    if jax.devices()[0].platform == "cpu" else "bf16 matmul", 1e-9))
     if "torch peak" in times:
         torch_peak = peak_flops / times["torch peak"]
         rows.append(row(case, "torch matmul peak", torch_peak, "GFLOP/s",
-                         "the same product through PyTorch (MKL), same repeats", 1e-9))
+                        "the same product through PyTorch (MKL), same repeats", 1e-9))
         rows.append(row(case, "XLA / torch matmul", peak / torch_peak, "x",
-                         "the two libraries' GEMM on the same product"))
+                        "the two libraries' GEMM on the same product"))
         peak = np.maximum(peak, torch_peak)
     peak_note = "of the faster matmul peak" if "torch peak" in times else "of the matmul peak"
     rows.append(row(case, "jax train", tokens / times["jax"], "tok/s",
-                     f"{times['jax'].min() * 1e3:.1f} ms/step at best"))
+                    f"{times['jax'].min() * 1e3:.1f} ms/step at best"))
     rows.append(row(case, "jax MFU", flops / times["jax"] / peak, "%",
-                     f"{flops / 1e9:.2f} GFLOP/step (full T x S), {peak_note}", 100))
+                    f"{flops / 1e9:.2f} GFLOP/step (full T x S), {peak_note}", 100))
     if xla:
         rows.append({**note_row(case, "FLOPs check", f"executed analytic {executed / 1e9:.3f} vs "
-                             f"XLA cost analysis {xla / 1e9:.3f} GFLOP/step "
-                             f"({100 * (xla / executed - 1):+.1f}%)"),
+                                f"XLA cost analysis {xla / 1e9:.3f} GFLOP/step "
+                                f"({100 * (xla / executed - 1):+.1f}%)"),
                      "analytic_executed": executed, "xla": xla, "analytic_full": flops})
     if "jax attention" in times and "torch eager" in times:
         ja, ta = times["jax attention"], times["torch attention"]
         rows.append(row(case, "attention fwd+bwd, jax", ja, "ms", "one layer's causal "
-                         "attention core (model.causal_attention)", 1e3))
+                        "attention core (model.causal_attention)", 1e3))
         rows.append(row(case, "attention fwd+bwd, torch", ta, "ms",
-                         "scaled_dot_product_attention(is_causal=True), same inputs", 1e3))
+                        "scaled_dot_product_attention(is_causal=True), same inputs", 1e3))
         gap = times["jax"] - times["torch eager"]
         share = m.n_layers * (ja - ta) / gap
         rows.append(row(case, "attention share of gap", share, "%",
-                         f"{m.n_layers} layers x (jax - torch attention) / (jax - torch eager "
-                         "step); meaningful only when the step is slower", 100))
+                        f"{m.n_layers} layers x (jax - torch attention) / (jax - torch eager "
+                        "step); meaningful only when the step is slower", 100))
         K = m.d_head or m.d_model // m.n_heads
         q_rows = min(QUERY_BLOCK, m.context)
         shape = f"{t.batch_size * m.n_heads} x [{q_rows} x {K}] x [{K} x {m.context}]"
         rows.append(row(case, "batched matmul, jax", bmm_flops / times["jax bmm"], "GFLOP/s",
-                         f"{shape}: the last query block's scores", 1e-9))
+                        f"{shape}: the last query block's scores", 1e-9))
         rows.append(row(case, "batched matmul, torch.bmm", bmm_flops / times["torch bmm"],
-                         "GFLOP/s", "the same product", 1e-9))
+                        "GFLOP/s", "the same product", 1e-9))
     for name in peers:
         rows.append(row(case, f"{name} train", tokens / times[name], "tok/s"))
         rows.append(row(case, f"{name} MFU", flops / times[name] / peak, "%",
-                         f"same FLOPs, {peak_note}", 100))
+                        f"same FLOPs, {peak_note}", 100))
         rows.append(row(case, f"jax / {name}", times[name] / times["jax"], "x",
-                         "tokens/s ratio, per repeat"))
+                        "tokens/s ratio, per repeat"))
     return rows
 
 
@@ -186,14 +160,14 @@ def bench_score(config, repeats: int, n_snapshots: int = 16) -> list:
     rows.append(row(case, "score loop", times["loop"], "s"))
     rows.append(row(case, "loop / vmapped", times["loop"] / times["vmapped"], "x"))
     rows.append(row(case, "loop / lax.map", times["loop"] / times["mapped"], "x",
-                     f"analyze uses {scores.default_stacking()} here"))
+                    f"analyze uses {scores.default_stacking()} here"))
     if "TL hooks" in times:
         rows.append(row(case, "score TransformerLens hooks", times["TL hooks"], "s",
-                         f"loop of tl_check.score_with_hooks over the {n_snapshots} snapshots; "
-                         "HookedTransformers built before timing, only scoring timed"))
+                        f"loop of tl_check.score_with_hooks over the {n_snapshots} snapshots; "
+                        "HookedTransformers built before timing, only scoring timed"))
         rows.append(row(case, "TL hooks / lax.map", times["TL hooks"] / times["mapped"], "x",
-                         "TransformerLens time over the lax.map call's, per repeat "
-                         "(> 1: TransformerLens slower)"))
+                        "TransformerLens time over the lax.map call's, per repeat "
+                        "(> 1: TransformerLens slower)"))
     return rows
 
 
@@ -208,7 +182,7 @@ def bench_ensemble(config, repeats: int, sizes=(4, 8)) -> list:
     for k in sizes:
         rows.append(row(case, f"ensemble K={k}", k * tokens / times[f"K={k}"], "tok/s"))
         rows.append(row(case, f"K={k} vmapped / sequential", k * times["single"] /
-                         times[f"K={k}"], "x", "tokens/s ratio"))
+                        times[f"K={k}"], "x", "tokens/s ratio"))
     mem = {k: e.memory_bytes() for k, e in ens.items()}
     if all(mem.values()) and len(sizes) >= 2:
         k0, k1 = sizes[0], sizes[-1]
@@ -218,8 +192,8 @@ def bench_ensemble(config, repeats: int, sizes=(4, 8)) -> list:
         if per > 0 and avail:
             k_max = int((0.8 * avail - base) // per)
             rows.append(note_row(case, "largest ensemble", f"K <= {k_max:,} by the compiled step's "
-                              f"memory ({per / 2**20:.2f} MiB per member, 80% of "
-                              f"{avail / 2**30:.1f} GiB available)"))
+                                 f"memory ({per / 2**20:.2f} MiB per member, 80% of "
+                                 f"{avail / 2**30:.1f} GiB available)"))
     return rows
 
 
@@ -276,20 +250,16 @@ def bench_checkpoint(config, repeats: int) -> list:
     per_save = times["snapshots"] - times["no snapshots"]
     rows.append(row(case, "step, no snapshots", times["no snapshots"] / every, "ms", scale=1e3))
     rows.append(row(case, "step, async snapshots", times["snapshots"] / every, "ms",
-                     f"one every {every} steps", 1e3))
+                    f"one every {every} steps", 1e3))
     n_snap = len(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
     overhead = (n_snap * per_save + tail) / (t.steps * times["no snapshots"] / every)
     rows.append(row(case, "snapshot overhead", overhead, "%",
-                     f"{n_snap} snapshots in {t.steps} steps (default schedule); "
-                     "difference of the two rows above", 100))
+                    f"{n_snap} snapshots in {t.steps} steps (default schedule); "
+                    "difference of the two rows above", 100))
     share = n_snap * np.median(blocking) / (t.steps * np.median(times["no snapshots"]) / every)
     rows.append(row(case, "save() blocks the loop", np.asarray(blocking), "ms",
-                     f"x {n_snap} snapshots = {100 * share:.2f}% of the run's step time", 1e3))
+                    f"x {n_snap} snapshots = {100 * share:.2f}% of the run's step time", 1e3))
     return rows
-
-
-
-
 
 
 def bench_data(config, repeats: int) -> list:
@@ -302,12 +272,12 @@ def bench_data(config, repeats: int) -> list:
     times = interleaved({**pipelines, "train": JaxTrainer(config)}, repeats)
     for name in pipelines:
         rows.append(row(case, f"data ({config.data.name}, {name})", tokens / times[name],
-                         "tok/s"))
+                        "tok/s"))
         rows.append(row(case, f"{name} / train", times["train"] / times[name], "x",
-                         "how many times faster it makes tokens than training consumes them"))
+                        "how many times faster it makes tokens than training consumes them"))
     auto = auto_pipeline(config)
     rows.append(row(case, "data / train", times["train"] / times[auto], "x",
-                     f"the pipeline data.generate={config.data.generate!r} trains on here: {auto}"))
+                    f"the pipeline data.generate={config.data.generate!r} trains on here: {auto}"))
     return rows
 
 
@@ -345,7 +315,7 @@ def bench_prefetch(config, repeats: int) -> list:
         train.PREFETCH_BATCHES = saved
     for name in depths:
         rows.append(row(case, f"train, batches {name}", rates[name], "tok/s",
-                         f"{steps} steps a run, log every {c.train.log_every}"))
+                        f"{steps} steps a run, log every {c.train.log_every}"))
     ratio = np.asarray(rates["prefetched"]) / np.asarray(rates["synchronous"])
     rows.append(row(case, "prefetched / synchronous", ratio, "x", "tokens/s ratio, per repeat"))
     source, t = data_lib.make_source(c), c.train
@@ -357,7 +327,7 @@ def bench_prefetch(config, repeats: int) -> list:
 
     data_s = interleaved({"data": batch}, repeats)["data"]
     rows.append(row(case, f"data ({c.data.name}) alone", t.batch_size * c.model.context
-                     / data_s, "tok/s", "source.batch of the whole batch, on the host"))
+                    / data_s, "tok/s", "source.batch of the whole batch, on the host"))
     return rows
 
 
@@ -417,7 +387,7 @@ def bench_llc(config, n_snapshots: int = 16, chains: int = 8, draws: int = 200) 
     return rows + [
         row(case, "devinterp loop", [theirs], "s", "HookedTransformers built before timing"),
         row(case, "devinterp loop, process CPU", [theirs_cpu], "s",
-             f"torch threads {torch.get_num_threads()}"),
+            f"torch threads {torch.get_num_threads()}"),
         row(case, "devinterp / ours", [theirs / ours], "x", "> 1: ours faster"),
         row(case, "devinterp / ours, CPU", [theirs_cpu / ours_cpu], "x", "> 1: ours faster"),
     ]
@@ -440,9 +410,9 @@ def bench_head_llc(config, model, trees, pool, cfg) -> list:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return [row(case, "ours, 1 snapshot, compile incl.", [first], "s", f"{heads} heads"),
             row(case, "ours, per snapshot per head", [wall / len(trees) / heads], "s",
-                 f"{heads} heads a snapshot, one program"),
+                f"{heads} heads a snapshot, one program"),
             row(case, "ours, per snapshot per head, CPU", [cpu / len(trees) / heads], "s",
-                 "process CPU, all threads")]
+                "process CPU, all threads")]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -513,9 +483,3 @@ def run(suite: str = "default", configs=None, repeats: int = 5, json_path: str |
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     return result
-
-
-
-
-
-

@@ -69,13 +69,13 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
     case = f"paper {shape_name(paper)} {m.dtype}"
     tokens = t.batch_size * m.context
     rows.append(row(case, "matmul peak", peak_flops / times["peak"], "TFLOP/s",
-                     f"{'bfloat16' if jax.default_backend() != 'cpu' else 'float32'} "
-                     "square product, same repeats", 1e-12))
+                    f"{'bfloat16' if jax.default_backend() != 'cpu' else 'float32'} "
+                    "square product, same repeats", 1e-12))
     paper_tok_s = tokens / times["paper"]
     rows.append(row(case, "paper train", paper_tok_s, "tok/s",
-                     f"attention: {paper_step.model.kernel}"))
+                    f"attention: {paper_step.model.kernel}"))
     rows.append(row(case, "paper MFU", train_flops(m, t.batch_size, m.context) / times["paper"]
-                     / (peak_flops / times["peak"]), "%", "full T x S FLOPs over the peak", 100))
+                    / (peak_flops / times["peak"]), "%", "full T x S FLOPs over the peak", 100))
 
     # (2) ensembles of the quick model in one program against one member
     sizes = (2, 4) if tiny else (4, 16, 64)
@@ -87,7 +87,7 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
     for k in sizes:
         rows.append(row(case, f"K={k} summed", k * tokens / times[f"K={k}"], "tok/s"))
         rows.append(row(case, f"K={k} summed / one", k * times["one"] / times[f"K={k}"], "x",
-                         f"{k} would be perfect scaling"))
+                        f"{k} would be perfect scaling"))
     quick_step_s = times["one"]
 
     # (3) scoring stacked snapshots in one vmapped call against a Python loop over them
@@ -108,7 +108,7 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
     rows.append(row(case, "score vmapped", times["vmapped"], "s"))
     rows.append(row(case, "score loop", times["loop"], "s"))
     rows.append(row(case, "vmapped / loop", times["loop"] / times["vmapped"], "x",
-                     "loop time over vmapped time, per repeat"))
+                    "loop time over vmapped time, per repeat"))
 
     # (4) the data pipelines against the step, both profiles: tokens/s against tokens/s;
     # "data" is the pipeline training uses here (data.generate), the others are beside it
@@ -126,8 +126,8 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
             label = "data" if pipe == auto else f"{pipe} data"
             rows.append(row(case, label, data_tok_s, "tok/s", f"made on the {pipe}"))
             rows.append(row(case, f"{label} / step", data_tok_s / np.median(step_tok_s), "x",
-                             "how many times faster the pipeline makes tokens than the step "
-                             "uses them"))
+                            "how many times faster the pipeline makes tokens than the step "
+                            "uses them"))
 
     # (5) the whole quick reproduction, in a fresh process
     if with_reproduce:
@@ -141,7 +141,7 @@ def _accelerator_rows(repeats: int, tiny: bool, with_reproduce: bool) -> list:
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
             rows.append(row("quick reproduction", "reproduce --profile quick",
-                             [time.perf_counter() - t0], "s", "wall time, one run"))
+                            [time.perf_counter() - t0], "s", "wall time, one run"))
     return rows
 
 

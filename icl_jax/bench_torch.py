@@ -146,7 +146,7 @@ def torch_candidates(config, rows, case):
         import torch  # noqa: F401
     except ImportError:
         rows.append(note_row(case, "PyTorch rows", "torch not installed (the bench extra: "
-                          "pip install 'icl_jax[bench]')"))
+                             "pip install 'icl_jax[bench]')"))
         return out
     m = config.model
     try:
@@ -158,7 +158,7 @@ def torch_candidates(config, rows, case):
         out["TransformerLens"] = torch_trainer(transformer_lens_model(m), config)
     except ImportError:
         rows.append(note_row(case, "TransformerLens", "transformer_lens not installed "
-                          "(the bench extra: pip install 'icl_jax[bench]')"))
+                             "(the bench extra: pip install 'icl_jax[bench]')"))
     except NotImplementedError as e:
         rows.append(note_row(case, "TransformerLens", f"skipped: {e}"))
     set_torch_threads()
@@ -227,7 +227,7 @@ def tl_hooks_scorer(model, trees, inputs, key, rows, case):
         from icl_jax import tl_check
     except ImportError:
         rows.append(note_row(case, "TransformerLens hooks", "transformer_lens not installed "
-                          "(the bench extra: pip install 'icl_jax[bench]')"))
+                             "(the bench extra: pip install 'icl_jax[bench]')"))
         return None
     try:
         tls = [tl_check.hooked_transformer(t, model.cfg) for t in trees]

@@ -40,13 +40,13 @@ class TokenSource(Source):
 
     def batch(self, step, batch_size, seq_len, rows=None):
         need(len(self.train) >= seq_len, f"the {self.name} training split has {len(self.train)} "
-              f"tokens, fewer than seq_len={seq_len}; use a larger corpus or smaller model.context")
+             f"tokens, fewer than seq_len={seq_len}; use a larger corpus or smaller model.context")
         offsets = step_rng(self.seed, step).integers(0, len(self.train) - seq_len + 1, batch_size)
         return self._windows(self.train, offsets if rows is None else offsets[rows], seq_len)
 
     def eval_set(self, n, seq_len):
         need(len(self.eval) >= seq_len, f"the {self.name} held-out split has {len(self.eval)} "
-              f"tokens, fewer than seq_len={seq_len}; raise data.holdout_fraction or add data")
+             f"tokens, fewer than seq_len={seq_len}; raise data.holdout_fraction or add data")
         offsets = stream_rng(self.seed, EVAL_KEY).integers(0, len(self.eval) - seq_len + 1, n)
         return self._windows(self.eval, offsets, seq_len)
 
@@ -66,10 +66,10 @@ def _looks_like_text(data):
 
 def _check_text(path, data):
     need(b"\0" not in data, f"{path} does not look like text (it contains NUL bytes); "
-          "pass token files as .npy or .bin")
+         "pass token files as .npy or .bin")
     bad = len(data) - len(data.decode("utf-8", "ignore").encode("utf-8"))
     need(bad <= 0.3 * len(data), f"{path} does not look like text ({bad / max(len(data), 1):.0%} "
-          "of its bytes are not UTF-8); pass token files as .npy or .bin")
+         "of its bytes are not UTF-8); pass token files as .npy or .bin")
 
 
 def _split_by_name(names, fraction):
@@ -320,10 +320,10 @@ def _load_token_file(path, bin_dtype):
         arr = arr.reshape(-1)
     else:
         need(bin_dtype in BIN_DTYPES,
-              f"unsupported data.bin_dtype {bin_dtype!r}; valid: {', '.join(BIN_DTYPES)}")
+             f"unsupported data.bin_dtype {bin_dtype!r}; valid: {', '.join(BIN_DTYPES)}")
         size, item = os.path.getsize(path), np.dtype(bin_dtype).itemsize
         need(size % item == 0, f"{path} has {size} bytes, not a multiple of {item} "
-              f"(data.bin_dtype={bin_dtype})")
+             f"(data.bin_dtype={bin_dtype})")
         arr = np.memmap(path, dtype=bin_dtype, mode="r") if size else np.zeros(0, bin_dtype)
     need(arr.size, f"{path} holds no tokens")
     need(arr.min() >= 0, f"{path} contains negative token ids")
@@ -334,7 +334,7 @@ def _files_source(f, seed):
     files = _list_files(f["path"])
     if any(p.endswith((".npy", ".bin")) for p in files):
         need(len(files) == 1, f"data.path {f['path']} matches {len(files)} files; token files "
-              "(.npy, .bin) must be passed one at a time")
+             "(.npy, .bin) must be passed one at a time")
         arr, vocab = _load_token_file(files[0], f["bin_dtype"])
         cut = len(arr) - int(len(arr) * f["holdout_fraction"])
         return TokenSource(arr[:cut], arr[cut:], vocab, seed, name=files[0])
@@ -421,7 +421,7 @@ def _pycode_source(f, seed):
         files = pycode_files(roots)
         need(files, f"data.roots {', '.join(roots) or '(none)'} hold no readable .py files")
         need(len(files) >= 2, f"data.roots {', '.join(roots)} hold only one distinct .py file; "
-              "a train and a held-out split need at least two")
+             "a train and a held-out split need at least two")
         return tuple([p for p, _, _ in side] for side in split_by_hash(files, f["holdout_fraction"]))
     # installing a package does not change the key: the corpus is frozen at its first build,
     # so resumed runs keep their tokens (delete the cache folder to take new files in)
@@ -433,15 +433,15 @@ def make_text_source(f, seed, seq_len):
     """The TokenSource of the text corpus f["name"] names (f: config.data with the defaults
     filled in), with both splits at least seq_len tokens long; DataError if unusable."""
     need(f["tokenizer"] in TOKENIZERS,
-          f"unknown data.tokenizer {f['tokenizer']!r}; valid: {', '.join(TOKENIZERS)}")
+         f"unknown data.tokenizer {f['tokenizer']!r}; valid: {', '.join(TOKENIZERS)}")
     need(f["tokenizer"] != "bpe" or f["bpe_vocab_size"] >= 257, "data.bpe_vocab_size must be "
-          f">= 257 (256 bytes + end-of-text), got {f['bpe_vocab_size']}")
+         f">= 257 (256 bytes + end-of-text), got {f['bpe_vocab_size']}")
     need(0 < f["holdout_fraction"] < 1,
-          f"data.holdout_fraction must be in (0, 1), got {f['holdout_fraction']}")
+         f"data.holdout_fraction must be in (0, 1), got {f['holdout_fraction']}")
     source = {"pystdlib": _stdlib_source, "pycode": _pycode_source,
               "files": _files_source}[f["name"]](f, seed)
     for split, arr in (("training", source.train), ("held-out", source.eval)):
         need(len(arr) >= seq_len, f"the {split} split of {source.name} has {len(arr)} tokens, "
-              f"fewer than model.context + 1 = {seq_len}; use a larger corpus or adjust "
-              "data.holdout_fraction")
+             f"fewer than model.context + 1 = {seq_len}; use a larger corpus or adjust "
+             "data.holdout_fraction")
     return source

@@ -150,15 +150,15 @@ class SyntheticSource(Source):
                  segments_max=3, segment_len_min=6, segment_len_max=19, seq_len=65,
                  fresh_fraction=0.5, placement="after"):
         need(background in BACKGROUNDS,
-              f"unknown data.background {background!r}; valid: {', '.join(BACKGROUNDS)}")
+             f"unknown data.background {background!r}; valid: {', '.join(BACKGROUNDS)}")
         need(vocab_size >= 2, f"model.vocab_size must be >= 2, got {vocab_size}")
         need(background == "uniform" or 1 <= markov_branching <= vocab_size,
-              f"data.markov_branching must be in 1..{vocab_size} (model.vocab_size), "
-              f"got {markov_branching}")
+             f"data.markov_branching must be in 1..{vocab_size} (model.vocab_size), "
+             f"got {markov_branching}")
         need(0 <= segments_min <= segments_max, "data.segments_min and data.segments_max must "
-              f"satisfy 0 <= min <= max, got {segments_min} and {segments_max}")
+             f"satisfy 0 <= min <= max, got {segments_min} and {segments_max}")
         need(1 <= segment_len_min <= segment_len_max, "data.segment_len_max must be >= "
-              f"data.segment_len_min >= 1, got {segment_len_min} and {segment_len_max}")
+             f"data.segment_len_min >= 1, got {segment_len_min} and {segment_len_max}")
         self.vocab_size, self.seed, self.seq_len = int(vocab_size), int(seed), int(seq_len)
         self.segments = tuple(int(v) for v in (segments_min, segments_max, segment_len_min,
                                                segment_len_max))
@@ -169,16 +169,16 @@ class SyntheticSource(Source):
         need(0 <= fresh_fraction <= 1, f"data.fresh_fraction must be in [0, 1], got {fresh_fraction}")
         self.fresh_fraction = float(fresh_fraction)
         need(placement in PLACEMENTS,
-              f"unknown data.placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
+             f"unknown data.placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
         need(background not in ("mixed", "copy2") or placement == "uniform",
-              f"data.background {background!r} needs data.placement 'uniform'")
+             f"data.background {background!r} needs data.placement 'uniform'")
         self.placement = placement
         self._check(self.seq_len)
 
     def _check(self, seq_len):
         need(self.segments[1] == 0 or 2 * self.segments[3] <= seq_len,
-              f"data.segment_len_max={self.segments[3]} is too long for sequences of {seq_len} "
-              f"tokens: a segment and its copy need 2 * segment_len_max <= {seq_len}")
+             f"data.segment_len_max={self.segments[3]} is too long for sequences of {seq_len} "
+             f"tokens: a segment and its copy need 2 * segment_len_max <= {seq_len}")
 
     def _make(self, rng, n, seq_len):
         return self._make_pasted(rng, n, seq_len)[0]

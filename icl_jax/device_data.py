@@ -52,9 +52,9 @@ class DeviceSynthetic:
 
     def __init__(self, source: data_lib.SyntheticSource, parallel_fill: bool | None = None):
         need(source.placement == "uniform", "data.generate='device' needs "
-                       f"data.placement='uniform', got {source.placement!r}")
+             f"data.placement='uniform', got {source.placement!r}")
         need(source.lag >= 1, "data.generate='device' does not make the 'mixed' "
-                       "background yet (a lag per row); use data.generate='host'")
+             "background yet (a lag per row); use data.generate='host'")
         self.vocab, self.seq_len, self.lag, self.seed = (source.vocab_size, source.seq_len,
                                                          source.lag, source.seed)
         self.smin, self.smax, self.lmin, self.lmax = source.segments
@@ -188,14 +188,14 @@ def device_generator(sources, data_configs, platform: str):
     if not any(wanted):
         return None
     need(all(wanted), f"ensemble members disagree on data.generate ({sorted(modes)}) "
-                   "on this platform; give every member the same")
+         "on this platform; give every member the same")
     for d, s in zip(data_configs, sources):
         need(isinstance(s, data_lib.SyntheticSource), "data.generate='device' makes "
-                       f"only synthetic data, not data.name={d.name!r}; use 'auto' or 'host'")
+             f"only synthetic data, not data.name={d.name!r}; use 'auto' or 'host'")
     gens = [DeviceSynthetic(s, parallel_fill=platform != "cpu") for s in sources]
     need(len({g.shape for g in gens}) == 1, "ensemble members made on the device "
-                   "must share their data fields (only the seed may differ); set "
-                   "data.generate='host' to train members with different data")
+         "must share their data fields (only the seed may differ); set "
+         "data.generate='host' to train members with different data")
     return gens[0], [g.inputs() for g in gens]
 
 
