@@ -120,10 +120,14 @@ def attention_kernel(name: str = "auto", platform: str | None = None,
     if name not in ATTENTION:
         raise ValueError(f"model.attention must be one of {ATTENTION}, got {name!r}")
     if name == "auto":
-        platform = platform or jax.default_backend()
+        if platform is None:
+            platform = jax.default_backend()
+            if platform == "gpu":  # CUDA or ROCm: the backend's version string says which
+                version = jax.devices()[0].client.platform_version.lower()
+                platform = "rocm" if "rocm" in version else "cuda"
         if platform == "cpu":
             return "blocked"
-        if platform in ("cuda", "gpu") and cudnn_fits(dtype, d_head):
+        if platform == "cuda" and cudnn_fits(dtype, d_head):
             return "cudnn"
         return "dot_product_attention"
     return name

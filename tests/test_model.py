@@ -181,6 +181,21 @@ def test_auto_attention_on_cuda_is_cudnns_where_its_kernel_fits(dtype, d_head, k
     assert make_model(cfg.model, platform="cuda").kernel == kernel
 
 
+@pytest.mark.parametrize("version, kernel", [("cuda 12030", "cudnn"),
+                                             ("rocm 60342", "dot_product_attention")])
+def test_auto_attention_on_this_gpu_asks_the_backend_whose_gpu_it_is(version, kernel,
+                                                                     monkeypatch):
+    # jax's default backend is "gpu" on CUDA and ROCm alike; cuDNN exists only on the first
+    from icl_jax.model import attention_kernel
+
+    class Device:
+        client = type("Client", (), {"platform_version": version})()
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+    assert attention_kernel("auto", None, "bfloat16", 64) == kernel
+
+
 @pytest.mark.parametrize("dtype, d_head", [("float32", 16), ("bfloat16", 12)])
 def test_cudnn_attention_named_where_it_cannot_run_is_refused(dtype, d_head):
     from icl_jax.config import ConfigError
