@@ -175,8 +175,6 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
         print(warning, file=sys.stderr, flush=True)
     if jobs is None:
         jobs = training_jobs(jax.devices()[0].platform, len(members))
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     # jobs 1: one member after another in this process (no process and jax start per
     # member); more: that many processes at once, the costliest members first
     index = sweep.run_sweep(spec, workdir, jobs=jobs, overrides=texts, progress=progress,
