@@ -315,6 +315,14 @@ def compilation_cache() -> str | None:
     return os.path.join(cache_root(), "jax")
 
 
+def cache_env(directory: str) -> dict:
+    """The environment variables that point a process's jax, from its start, at the
+    persistent cache `directory` with use_compilation_cache's settings."""
+    return {"JAX_COMPILATION_CACHE_DIR": directory,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
 def use_compilation_cache(directory: str | None):
     """Points this process's jax at `directory`, caching every compilation: the small
     models here compile in well under jax's default 1 s threshold, and -1 (no minimum
@@ -336,9 +344,7 @@ def child_env(jobs: int, cache: str | None = None) -> dict:
     """
     env = dict(os.environ)
     if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=cache,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+        env.update(cache_env(cache))
     if jobs > 1:
         if _accelerator_present():
             env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.2f}")

@@ -5,14 +5,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "ICL_JAX_CACHE" not in os.environ:  # the text data's and jax's caches: not the user's
+    import atexit
+    import shutil
     import tempfile
     os.environ["ICL_JAX_CACHE"] = tempfile.mkdtemp(prefix="icl_jax_test_cache_")
+    # the process that made it removes it (xdist's workers inherit the variable)
+    atexit.register(shutil.rmtree, os.environ["ICL_JAX_CACHE"], ignore_errors=True)
 # Every test process (this one, `icl-jax` subprocesses, sweep members) shares one persistent
 # compilation cache: the same tiny programs, compiled by dozens of tests, are compiled once
-# and loaded after (a loaded program is the compiled one: results are unchanged).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["ICL_JAX_CACHE"], "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# and loaded after (a loaded program is the compiled one: results are unchanged). Set
+# before jax is imported (icl_jax.sweep does not import it).
+from icl_jax.sweep import cache_env  # noqa: E402
+for _name, _value in cache_env(os.path.join(os.environ["ICL_JAX_CACHE"], "jax")).items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 
