@@ -102,9 +102,12 @@ def kill_at(moments, command, works, logs, rng, t_compiled, env=ENV, poll=0.002)
     each workdir's newest snapshot after it, whether a save was in flight when it came).
 
     The first seconds are those of a fresh run (no snapshot yet), or right after snapshot 0;
-    "training" and "mid-save" come once the process has logged a step past where the one
-    before got, so that every restart gets further; "between members' saves" the moment one
-    member of an ensemble commits a snapshot newer than all of them held."""
+    "training" comes at a random moment in the second after the restart commits a snapshot
+    past the one it resumed from (waiting on the run, not on the clock, so that a loaded
+    machine, where a step takes longer, still sees the restarts get further); "mid-save"
+    once it has logged a step past where the one before got and a new save is in flight;
+    "between members' saves" the moment one member of an ensemble commits a snapshot newer
+    than all of them held."""
     kills = []
     for n, moment in enumerate(moments):
         log = os.path.join(logs, f"attempt{n}.log")
@@ -130,12 +133,12 @@ def kill_at(moments, command, works, logs, rng, t_compiled, env=ENV, poll=0.002)
             common = min(max(_committed(w), default=-1) for w in works)
             if moment == "between members' saves":  # as soon as one member's save commits
                 wait(lambda: any(max(_committed(w), default=-1) > common for w in works))
-            else:
+            elif moment == "training":  # once a snapshot past the resumed one has committed
+                wait(lambda: all(max(_committed(w), default=-1) > common for w in works))
+                time.sleep(rng.uniform(0.0, 1.0))
+            else:  # mid-save
                 wait(lambda: _last_logged(works[0]) > last)
-                if moment == "mid-save":
-                    wait(lambda: any(_in_flight(w) - b for w, b in zip(works, before)))
-                else:
-                    time.sleep(rng.uniform(0.0, 1.0))
+                wait(lambda: any(_in_flight(w) - b for w, b in zip(works, before)))
         if proc.poll() is not None:
             break  # it finished (or failed: the final run says) before the moment came
         newest, saving = _kill(proc, works)
