@@ -345,12 +345,20 @@ _PER_SNAPSHOT = ("icl_score", "icl_se", "icl_by_example", "loss_by_example", "lo
                  "per_token_loss", "llc", "llc_std", "llc_loss_trace")
 
 
-@functools.lru_cache(maxsize=1)
-def _code_digest() -> str:
+@functools.lru_cache(maxsize=None)
+def code_digest(modules: tuple[str, ...] | None = None) -> str:
+    """A digest of the source of the package's `modules` (names under icl_jax; default
+    every module of the package, its configs included)."""
     import importlib
     h = hashlib.sha256()
-    for name in SCORING_CODE:
-        h.update(pathlib.Path(importlib.import_module(f"icl_jax.{name}").__file__).read_bytes())
+    if modules is None:
+        root = pathlib.Path(__file__).parent
+        files = sorted(root.rglob("*.py"))
+    else:
+        files = [pathlib.Path(importlib.import_module(f"icl_jax.{name}").__file__)
+                 for name in modules]
+    for f in files:
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -366,7 +374,7 @@ def scoring_key(run: checkpoints.Run, ablation: str, llc: bool, steps=None,
     heads = {"llc_heads": dataclasses.asdict(llc_heads)} if llc_heads else {}
     what = json.dumps({"snapshots": [[int(s), run.snapshot_id(int(s))] for s in steps],
                        "config": run.config.to_dict(),
-                       "ablation": ablation, "llc": bool(llc), "code": _code_digest(), **heads},
+                       "ablation": ablation, "llc": bool(llc), "code": code_digest(SCORING_CODE), **heads},
                       sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:24]
 

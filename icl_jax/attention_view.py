@@ -71,12 +71,15 @@ _STYLE = """
 """
 
 
-def html(tokens, attention_LHTS, head=None, title: str = "attention") -> str:
+def html(tokens, attention_LHTS, head=None, title: str = "attention",
+         view_id: str | None = None) -> str:
     """The view as an HTML fragment (also a valid page body).
 
     tokens: the T tokens as shown (ints or strings); attention_LHTS: [L, H, T, T] (or
     [H, T, T] for one layer). head: (layer, head) shown first (default: the last layer's
-    head with the most attention off the diagonal).
+    head with the most attention off the diagonal). view_id: the element's id, unique in
+    its page (default: a new one each call, for a notebook's many views; a page written
+    again gives its one view a fixed id, so that the same page comes out byte for byte).
     """
     att = np.asarray(attention_LHTS, np.float64)
     if att.ndim == 3:
@@ -91,7 +94,7 @@ def html(tokens, attention_LHTS, head=None, title: str = "attention") -> str:
     if head is None:
         off_diag = att[-1] * (1 - np.eye(T))
         head = (L - 1, int(np.argmax(off_diag.sum(axis=(1, 2)))))
-    view_id = f"attention-view-{next(_ids)}"
+    view_id = view_id or f"attention-view-{next(_ids)}"
     data = {"tokens": tokens, "heads": [f"L{l}H{h}" for l in range(L) for h in range(H)],
             "attention": np.round(att.reshape(L * H, T, T), 4).tolist(),
             "initial": int(head[0]) * H + int(head[1])}

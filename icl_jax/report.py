@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import html
 import io
 import json
@@ -426,20 +427,63 @@ def setup_html(result, configs: dict, sweep: dict | None) -> str:
 
 # ----------------------------------------------------------------------------- figures
 
+MANIFEST = "figures.json"  # in the analysis folder: what its PNGs were drawn from
+
+
 class Figures:
     """The figures of one page: each saved as a PNG in the analysis folder and kept (bytes)
-    for embedding, numbered in the order they are shown."""
+    for embedding, numbered in the order they are shown.
 
-    def __init__(self, out):
+    inputs: a digest of everything the page's figures follow from (inputs_digest). Where
+    the folder's figures.json says its PNGs were drawn from the same inputs and a PNG's
+    bytes still hash as recorded, that PNG is read back instead of drawn again (drawing is
+    most of a report's time: a second `reproduce` of the quick family drew its 44 figures
+    again in 25 of its 33 s). A figure made elsewhere (a Figure, not a function) is always
+    saved."""
+
+    def __init__(self, out, inputs: str | None = None):
         self.out, self.count, self.subs = out, 0, 0
         self.index = []  # (anchor, title) of the figures shown, for the table of contents
+        self.inputs, self.files = inputs, {}  # rel -> sha256 of the PNG saved now
+        self.before = {}
+        if inputs is not None:
+            try:
+                saved = json.loads(workdir_lib.path(os.path.join(out, MANIFEST)).read_text())
+                if saved.get("inputs") == inputs:
+                    self.before = dict(saved["files"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # none, torn or foreign: every figure drawn
 
-    def add(self, fig, rel: str, title: str, look: str, paper: str, extra: str = "",
+    def png(self, make, rel: str) -> bytes | None:
+        """The PNG at out/rel: read back where drawn from the same inputs, else make()
+        (a function returning a matplotlib Figure, or None where the figure does not
+        apply) saved there; or a Figure, saved there."""
+        path = os.path.join(self.out, rel)
+        if callable(make) and rel in self.before:
+            try:
+                data = workdir_lib.path(path).read_bytes()
+            except OSError:
+                data = None
+            if data is not None and hashlib.sha256(data).hexdigest() == self.before[rel]:
+                self.files[rel] = self.before[rel]
+                return data
+        fig = make() if callable(make) else make
+        if fig is None:
+            return None
+        data = save_figure(fig, path)
+        if callable(make):
+            self.files[rel] = hashlib.sha256(data).hexdigest()
+        return data
+
+    def add(self, make, rel: str, title: str, look: str, paper: str, extra: str = "",
             sub: bool = False) -> str:
-        """Saves `fig` at out/rel and returns its <figure> with a caption: the title, what to
-        look for, and where the paper has the same figure. sub: numbered under the figure
-        before it (3.1, 3.2: the same figure of other members, collapsed)."""
-        data = save_figure(fig, os.path.join(self.out, rel))
+        """Saves the figure (`make`, as for png) at out/rel and returns its <figure> with a
+        caption: the title, what to look for, and where the paper has the same figure; ""
+        where make() gives no figure. sub: numbered under the figure before it (3.1, 3.2:
+        the same figure of other members, collapsed)."""
+        data = self.png(make, rel)
+        if data is None:
+            return ""
         if sub:
             self.subs += 1
             number = f"{self.count}.{self.subs}"
@@ -455,6 +499,27 @@ class Figures:
                 f"<span class='look'>What to look for:</span> {_e(look)}{extra} "
                 f"<span class='paper'>In the paper: {_e(paper)}</span> "
                 f"<span class='file'>({_e(rel)})</span></figcaption></figure>")
+
+    def save_manifest(self):
+        """Records what the PNGs drawn from functions were drawn from (after they are all
+        written: a report killed before this leaves the old record, whose hashes the PNGs
+        written since no longer match)."""
+        if self.inputs is not None:
+            workdir_lib.write_text(os.path.join(self.out, MANIFEST), json.dumps(
+                {"inputs": self.inputs, "files": self.files}, indent=1, sort_keys=True))
+
+
+def inputs_digest(result, claims, configs, metrics) -> str:
+    """A digest of what a report's figures are drawn from: every run's scores (each keyed on
+    its snapshots, config and scoring code), the shared PCA, the claims, configs and
+    metrics, and the drawing code (the package's source) and matplotlib's version."""
+    import matplotlib
+    what = json.dumps({"runs": result["runs"], "pca": result["pca"], "claims": claims,
+                       "configs": configs, "metrics": metrics,
+                       "last": {n: s.step for n, s in result.get("last", {}).items()},
+                       "code": analysis.code_digest(), "matplotlib": matplotlib.__version__},
+                      sort_keys=True, default=lambda o: np.asarray(o).tolist())
+    return hashlib.sha256(what.encode()).hexdigest()
 
 
 def save_figure(fig, path) -> bytes:
@@ -545,23 +610,20 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
                              for r in runs.values()})
     configs, metrics = _configs(result), _metrics(result)
     lead = _lead(runs)
-    F = Figures(out)
+    F = Figures(out, inputs_digest(result, claims, configs, metrics))
     untrained = _e(untrained_sentence(result))
 
     def each(fname, plot, title, look, paper, extra=""):
         """A figure of every member: the lead's shown, the others' one click away."""
         def make(name, sub):
-            fig = plot(runs[name])
-            if fig is None:
-                return ""
-            return F.add(fig, ("" if single else name + "/") + fname + ".png",
-                         f"{name}: {title}", look, paper, extra, sub)
+            return F.add(lambda: plot(runs[name]), ("" if single else name + "/") + fname
+                         + ".png", f"{name}: {title}", look, paper, extra, sub)
         return _per_member(runs, lead, make, "The same figure")
 
     # --- 1. co-occurrence
     s = []
     if not single:
-        s.append(F.add(plot_family(result), "family.png",
+        s.append(F.add(lambda: plot_family(result), "family.png",
                        "ICL score and the induction heads' prefix matching of every model",
                        "in each model with two or more layers, the ICL score falls in a window "
                        "(shaded) in which its induction heads' prefix matching rises from near "
@@ -569,7 +631,7 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
                        "the paper's figure of in-context learning score and induction-head "
                        "formation against training tokens for its small models (Argument 1).",
                        untrained))
-    s.append(F.add(plot_loss(result, metrics), "loss.png",
+    s.append(F.add(lambda: plot_loss(result, metrics), "loss.png",
                    "Training and held-out loss, and the held-out loss's rate of fall",
                    "a bump: the held-out loss falls faster in the phase change (shaded) than "
                    "just before it, a peak of the lower curve; a one-layer model shows no such "
@@ -589,7 +651,7 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
                   "index, over training (where it defines the in-context learning score)."))
     if result["pca"]["trajectories"]:
         measures = pca_measures(result["pca"])
-        s.append(F.add(plot_pca(result["pca"], runs), "pca.png",
+        s.append(F.add(lambda: plot_pca(result["pca"], runs), "pca.png",
                        "Per-token loss PCA: every model's trajectory",
                        "the multi-layer models' trajectories change direction (pivot) in "
                        "their phase change (thick, from ○ to □); the one-layer model's does "
@@ -604,13 +666,13 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
     sections = {"co-occurrence": "".join(s)}
 
     # --- 2. co-perturbation
-    fig = plot_coperturbation(result)
     sections["co-perturbation"] = (F.add(
-        fig, "coperturbation.png", "Vanilla and smeared-key models' ICL score",
+        lambda: plot_coperturbation(result), "coperturbation.png",
+        "Vanilla and smeared-key models' ICL score",
         "the one-layer smeared-key model has a phase change (the vanilla one has none), and "
         "the two-layer smeared-key model's comes before the vanilla two-layer model's.",
         "the paper's comparison of smeared-key and vanilla models (Argument 2).")
-        if fig is not None else "<p>No vanilla and smeared-key pair among these runs.</p>")
+        or "<p>No vanilla and smeared-key pair among these runs.</p>")
 
     # --- 3. ablation
     sections["ablation"] = each(
@@ -658,7 +720,8 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
                  + ": hover a token to see where the chosen head attends, click to pin it.</p>"
                  + attention_view.html(tokens, snap.probe_attention_LHTS,
                                        head=strongest_prefix_matching_head(runs[lead]),
-                                       title=f"{lead}, step {snap.step:,}") + "</div>")
+                                       title=f"{lead}, step {snap.step:,}",
+                                       view_id="attention-view") + "</div>")
     sections["mechanism"] = "".join(s)
 
     # --- appendix: the LLC, extra figures, per-member numbers, the phase-change rule
@@ -666,8 +729,9 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
     for name, run in runs.items():
         if run.get("llc") is not None:
             appendix.append(F.add(
-                plot_llc(run["steps"], run["llc"], run["llc_std"], run["icl_score"],
-                         run["phase_change"], f"{name}: local learning coefficient"),
+                lambda run=run, name=name: plot_llc(
+                    run["steps"], run["llc"], run["llc_std"], run["icl_score"],
+                    run["phase_change"], f"{name}: local learning coefficient"),
                 ("" if single else name + "/") + "llc.png",
                 f"{name}: local learning coefficient",
                 "a dip while the previous-token heads form and a rise while the induction "
@@ -676,7 +740,8 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
         if run.get("llc_heads") is not None:  # analyze --llc heads: every head's wrLLC
             from icl_jax import head_llc_plot
             appendix.append(F.add(
-                head_llc_plot.plot_head_llc(run, f"{name}: every head's refined LLC"),
+                lambda run=run, name=name: head_llc_plot.plot_head_llc(
+                    run, f"{name}: every head's refined LLC"),
                 ("" if single else name + "/") + "llc_heads.png",
                 f"{name}: every head's weight-refined LLC",
                 "the heads' curves grouped by K-means (colour), each head's role from its "
@@ -707,6 +772,7 @@ def write_report(result, preamble: str = "", figures=(), progress: bool = True,
                  preamble if preamble and not claims else "")
     path = os.path.join(out, "report.html")
     workdir_lib.write_text(path, page)
+    F.save_manifest()
     if progress:
         print(f"wrote {path}", file=sys.stderr, flush=True)
     return path

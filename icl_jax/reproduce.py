@@ -198,9 +198,7 @@ def reproduce(profile: str = "quick", workdir: str = "runs/reproduce", seed: int
     text = claims.results_markdown(rows, found, profile, train_seconds,
                                    time.time() - t_analysis, device=device)
     claims.write_results(workdir, rows, found, text)
-    report.write_report(result, preamble=text, progress=progress, figures=[
-        ("ICL score and prefix matching of every model", "family.png",
-         report.plot_family(result))])
+    report.write_report(result, preamble=text, progress=progress)
     if progress:
         print(text)
     return {"rows": rows, "claims": found, "analysis": result}

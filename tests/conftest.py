@@ -52,6 +52,19 @@ def tiny_args(arg="layers=2", **overrides):
             + [f"--config.{k}={v}" for k, v in values.items()])
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first: those marked slow(seconds), by that estimate (30 s without
+    one), then the rest in file order. With xdist's load scheduling the workers then finish
+    together, rather than one running a long test started last while the other waits (the
+    estimates order; they need not be exact)."""
+    def seconds(item):
+        mark = item.get_closest_marker("slow")
+        if mark is None:
+            return 0
+        return mark.args[0] if mark.args else 30
+    items.sort(key=seconds, reverse=True)  # stable: the same order in every worker
+
+
 @pytest.fixture
 def tiny():
     return tiny_config

@@ -106,7 +106,7 @@ def test_analyze_reuses_scores_saved_under_the_same_settings(trained_2l, tmp_pat
 
     analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False, ablation="zero")
     assert len(calls) == 1
-    monkeypatch.setattr(analysis, "_code_digest", lambda: "edited scores.py")
+    monkeypatch.setattr(analysis, "code_digest", lambda modules=None: "edited scores.py")
     analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False, ablation="zero")
     assert len(calls) == 2
     analysis.analyze([str(workdir)], out=str(tmp_path), chunk=4, progress=False, ablation="zero",

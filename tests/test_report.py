@@ -393,6 +393,30 @@ def test_one_run_gets_a_page_without_claims(tmp_path):
     assert not (tmp_path / "family.png").exists()
 
 
+def test_a_second_report_of_the_same_analysis_reads_its_figures_back(tmp_path, monkeypatch):
+    """Drawing is most of a report's time: a report of unchanged inputs reads its PNGs back
+    (the same page, byte for byte); a changed score redraws every figure; a damaged PNG
+    is drawn again, and only it."""
+    result = fake_family(str(tmp_path), names=("2l",))
+    drawn = []
+    save = report.save_figure
+    monkeypatch.setattr(report, "save_figure",
+                        lambda fig, path: drawn.append(os.path.basename(path)) or save(fig, path))
+    first = open(report.write_report(result, progress=False)).read()
+    n = len(drawn)
+    assert n >= 9 and (tmp_path / report.MANIFEST).exists()
+    drawn.clear()
+    assert open(report.write_report(result, progress=False)).read() == first
+    assert drawn == []
+    (tmp_path / "icl.png").write_bytes((tmp_path / "icl.png").read_bytes()[:100])  # torn
+    assert open(report.write_report(result, progress=False)).read() == first
+    assert drawn == ["icl.png"]
+    drawn.clear()
+    result["runs"]["2l"]["icl_score"][-1] += 0.25
+    changed = open(report.write_report(result, progress=False)).read()
+    assert len(drawn) == n and changed != first
+
+
 def test_the_sweep_is_found_with_its_members_workdirs_as_given(family, tmp_path, monkeypatch):
     """sweep.json keeps the workdirs a sweep was given (relative, as `reproduce` passes
     runs/reproduce/2l); the runs' scores keep absolute ones."""

@@ -91,7 +91,7 @@ def _launch_module(name):
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.slow(150)
 def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
     overrides = {"model.d_model": "16", "model.n_heads": "2", "model.context": "32",
                  "model.vocab_size": "32", "train.steps": "6", "train.batch_size": "8",
@@ -170,7 +170,7 @@ def test_cli_reproduce_seeds(monkeypatch, tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(120)
 def test_reproduce_seeds_trains_each_seed_and_tables_the_claims(tmp_path):
     """Two seeds, each member's two seeds trained as one ensemble (what an accelerator does;
     vmapped on this CPU too), then each seed reproduced (training skipped: finished) and the
