@@ -6,7 +6,7 @@ import pytest
 from icl_jax import cli
 
 
-@pytest.mark.slow(35)
+@pytest.mark.slow
 def test_the_tiny_accelerator_suite_writes_every_row_with_positive_numbers(tmp_path):
     assert cli.main(["bench", "--suite", "accelerator", "--tiny", "--repeats", "1",
                      "--out", str(tmp_path)]) == 0

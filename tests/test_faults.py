@@ -19,7 +19,7 @@ import pytest
 from icl_jax import checkpoints, workdir
 from conftest import ROOT, tiny_args
 
-pytestmark = pytest.mark.slow(40)
+pytestmark = pytest.mark.slow
 
 STEPS = 200
 FIELDS = {"train.steps": STEPS, "train.log_every": 10, "train.eval_every": 50,

@@ -262,7 +262,7 @@ def _cli(env, *args, check=True):
     return out
 
 
-@pytest.mark.slow(85)
+@pytest.mark.slow
 def test_train_kill_resume_analyze_export_in_a_bucket(gcs, run_url, tmp_path):
     """The whole life of a run in gs://: needs train, checkpoints, analysis and export to
     go through icl_jax.workdir (etils.epath) and orbax only."""

@@ -89,7 +89,7 @@ def test_heads_and_snapshots_share_one_traced_program(stacking):
     assert traces(2, 1) == traces(4, 1) == traces(2, 3) > 0
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow
 def test_program_gives_each_heads_own_estimate():
     """The compiled program (every subset, layer, head and chain of two snapshots, mapped
     and vmapped) gives, head by head, what estimate_head_llc gives for that head alone:
@@ -287,7 +287,7 @@ def test_agrees_with_devinterps_head_restriction(sampler, monkeypatch):
 
 # ----------------------------------------------------------------------------- analyze
 
-@pytest.mark.slow(25)
+@pytest.mark.slow
 def test_analyze_llc_heads_records_every_head(tmp_path):
     """icl-jax analyze --llc heads,data: every head's wrLLC and drLLC at every snapshot in
     scores.json, equal to one call of heads_over_snapshots over the whole run; a second

@@ -78,7 +78,7 @@ def test_missing_peers_fail_within_the_timeout(tmp_path):
         assert "Traceback" not in out and "Check failure" not in out
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path):
     """2 processes x 1 CPU device into one workdir == 1 process x 2 devices."""
     port = _free_port()

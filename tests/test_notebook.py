@@ -35,7 +35,7 @@ def test_notebook_keeps_its_paths_in_one_cell():
     assert with_paths == [0], with_paths
 
 
-@pytest.mark.slow(50)
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

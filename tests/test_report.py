@@ -357,7 +357,7 @@ def test_the_page_is_self_contained(family_page):
     assert not re.search(r"<(img|link)[^>]*\b(src|href)\s*=\s*['\"](?!data:)", page)
     urls = set(re.findall(r"https?://[^'\" <>)]+", page))
     assert urls == {"https://arxiv.org/abs/2209.11895"}, urls
-    assert "attention-view-" in page  # the interactive view, inline
+    assert "id=\"attention-view\"" in page  # the interactive view, inline
 
 
 def test_the_untrained_score_is_said_and_the_analysis_note_printed(family, family_page):

@@ -91,50 +91,6 @@ def _launch_module(name):
     return module
 
 
-@pytest.mark.slow(150)
-def test_quick_reproduction_runs_end_to_end_and_says_what_holds(tmp_path):
-    overrides = {"model.d_model": "16", "model.n_heads": "2", "model.context": "32",
-                 "model.vocab_size": "32", "train.steps": "6", "train.batch_size": "8",
-                 "train.eval_every": "3", "eval.n_examples": "8", "eval.icl_early_index": "2",
-                 "eval.icl_late_index": "20", "eval.probe_tokens": "7",
-                 "eval.probe_sequences": "2", "data.segment_len_min": "3",
-                 "data.segment_len_max": "8", "checkpoint.every": "2", "checkpoint.log_spaced": "0"}
-    work = tmp_path / "r"
-    out = reproduce.reproduce("quick", str(work), seed=1, overrides=overrides, progress=False)
-    assert [c["claim"][:2] for c in out["claims"]] == ["1.", "2.", "3.", "4."]
-    assert not any(c["holds"] for c in out["claims"][:1])  # six steps show no phase change
-    text = (work / "results.md").read_text()
-    assert "| 2l-smear |" in text and "Co-perturbation" in text
-    assert json.loads((work / "2l" / "config.json").read_text())["seed"] == 1
-    index = json.loads((work / "sweep.json").read_text())["members"]
-    assert list(index) == FAMILY and all(m["status"] == "done" and m["wall_s"] > 0
-                                         for m in index.values())
-    # on two or more cores, members trained in processes of their own (an exit code each)
-    jobs = reproduce.training_jobs("cpu", len(FAMILY))
-    assert all((m.get("exit_code") == 0) == (jobs > 1) for m in index.values()), index
-    assert (work / "family.png").stat().st_size > 1000
-    page = (work / "report.html").read_text()
-    assert page.count("id='claims-table'") == 1 and "Co-perturbation" in page
-    # each member's six, the four multi-layer ones' composition; family, loss, PCA, smear pairs
-    assert page.count("data:image/png;base64") == 6 * 6 + 4 + 4
-    # a second run trains nothing and reads the same numbers from the same snapshots
-    mtime = (work / "2l" / "metrics.jsonl").stat().st_mtime
-    again = reproduce.reproduce("quick", str(work), seed=1, overrides=overrides, progress=False)
-    assert (work / "2l" / "metrics.jsonl").stat().st_mtime == mtime
-    assert again["rows"] == out["rows"] and again["claims"] == out["claims"]
-    # the docs' results page, regenerated from the run by launch/publish_results.py
-    publish = _launch_module("publish_results")
-    page = tmp_path / "docs" / "results.md"
-    page.parent.mkdir()
-    page.write_text("# Results\n\nprose kept\n\n" + publish.START + "\nSTALE BLOCK\n" + publish.END + "\n")
-    for _ in range(2):
-        publish.publish(str(work), str(page))
-    text = page.read_text()
-    assert text.count(publish.START) == 1 and "| 3l |" in text and "STALE BLOCK" not in text
-    assert "prose kept" in text and "](results/family.png)" in text
-    assert (tmp_path / "docs" / "results" / "pca.png").exists()
-
-
 def test_text_cpu_is_the_setting_the_cpu_search_found():
     """The text_cpu config must train what launch/text_search.py's b64 trial trained (the
     trial whose 2L formed an induction head), but for its own number of steps."""
@@ -170,11 +126,15 @@ def test_cli_reproduce_seeds(monkeypatch, tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
 
 
-@pytest.mark.slow(120)
-def test_reproduce_seeds_trains_each_seed_and_tables_the_claims(tmp_path):
-    """Two seeds, each member's two seeds trained as one ensemble (what an accelerator does;
-    vmapped on this CPU too), then each seed reproduced (training skipped: finished) and the
-    robustness table written: every claim counted on both seeds."""
+@pytest.mark.slow
+def test_the_quick_reproduction_of_two_seeds_says_what_holds_and_reruns_for_free(tmp_path):
+    """The whole path, small: two seeds, each member's two seeds trained as one vmapped
+    ensemble (what an accelerator does; vmapped on this CPU too), then each seed reproduced
+    (training skipped: finished; analysis, claims, results.md, report) and the robustness
+    table written: every claim counted on both seeds. Then one seed again: it trains
+    nothing, reads the same numbers and draws no figure; and the docs' results page from it.
+    (Members trained in processes of their own, as `reproduce` does on a CPU with two or
+    more cores: tests/test_sweep.py.)"""
     overrides = {"model.d_model": "16", "model.n_heads": "2", "model.context": "32",
                  "model.vocab_size": "32", "train.steps": "4", "train.batch_size": "8",
                  "train.eval_every": "2", "eval.n_examples": "8", "eval.icl_early_index": "2",
@@ -187,6 +147,8 @@ def test_reproduce_seeds_trains_each_seed_and_tables_the_claims(tmp_path):
     for seed in (3, 4):
         assert json.loads((work / f"s{seed}" / "2l" / "config.json").read_text())["seed"] == seed
         assert (work / f"s{seed}" / "report.html").exists()
+        assert [c["claim"][:2] for c in out["claims"][seed]] == ["1.", "2.", "3.", "4."]
+        assert not out["claims"][seed][0]["holds"]  # four steps show no phase change
     rob = out["robustness"]
     for table in rob["claims"].values():
         assert sorted(sum((table[k] for k in table), [])) == [3, 4]
@@ -195,3 +157,34 @@ def test_reproduce_seeds_trains_each_seed_and_tables_the_claims(tmp_path):
     page = (work / "report.html").read_text()
     assert ("href='s3/report.html'" in page or 'href="s3/report.html"' in page) and "Co-occurrence" in page
     assert json.loads((work / "claims.json").read_text())["robustness"]["seeds"]["3"]
+
+    # one seed's reproduction, as `icl-jax reproduce --seed 3` leaves it
+    s3 = work / "s3"
+    text = (s3 / "results.md").read_text()
+    assert "| 2l-smear |" in text and "Co-perturbation" in text
+    index = json.loads((s3 / "sweep.json").read_text())["members"]
+    assert list(index) == FAMILY and all(m["status"] == "done" for m in index.values())
+    assert (s3 / "family.png").stat().st_size > 1000
+    page = (s3 / "report.html").read_text()
+    assert page.count("id='claims-table'") == 1 and "Co-perturbation" in page
+    # each member's six, the four multi-layer ones' composition; family, loss, PCA, smear pairs
+    assert page.count("data:image/png;base64") == 6 * 6 + 4 + 4
+    # again: trains nothing, reads the same numbers from the same snapshots, draws nothing
+    mtime = (s3 / "2l" / "metrics.jsonl").stat().st_mtime
+    pngs = {p: p.stat().st_mtime_ns for p in s3.rglob("*.png")}
+    again = reproduce.reproduce("quick", str(s3), seed=3, overrides=overrides, progress=False)
+    assert (s3 / "2l" / "metrics.jsonl").stat().st_mtime == mtime
+    assert again["claims"] == out["claims"][3]
+    assert {p: p.stat().st_mtime_ns for p in s3.rglob("*.png")} == pngs
+    assert (s3 / "report.html").read_text().count("data:image/png;base64") == 6 * 6 + 4 + 4
+    # the docs' results page, regenerated from the run by launch/publish_results.py
+    publish = _launch_module("publish_results")
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Results\n\nprose kept\n\n" + publish.START + "\nSTALE BLOCK\n" + publish.END + "\n")
+    for _ in range(2):
+        publish.publish(str(s3), str(page))
+    text = page.read_text()
+    assert text.count(publish.START) == 1 and "| 3l |" in text and "STALE BLOCK" not in text
+    assert "prose kept" in text and "](results/family.png)" in text
+    assert (tmp_path / "docs" / "results" / "pca.png").exists()

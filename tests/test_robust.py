@@ -162,7 +162,7 @@ def test_a_run_resumed_from_snapshot_0_trains_on(tmp_path):
     assert _logged_steps(work) == _logged_steps(tmp_path / "ref")
 
 
-@pytest.mark.slow(35)
+@pytest.mark.slow
 def test_ensemble_members_killed_between_their_saves_resume(tmp_path):
     """One member saved step 8 and the other did not (a kill between the members' saves):
     the ensemble resumes from step 4, which both hold, and ends where it would have."""

@@ -156,7 +156,7 @@ def test_pattern_preserving_ablation_is_the_direct_term():
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow
 def test_snapshot_scores_equal_the_stand_alone_functions():
     """snapshot_scores shares one clean run and one probe run between the scores; each must
     equal its own function, which runs the model itself."""

@@ -182,7 +182,7 @@ def test_a_tiny_sweep_trains_indexes_and_skips(tmp_path, capsys):
     assert again["members"]["a"]["started"] == saved["members"]["a"]["started"]
 
 
-@pytest.mark.slow(25)
+@pytest.mark.slow
 def test_members_of_one_shape_compile_once_per_sweep(tmp_path, monkeypatch):
     """The persistent compilation cache, in one place for every workdir
     ($ICL_JAX_CACHE/jax): a second member that differs only in its seed, in another sweep
