@@ -26,7 +26,6 @@ from icl_jax import checkpoints, data as data_lib, scores, stats, workdir as wor
 from icl_jax.stats import (detect_phase_change, fit_pca, gaussian_smooth,  # noqa: F401
                            paired_standard_error,
                            phase_change_of, shared_pca)
-from icl_jax.model import make_model
 
 
 # ----------------------------------------------------------------------------- induction heads
@@ -49,13 +48,12 @@ def scorer(model, early: int, late: int, n_tokens: int, ablation: str = "pattern
     shape compiles once."""
     if stacking is not None and stacking not in scores.STACKING:
         raise ValueError(f"stacking must be one of {scores.STACKING} or None, got {stacking!r}")
-    return _scorer(json.dumps(model.cfg, sort_keys=True), early, late, n_tokens, ablation,
-                   stacking)
+    return _scorer(model, early, late, n_tokens, ablation, stacking)
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(model_json: str, early, late, n_tokens, ablation, stacking):
-    model = make_model(json.loads(model_json))
+def _scorer(model, early, late, n_tokens, ablation, stacking):
+    # a Transformer hashes and compares by its config and kernel: the cache key
 
     def one(params, inputs):
         return scores.snapshot_scores(model, params, inputs, early, late, n_tokens, ablation)

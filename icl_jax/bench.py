@@ -251,7 +251,7 @@ def bench_checkpoint(config, repeats: int) -> list:
     rows.append(row(case, "step, no snapshots", times["no snapshots"] / every, "ms", scale=1e3))
     rows.append(row(case, "step, async snapshots", times["snapshots"] / every, "ms",
                     f"one every {every} steps", 1e3))
-    n_snap = len(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
+    n_snap = len(checkpoints.save_schedule(t.steps, ck.every, ck.log_spaced))
     overhead = (n_snap * per_save + tail) / (t.steps * times["no snapshots"] / every)
     rows.append(row(case, "snapshot overhead", overhead, "%",
                     f"{n_snap} snapshots in {t.steps} steps (default schedule); "

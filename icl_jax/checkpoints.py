@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from icl_jax import workdir as workdir_lib
 
 
-def snapshot_steps(total_steps: int, every: int, log_spaced: int) -> list[int]:
+def save_schedule(total_steps: int, every: int, log_spaced: int) -> list[int]:
     """Step 0, `log_spaced` log-spaced steps below `every`, every `every` steps, and the last."""
     steps = {0, total_steps}
     steps.update(range(every, total_steps + 1, every))

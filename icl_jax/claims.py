@@ -21,6 +21,7 @@ import numpy as np
 
 from icl_jax import stats
 from icl_jax import workdir as workdir_lib
+from icl_jax.configs.sweeps.paper_small import FAMILY
 
 PAPER = "https://arxiv.org/abs/2209.11895"
 
@@ -67,8 +68,8 @@ OURS = {
             "it, which must overlap the window",
 }
 
-# the family, in the order results.md lists it; which members each claim names
-FAMILY = ("1l", "2l", "3l", "1l-smear", "2l-smear", "2l-mlp")
+# which members each claim names (the family, in the order results.md lists it, is
+# configs/sweeps/paper_small.py's FAMILY, the members its "family" subset trains)
 CO_OCCURRENCE = ("2l", "3l", "2l-mlp")  # small attention-only models and models with MLPs
 CONTROL, REFERENCES = "1l", ("2l", "3l")  # 1L over 2L's window (3L's if 2L has none)
 SMEARED = ("1l-smear", "2l-smear")

@@ -38,8 +38,8 @@ def _markov_table(vocab, branching, seed):
     return np.argsort(keys, axis=1)[:, :branching].astype(np.int32)
 
 
-def _synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1,
-                      fresh_fraction=0.5):
+def synthetic_tokens(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1,
+                     fresh_fraction=0.5):
     """(tokens int32 [n, seq_len], bool mask of positions written by segments)."""
     if table is None:
         x = rng.integers(0, vocab, (n, seq_len), dtype=np.int32)
@@ -101,8 +101,8 @@ def _background(rng, x, pasted, vocab, table, lag, copy_prob=0.0):
     return x
 
 
-def _uniform_segments(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1,
-                      copy_prob=0.0):
+def uniform_segments(rng, n, seq_len, vocab, table, smin, smax, lmin, lmax, lag=1,
+                     copy_prob=0.0):
     """(tokens int32 [n, seq_len], bool mask of pasted positions): fresh random strings, each
     written twice, at two starts drawn independently and uniformly from [-(length - 1),
     seq_len - 1] (the earlier one is the source; either may run over an edge of the context).
@@ -186,10 +186,10 @@ class SyntheticSource(Source):
     def _make_pasted(self, rng, n, seq_len):
         self._check(seq_len)
         if self.placement == "uniform":
-            return _uniform_segments(rng, n, seq_len, self.vocab_size, self.table,
-                                     *self.segments, lag=self.lag, copy_prob=self.copy_prob)
-        return _synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments,
-                                 lag=self.lag, fresh_fraction=self.fresh_fraction)
+            return uniform_segments(rng, n, seq_len, self.vocab_size, self.table,
+                                    *self.segments, lag=self.lag, copy_prob=self.copy_prob)
+        return synthetic_tokens(rng, n, seq_len, self.vocab_size, self.table, *self.segments,
+                                lag=self.lag, fresh_fraction=self.fresh_fraction)
 
     def batch(self, step, batch_size, seq_len, rows=None):
         x = self._make(step_rng(self.seed, step), batch_size, seq_len)

@@ -82,7 +82,7 @@ class DeviceSynthetic:
         return self.rows_and_pasted(inputs, step, row_ids)[0]
 
     def rows_and_pasted(self, inputs, step, row_ids):
-        """(rows, bool mask of their pasted positions), as data._uniform_segments returns."""
+        """(rows, bool mask of their pasted positions), as data.uniform_segments returns."""
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(inputs["seed"]), DATA_KEY),
                                  step)
         keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
@@ -115,7 +115,7 @@ class DeviceSynthetic:
         return self._fill_scan(x, pasted, table, choice, first, copy), pasted
 
     def _segments(self, count_word, words):
-        """(tokens, pasted mask): as data._uniform_segments, for one row. Each segment tries
+        """(tokens, pasted mask): as data.uniform_segments, for one row. Each segment tries
         ATTEMPTS placements at once and keeps the first that overlaps neither itself nor an
         earlier segment."""
         T, V, lmin, lmax = self.seq_len, self.vocab, self.lmin, self.lmax

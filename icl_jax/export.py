@@ -18,28 +18,30 @@ import json
 import numpy as np
 
 from icl_jax import checkpoints, workdir as workdir_lib
+from icl_jax.model import ModelConfig
 
 
-def params_to_arrays(params, model_cfg: dict) -> dict[str, np.ndarray]:
+def params_to_arrays(params, model_cfg) -> dict[str, np.ndarray]:
     """The flax params tree as TransformerLens-named numpy arrays."""
-    L = model_cfg["n_layers"]
+    model_cfg = ModelConfig.of(model_cfg)
+    L = model_cfg.n_layers
     blocks = [params[f"block_{l}"] for l in range(L)]
     stack = lambda get: np.stack([np.asarray(get(b)) for b in blocks])
     out = {"W_E": np.asarray(params["W_E"]), "W_pos": np.asarray(params["W_pos"]),
            "W_U": np.asarray(params["W_U"]), "b_U": np.asarray(params["b_U"])}
     for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
         out[name] = stack(lambda b: b["attn"][name])
-    if model_cfg.get("smear_keys"):
+    if model_cfg.smear_keys:
         out["smear"] = stack(lambda b: b["attn"]["smear"])
-    if model_cfg.get("layer_norm"):
+    if model_cfg.layer_norm:
         out["ln1_w"] = stack(lambda b: b["ln_attn"]["scale"])
         out["ln1_b"] = stack(lambda b: b["ln_attn"]["bias"])
         out["ln_final_w"] = np.asarray(params["ln_final"]["scale"])
         out["ln_final_b"] = np.asarray(params["ln_final"]["bias"])
-        if model_cfg.get("mlp"):
+        if model_cfg.mlp:
             out["ln2_w"] = stack(lambda b: b["ln_mlp"]["scale"])
             out["ln2_b"] = stack(lambda b: b["ln_mlp"]["bias"])
-    if model_cfg.get("mlp"):
+    if model_cfg.mlp:
         out["W_in"] = stack(lambda b: b["mlp"]["W_in"]["kernel"])
         out["b_in"] = stack(lambda b: b["mlp"]["W_in"]["bias"])
         out["W_out"] = stack(lambda b: b["mlp"]["W_out"]["kernel"])
@@ -63,35 +65,37 @@ def export(workdir: str, step: int | None = None, out: str = "model.npz") -> str
     return out
 
 
-def hooked_transformer_config(model_cfg: dict) -> dict:
+def hooked_transformer_config(model_cfg) -> dict:
     """TransformerLens HookedTransformerConfig fields of a model, or ValueError if TL
     cannot express it (smeared keys; LayerNorm with shortformer positions, which TL
     normalises after adding the positions, where this model adds them after)."""
-    if model_cfg.get("smear_keys"):
+    model_cfg = ModelConfig.of(model_cfg)
+    if model_cfg.smear_keys:
         raise ValueError("TransformerLens has no smeared keys; use the .npz export")
-    if model_cfg.get("layer_norm") and model_cfg["positions"] == "shortformer":
+    if model_cfg.layer_norm and model_cfg.positions == "shortformer":
         raise ValueError("TransformerLens applies LayerNorm after adding shortformer positions; "
                          "this model adds them after LayerNorm, so the two differ")
     return {
-        "n_layers": model_cfg["n_layers"], "d_model": model_cfg["d_model"],
-        "n_ctx": model_cfg["context"], "d_head": model_cfg["d_head"],
-        "n_heads": model_cfg["n_heads"], "d_vocab": model_cfg["vocab_size"],
-        "d_mlp": model_cfg["d_mlp"] if model_cfg.get("mlp") else None,
-        "attn_only": not model_cfg.get("mlp"),
+        "n_layers": model_cfg.n_layers, "d_model": model_cfg.d_model,
+        "n_ctx": model_cfg.context, "d_head": model_cfg.d_head,
+        "n_heads": model_cfg.n_heads, "d_vocab": model_cfg.vocab_size,
+        "d_mlp": model_cfg.d_mlp if model_cfg.mlp else None,
+        "attn_only": not model_cfg.mlp,
         "act_fn": "gelu_new",  # jax.nn.gelu is the tanh approximation
-        "normalization_type": "LN" if model_cfg.get("layer_norm") else None,
+        "normalization_type": "LN" if model_cfg.layer_norm else None,
         "eps": 1e-6,  # flax's LayerNorm
-        "positional_embedding_type": ("shortformer" if model_cfg["positions"] == "shortformer"
+        "positional_embedding_type": ("shortformer" if model_cfg.positions == "shortformer"
                                       else "standard"),
         "default_prepend_bos": False,
     }
 
 
-def hooked_transformer_state_dict(arrays: dict, model_cfg: dict) -> dict:
+def hooked_transformer_state_dict(arrays: dict, model_cfg) -> dict:
     """TransformerLens state-dict names for the arrays of params_to_arrays."""
+    model_cfg = ModelConfig.of(model_cfg)
     sd = {"embed.W_E": arrays["W_E"], "pos_embed.W_pos": arrays["W_pos"],
           "unembed.W_U": arrays["W_U"], "unembed.b_U": arrays["b_U"]}
-    for l in range(model_cfg["n_layers"]):
+    for l in range(model_cfg.n_layers):
         for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
             sd[f"blocks.{l}.attn.{name}"] = arrays[name][l]
         for ours, theirs in (("ln1", "ln1"), ("ln2", "ln2")):

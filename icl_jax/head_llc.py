@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_jax import llc
-from icl_jax.model import make_model
+from icl_jax.model import ModelConfig
 
 HEAD_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 # the default drLLC subsets of each kind of data (subset_pools)
@@ -47,9 +46,10 @@ TEST_FILES = "*/test_*.py,*/*_test.py,*/tests/*,*/test/*,*/testing/*"
 
 # ----------------------------------------------------------------------------- one head
 
-def head_names(model_cfg: dict) -> tuple:
+def head_names(model_cfg) -> tuple:
     """The names of a head's weights in its layer's "attn" params."""
-    return HEAD_WEIGHTS + (("smear",) if model_cfg.get("smear_keys") else ())
+    model_cfg = ModelConfig.of(model_cfg)
+    return HEAD_WEIGHTS + (("smear",) if model_cfg.smear_keys else ())
 
 
 def head_weights(params, layer: int, head: int, names=HEAD_WEIGHTS) -> dict:
@@ -65,10 +65,11 @@ def with_head(params, layer: int, head, w: dict):
     return {**params, f"block_{layer}": {**block, "attn": attn}}
 
 
-def n_head_params(model_cfg: dict) -> int:
+def n_head_params(model_cfg) -> int:
     """d, the parameters of one head (its wrLLC at a regular minimum is d / 2)."""
-    D, K = model_cfg["d_model"], model_cfg["d_head"]
-    return 4 * D * K + 3 * K + (1 if model_cfg.get("smear_keys") else 0)
+    model_cfg = ModelConfig.of(model_cfg)
+    D, K = model_cfg.d_model, model_cfg.d_head
+    return 4 * D * K + 3 * K + (1 if model_cfg.smear_keys else 0)
 
 
 def estimate_head_llc(model, params, layer: int, head: int, data, cfg, seed: int = 0,
@@ -85,7 +86,7 @@ def estimate_head_llc(model, params, layer: int, head: int, data, cfg, seed: int
     pool = _as_pool(data)
     n_pool = jax.tree.leaves(pool)[0].shape[0]
     idx = llc.batch_indices(n_pool, cfg, seed) if indices is None else np.asarray(indices, np.int32)
-    program = _head_program(json.dumps(model.cfg, sort_keys=True), llc.sampler_settings(cfg),
+    program = _head_program(model, llc.sampler_settings(cfg),
                             llc.resolve_stacking(stacking), layer)
     params = jax.tree.map(jnp.asarray, params)  # a restored snapshot's numpy arrays, on device
     losses, init = jax.device_get(program(params, head, pool, jnp.asarray(idx),
@@ -97,8 +98,7 @@ def estimate_head_llc(model, params, layer: int, head: int, data, cfg, seed: int
 
 
 @functools.lru_cache(maxsize=8)
-def _head_program(model_json: str, hyper: tuple, stacking: str, layer: int):
-    model = make_model(json.loads(model_json))
+def _head_program(model, hyper: tuple, stacking: str, layer: int):
     names, loss_fn = head_names(model.cfg), llc.weighted_token_loss(model)
 
     def run(params, head, pool, idx_CSM, key):
@@ -144,8 +144,9 @@ def _snapshot(loss_fn, n_layers, n_heads, names, hyper, stacking, params, pools_
     return jnp.stack(per_layer, axis=1), init_P
 
 
-def _build(loss_fn, model_cfg: dict, hyper: tuple, stacking: str):
-    per = functools.partial(_snapshot, loss_fn, model_cfg["n_layers"], model_cfg["n_heads"],
+def _build(loss_fn, model_cfg, hyper: tuple, stacking: str):
+    model_cfg = ModelConfig.of(model_cfg)
+    per = functools.partial(_snapshot, loss_fn, model_cfg.n_layers, model_cfg.n_heads,
                             head_names(model_cfg), hyper, stacking)
     if stacking == "vmap":
         return jax.jit(jax.vmap(per, in_axes=(0, None, None, None)))
@@ -153,10 +154,9 @@ def _build(loss_fn, model_cfg: dict, hyper: tuple, stacking: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _program(model_json: str, hyper: tuple, stacking: str):
+def _program(model, hyper: tuple, stacking: str):
     """One jitted program per architecture and settings (as llc._snapshots_program): a chunk
     of snapshots vmapped for "vmap", one snapshot for "map"."""
-    model = make_model(json.loads(model_json))
     return _build(llc.weighted_token_loss(model), model.cfg, hyper, stacking)
 
 
@@ -195,11 +195,11 @@ def heads_over_snapshots(model, stacked_params, pools, cfg, steps=None, seed: in
     pools_P = jax.tree.map(lambda *a: jnp.stack(a), *as_pools)
     stacking = llc.resolve_stacking(stacking)
     hyper = llc.sampler_settings(cfg)
-    program = (_program(json.dumps(model.cfg, sort_keys=True), hyper, stacking)
+    program = (_program(model, hyper, stacking)
                if loss_fn is None else _build(loss_fn, model.cfg, hyper, stacking))
     idx = jnp.asarray(llc.batch_indices(shapes[0][0][0], cfg, seed))
     key = jax.random.key(seed)
-    L, H = model.cfg["n_layers"], model.cfg["n_heads"]
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     d = llc.count_params(head_weights(jax.tree.map(lambda a: a[0], stacked_params), 0, 0,
                                       head_names(model.cfg)))
     chunk = max(1, min(chunk, n_snap)) if stacking == "vmap" else 1

@@ -25,7 +25,6 @@ or diverges is reported by name and left out.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -34,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_jax.model import make_model
 from icl_jax.scores import STACKING, default_stacking
 
 SAMPLERS = ("sgld", "rmsprop_sgld")
@@ -109,7 +107,7 @@ def noise_block(stacking: str, n_params: int, steps: int) -> int:
     return next((j for j in range(k, (k + 1) // 2 - 1, -1) if steps % j == 0), k)
 
 
-def _chain(loss_fn, hyper, block, w_star, pool, idx_SM, keys_S):
+def run_chain(loss_fn, hyper, block, w_star, pool, idx_SM, keys_S):
     """One chain from w*: the minibatch loss [S] at each step, before the step is taken.
     The noise of `block` steps at a time is drawn together (the same draws: vmapped
     step_noise of each step's key)."""
@@ -156,7 +154,7 @@ def chain_losses(loss_fn, hyper, stacking, w_star, pool, idx_CSM, key):
     whatever tree w_star is (a whole model's params, or one head's: head_llc.py)."""
     keys_CS = chain_keys(key, *idx_CSM.shape[:2])
     block = noise_block(stacking, count_params(w_star), idx_CSM.shape[1])
-    chain = functools.partial(_chain, loss_fn, hyper, block, w_star, pool)
+    chain = functools.partial(run_chain, loss_fn, hyper, block, w_star, pool)
     if stacking == "vmap":
         return jax.vmap(chain)(idx_CSM, keys_CS)
     return jax.lax.map(lambda xs: chain(*xs), (idx_CSM, keys_CS))
@@ -277,14 +275,13 @@ def resolve_stacking(stacking: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _snapshots_program(model_json: str, hyper: tuple, stacking: str):
+def _snapshots_program(model, hyper: tuple, stacking: str):
     """One jitted program, cached by architecture so that several runs of one compile once:
     for "vmap" a chunk of snapshots vmapped, their chains vmapped; for "map" (CPUs) one
     snapshot, its chains one after another. Calling it snapshot by snapshot costs nothing
     against its chains x draws steps and, unlike a lax.map over a chunk, neither pads a
     short last chunk nor compiles again for one (analyze's 33rd snapshot did)."""
-    per = functools.partial(sample_chains, token_loss(make_model(json.loads(model_json))), hyper,
-                            stacking)
+    per = functools.partial(sample_chains, token_loss(model), hyper, stacking)
     if stacking == "vmap":
         return jax.jit(jax.vmap(per, in_axes=(0, None, None, None)))
     return jax.jit(per)
@@ -314,7 +311,7 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
     if len(steps) != n_snap:
         raise ValueError(f"{len(steps)} steps given for {n_snap} snapshots")
     stacking = resolve_stacking(stacking)
-    program = _snapshots_program(json.dumps(model.cfg, sort_keys=True), sampler_settings(cfg), stacking)
+    program = _snapshots_program(model, sampler_settings(cfg), stacking)
     pool = jnp.asarray(data)
     idx = jnp.asarray(batch_indices(pool.shape[0], cfg, seed))
     key = jax.random.key(seed)
@@ -334,7 +331,7 @@ def llc_over_snapshots(model, stacked_params, data, cfg, steps=None, seed: int =
             losses_SCT, init_S = jax.device_get(program(part, pool, idx, key))
         for i in range(n):
             per.append(summarise(np.asarray(losses_SCT[i]), float(init_S[i]), n_params, cfg,
-                                  {"snapshot step": steps[start + i]}))
+                                 {"snapshot step": steps[start + i]}))
         if progress:
             print(f"llc: {len(per)}/{n_snap} snapshots ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)

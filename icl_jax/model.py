@@ -25,6 +25,7 @@ attention scores, softmax, LayerNorm statistics, logits and the loss are float32
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -205,36 +206,80 @@ class MLP(nn.Module):
                             jax.nn.gelu(h_BTF))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The `model` section of a config, typed: what the module is built from.
+
+    configs/small.py documents each field; config.validate checks them. Made from a
+    config's section (a ConfigDict or a dict) by ModelConfig.of, which names any field it
+    does not know. The two defaults are the values that reproduce runs saved before the
+    fields existed (config.ADDED_FIELDS, which upgrades saved configs, gives the same)."""
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    mlp: bool
+    d_mlp: int
+    layer_norm: bool
+    positions: str  # "shortformer" (positions enter Q and K only) or "residual"
+    pos_init_std: float
+    smear_keys: bool
+    smear_init: float
+    context: int
+    vocab_size: int
+    dtype: str  # "float32" or "bfloat16"
+    mlp_out_init: float = 1.0  # W_out's init std as a multiple of 1 / sqrt(d_mlp)
+    attention: str = "auto"  # config.ATTENTION; make_model resolves it for the platform
+
+    @classmethod
+    def of(cls, section) -> ModelConfig:
+        """`section` (a ModelConfig, a ConfigDict or a dict) as a ModelConfig."""
+        if isinstance(section, cls):
+            return section
+        fields = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown model field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in fields and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"model field(s) {', '.join(missing)} missing")
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 class Block(nn.Module):
-    cfg: dict
+    cfg: ModelConfig
     kernel: str = "blocked"  # model.attention resolved (attention_kernel)
 
     @nn.compact
     def __call__(self, x_BTD, pos_TD, mask_H, fill_THK, pattern_BHTS):
         cfg = self.cfg
-        dtype = DTYPES[cfg["dtype"]]
-        ln = (lambda name: nn.LayerNorm(name=name, dtype=dtype)) if cfg["layer_norm"] else (
+        dtype = DTYPES[cfg.dtype]
+        ln = (lambda name: nn.LayerNorm(name=name, dtype=dtype)) if cfg.layer_norm else (
             lambda name: (lambda a: a))
         h_BTD = ln("ln_attn")(x_BTD)
         # Shortformer: positions enter only the query and key inputs.
-        qk_in = add_positions(h_BTD, pos_TD) if cfg["positions"] == "shortformer" else h_BTD
-        attn_out, pattern, z = Attention(cfg["n_heads"], cfg["d_head"], cfg["smear_keys"],
-                                         cfg["smear_init"], dtype,
-                                         self.kernel,
-                                         name="attn")(
+        qk_in = add_positions(h_BTD, pos_TD) if cfg.positions == "shortformer" else h_BTD
+        attn_out, pattern, z = Attention(cfg.n_heads, cfg.d_head, cfg.smear_keys,
+                                         cfg.smear_init, dtype, self.kernel, name="attn")(
             h_BTD, qk_in, mask_H, fill_THK, pattern_BHTS)
         x_BTD = x_BTD + attn_out
-        if cfg["mlp"]:
-            x_BTD = x_BTD + MLP(cfg["d_mlp"], dtype, cfg.get("mlp_out_init", 1.0),
+        if cfg.mlp:
+            x_BTD = x_BTD + MLP(cfg.d_mlp, dtype, cfg.mlp_out_init,
                                 name="mlp")(ln("ln_mlp")(x_BTD))
         return x_BTD, pattern, z
 
 
 class Transformer(nn.Module):
-    """Decoder-only transformer; cfg is the `model` section of a config, as a dict.
+    """Decoder-only transformer built from a ModelConfig.
 
     Build it with make_model, which resolves model.attention into `kernel`."""
-    cfg: dict
+    cfg: ModelConfig
     kernel: str = "blocked"
 
     @nn.compact
@@ -243,20 +288,20 @@ class Transformer(nn.Module):
         """resid_BTD, start_layer: run only blocks start_layer.. from this residual stream
         (a cache's "resid_pre"[:, start_layer]); the cache then holds only those blocks."""
         cfg = self.cfg
-        dtype = DTYPES[cfg["dtype"]]
-        V, D, T = cfg["vocab_size"], cfg["d_model"], tokens_BT.shape[1]
+        dtype = DTYPES[cfg.dtype]
+        V, D, T = cfg.vocab_size, cfg.d_model, tokens_BT.shape[1]
         W_E = self.param("W_E", nn.initializers.normal(1.0), (V, D))
-        W_pos = self.param("W_pos", nn.initializers.normal(cfg["pos_init_std"]),
-                           (cfg["context"], D))
+        W_pos = self.param("W_pos", nn.initializers.normal(cfg.pos_init_std),
+                           (cfg.context, D))
         x_BTD = W_E[tokens_BT].astype(dtype)
         pos_TD = W_pos[:T].astype(dtype)
-        if cfg["positions"] == "residual":
+        if cfg.positions == "residual":
             x_BTD = add_positions(x_BTD, pos_TD)
         if resid_BTD is not None:
             x_BTD = resid_BTD.astype(dtype)
 
         patterns_out, zs, resids = [], [], []
-        for layer in range(start_layer, cfg["n_layers"]):
+        for layer in range(start_layer, cfg.n_layers):
             resids.append(x_BTD)
             x_BTD, pattern, z = Block(cfg, self.kernel, name=f"block_{layer}")(
                 x_BTD, pos_TD,
@@ -265,7 +310,7 @@ class Transformer(nn.Module):
                 None if patterns is None else patterns[:, layer])
             patterns_out.append(pattern)
             zs.append(z)
-        if cfg["layer_norm"]:
+        if cfg.layer_norm:
             x_BTD = nn.LayerNorm(name="ln_final", dtype=dtype)(x_BTD)
         W_U = self.param("W_U", nn.initializers.normal(1.0 / math.sqrt(D)), (D, V))
         b_U = self.param("b_U", nn.initializers.zeros, (V,))
@@ -277,16 +322,15 @@ class Transformer(nn.Module):
 
 
 def make_model(model_config, platform: str | None = None) -> Transformer:
-    """Builds the module from a validated `model` config section, for the platform its
-    programs are compiled for ("cpu", "cuda", "tpu"; None: jax's default backend)."""
-    cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-    return Transformer(cfg, attention_kernel(cfg.get("attention", "auto"), platform,
-                                             cfg.get("dtype", "float32"),
-                                             cfg.get("d_head", 64)))
+    """Builds the module from a validated `model` config section (a ConfigDict, a dict or a
+    ModelConfig), for the platform its programs are compiled for ("cpu", "cuda", "tpu";
+    None: jax's default backend)."""
+    cfg = ModelConfig.of(model_config)
+    return Transformer(cfg, attention_kernel(cfg.attention, platform, cfg.dtype, cfg.d_head))
 
 
 def init_params(model: Transformer, rng):
-    tokens = jnp.zeros((1, model.cfg["context"]), jnp.int32)
+    tokens = jnp.zeros((1, model.cfg.context), jnp.int32)
     return model.init(rng, tokens)["params"]
 
 

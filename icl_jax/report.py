@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from icl_jax import analysis, attention_view, workdir as workdir_lib
+from icl_jax.configs.sweeps.paper_small import FAMILY
 from icl_jax.figures import (plot_ablation, plot_attention, plot_composition,  # noqa: F401
                              plot_copying_vs_prefix, plot_coperturbation, plot_family,
                              plot_head_scores, plot_icl, plot_llc, plot_loss,
@@ -32,7 +33,6 @@ from icl_jax.figures import (plot_ablation, plot_attention, plot_composition,  #
 
 PAPER = ("Olsson et al. (2022), “In-context Learning and Induction Heads”",
          "https://arxiv.org/abs/2209.11895")
-FAMILY = ("1l", "2l", "3l", "1l-smear", "2l-smear", "2l-mlp")
 
 # The sentence each claim rests on, where claims.json carries none (claims.json written
 # before it held "quote"): the paper's own words, as docs/paper-notes quote them.

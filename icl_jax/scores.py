@@ -132,7 +132,7 @@ def previous_token_from_attention(att_BLHTS):
 
 def _stack_heads(model, params, name):
     """[L, H, ...] stack of one attention weight over layers."""
-    return jnp.stack([params[f"block_{l}"]["attn"][name] for l in range(model.cfg["n_layers"])])
+    return jnp.stack([params[f"block_{l}"]["attn"][name] for l in range(model.cfg.n_layers)])
 
 
 def ov_products(model, params):
@@ -196,7 +196,7 @@ def copying_empirical_from_cache(model, params, cache, probe_BT, n_tokens: int):
     W_O = _stack_heads(model, params, "W_O")
     out_BLHTD = jnp.einsum("blthk,lhkd->blhtd", z_BLTHK, W_O)
     W_U = params["W_U"]
-    if model.cfg["layer_norm"]:
+    if model.cfg.layer_norm:
         out_BLHTD = out_BLHTD - out_BLHTD.mean(-1, keepdims=True)
         W_U = params["ln_final"]["scale"][:, None] * W_U
     eff_BLHTV = out_BLHTD @ W_U
@@ -222,7 +222,7 @@ def composition(model, params):
       V: ||W_OV(h1) W_OV(h2)||_F   / (||W_OV(h1)||_F ||W_OV(h2)||_F)   h1 writes what h2's value reads
     Biases, LayerNorm and the positional embeddings are ignored.
     """
-    L, H = model.cfg["n_layers"], model.cfg["n_heads"]
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     W_Q, W_K, W_V, W_O = (_stack_heads(model, params, n) for n in ("W_Q", "W_K", "W_V", "W_O"))
     QK = jnp.einsum("lhdk,lhek->lhde", W_Q, W_K).reshape(L * H, *W_Q.shape[2:3] * 2)
     OV = jnp.einsum("lhdk,lhke->lhde", W_V, W_O).reshape(L * H, *W_Q.shape[2:3] * 2)
@@ -262,7 +262,7 @@ def head_ablation_icl(model, params, tokens_BT1, early: int, late: int, kind: st
     """
     if kind not in ABLATIONS:
         raise ValueError(f"ablation kind must be one of {ABLATIONS}, got {kind!r}")
-    L, H = model.cfg["n_layers"], model.cfg["n_heads"]
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     if clean is None:
         clean = clean_run(model, params, tokens_BT1, early, late)[1:]
     cache, clean_icl = clean
@@ -286,7 +286,7 @@ def icl_with_heads_removed(model, params, tokens_BT1, early: int, late: int, mas
         raise ValueError(f"ablation kind must be one of {ABLATIONS}, got {kind!r}")
     _, cache = model.apply({"params": params}, tokens_BT1[:, :-1])
     clean = icl_score(model, params, tokens_BT1, early, late)
-    L = model.cfg["n_layers"]
+    L = model.cfg.n_layers
     fill = cache["z"].mean(0) if kind == "mean" else jnp.zeros((L, 1, 1, 1), cache["z"].dtype)
     patterns = cache["attention"] if kind == "pattern" else None
     return clean, icl_score(model, params, tokens_BT1, early, late, head_mask=mask_LH,

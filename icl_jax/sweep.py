@@ -31,7 +31,8 @@ import subprocess
 import sys
 import time
 
-from icl_jax import config as config_lib, progress as progress_lib, workdir as workdir_lib
+from icl_jax import config as config_lib, progress as progress_lib, signals
+from icl_jax import workdir as workdir_lib
 from icl_jax.config import ConfigError
 
 INDEX = "sweep.json"
@@ -354,31 +355,6 @@ def child_env(jobs: int, cache: str | None = None) -> dict:
     return env
 
 
-class _Stop:
-    """SIGTERM / SIGINT: start nothing new, pass SIGTERM on (children snapshot), wait."""
-
-    def __init__(self):
-        self.received, self.children, self._old = None, [], {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        for p in self.children:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def member_cost(m) -> int:
     """A member's training FLOPs (steps x one step's): with several at a time the pool
     starts the costliest first, so that the longest member does not run alone at the end."""
@@ -393,7 +369,7 @@ def _run_pool(members, index, jobs, progress, say, cache=None):
     die_with_parent = _parent_death_signal()
     queue, running = list(members), {}
     last_report = time.time()
-    with _Stop() as stop:
+    with signals.Stop() as stop:
         while queue or running:
             while queue and len(running) < jobs and not stop.received:
                 m = queue.pop(0)

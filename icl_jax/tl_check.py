@@ -16,15 +16,17 @@ import numpy as np
 import torch
 
 from icl_jax import export
+from icl_jax.model import ModelConfig
 from icl_jax.scores import ABLATIONS
 
 
-def hooked_transformer(params, model_cfg: dict):
+def hooked_transformer(params, model_cfg):
     """The HookedTransformer of a params tree, or NotImplementedError naming what
     score_with_hooks cannot score."""
-    if model_cfg.get("smear_keys"):
+    model_cfg = ModelConfig.of(model_cfg)
+    if model_cfg.smear_keys:
         raise NotImplementedError("score_with_hooks: TransformerLens has no smeared keys")
-    if model_cfg.get("layer_norm"):
+    if model_cfg.layer_norm:
         raise NotImplementedError("score_with_hooks: models with LayerNorm are not supported "
                                   "(copying_empirical would need ln_final's centring and scale)")
     return export.hooked_transformer(params, model_cfg)

@@ -8,7 +8,6 @@ so a resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 
@@ -20,7 +19,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from icl_jax import checkpoints, config as config_lib, data as data_lib, device_data, scores
-from icl_jax import flops as flops_lib, prefetch, progress as progress_lib, workdir as workdir_lib
+from icl_jax import flops as flops_lib, prefetch, progress as progress_lib, signals
+from icl_jax import workdir as workdir_lib
 from icl_jax.model import init_params, loss_by_position, make_model
 
 
@@ -359,29 +359,6 @@ def prepare_workdir(config, workdir, overwrite: bool, say=None) -> dict | None:
     return saved if saved_step is not None else None
 
 
-class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop saves a snapshot at the current step and exits."""
-
-    def __init__(self):
-        self.received = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 # ----------------------------------------------------------------------------- members
 
 class Members:
@@ -475,7 +452,7 @@ def _run(members, overwrite, progress, stop_after):
         workdir_lib.check_usable(w)
     locks = []
     # a SIGTERM from here on (data, compile, the step-0 evaluation) ends the call cleanly
-    with _StopSignal() as stop:
+    with signals.Stop() as stop:
         try:
             if jax.process_index() == 0:
                 locks = [workdir_lib.Lock(w) for w in members.workdirs]
@@ -595,7 +572,7 @@ def _train(members, sources, progress, stop_after, stop, saved_configs):
 
     # --- snapshots and metrics: step 0 of a fresh run (not of one resumed from snapshot 0)
     # is evaluated and saved
-    schedule = set(checkpoints.snapshot_steps(t.steps, ck.every, ck.log_spaced))
+    schedule = set(checkpoints.save_schedule(t.steps, ck.every, ck.log_spaced))
     config_dicts = [c.to_dict() for c in members.configs]
 
     def save(step):
@@ -624,7 +601,7 @@ def _train(members, sources, progress, stop_after, stop, saved_configs):
     # host batches are made (and copied) ahead in a thread; device-made ones need nothing
     batches = (prefetch.Prefetcher(get_batch, start, t.steps, PREFETCH_BATCHES)
                if PREFETCH_BATCHES and generator is None else None)
-    # (the signal handler is _run's, set before the data and the compile)
+    # (the signal handler, signals.Stop, is _run's, set before the data and the compile)
     try:
         while step < t.steps:
             batch = batches.get(step) if batches else get_batch(step)

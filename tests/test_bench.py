@@ -1,6 +1,5 @@
 """icl-jax bench: its FLOP count, its PyTorch reference and its command line (no timings)."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import pytest
 
 from icl_jax import bench, bench_torch, cli, train
 from icl_jax.model import init_params, make_model
-from conftest import ROOT, SMALL, tiny_config
+from conftest import SMALL, tiny_config
 
 TINY = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.context=64",
         "--config.model.vocab_size=32", "--config.train.batch_size=8"]

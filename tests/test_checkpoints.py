@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 
 def test_snapshot_schedule_is_dense_early_and_regular_after():
-    steps = checkpoints.snapshot_steps(1000, every=100, log_spaced=5)
+    steps = checkpoints.save_schedule(1000, every=100, log_spaced=5)
     assert steps[0] == 0 and steps[-1] == 1000
     assert {100, 200, 900}.issubset(steps)
     assert len([s for s in steps if 0 < s < 100]) >= 3

@@ -129,7 +129,7 @@ def test_markov_background_uses_only_table_transitions_outside_segments():
     x = plain.batch(0, 64, L)
     assert allowed[x[:, :-1], x[:, 1:]].all()
     rng = np.random.default_rng(0)
-    x, pasted = data._synthetic_tokens(rng, 64, L, 64, source.table, 1, 3, 6, 19)
+    x, pasted = data.synthetic_tokens(rng, 64, L, 64, source.table, 1, 3, 6, 19)
     outside = ~pasted[:, :-1] & ~pasted[:, 1:]
     assert outside.mean() > 0.3 and allowed[x[:, :-1], x[:, 1:]][outside].all()
     assert not allowed[x[:, :-1], x[:, 1:]].all()  # fresh segments break the chain

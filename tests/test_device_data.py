@@ -19,8 +19,8 @@ N = 4096  # rows per sample: a share's standard error is under 0.008
 def _samples(background, parallel_fill=False):
     """((numpy tokens, pasted), (device tokens, pasted), source) for the small config's data."""
     source = data.SyntheticSource(V, 0, background, 4, 1, 3, 6, 19, L, 0.5, "uniform")
-    host = data._uniform_segments(np.random.default_rng(1), N, L, V, source.table, 1, 3, 6, 19,
-                                  lag=source.lag, copy_prob=source.copy_prob)
+    host = data.uniform_segments(np.random.default_rng(1), N, L, V, source.table, 1, 3, 6, 19,
+                                 lag=source.lag, copy_prob=source.copy_prob)
     gen = device_data.DeviceSynthetic(source, parallel_fill=parallel_fill)
     fn = jax.jit(lambda inputs: gen.rows_and_pasted(inputs, 7, jnp.arange(N)))
     dev = tuple(np.asarray(a) for a in fn(gen.inputs()))

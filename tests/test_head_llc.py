@@ -1,6 +1,5 @@
 """Every head's refined LLC (head_llc.py): known answers, the compiled program against the
 one-head estimate, the data subsets, devinterp's head restriction, and analyze --llc heads."""
-import math
 import os
 
 import jax

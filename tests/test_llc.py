@@ -1,5 +1,4 @@
 """The LLC estimator against known answers, its handling of bad chains, and devinterp."""
-import json
 import math
 
 import jax
@@ -150,8 +149,8 @@ def test_noise_drawn_in_blocks_is_each_steps_own(toy, sampler):
     cfg = llc_cfg(sampler=sampler, eps=5e-4, chains=1, burn_in=0, draws=7)
     idx_SM = jnp.asarray(llc.batch_indices(N, cfg)[0])
     keys_S = llc.chain_keys(jax.random.key(0), 1, 7)[0]
-    run = lambda block: np.asarray(llc._chain(singular_loss, llc.sampler_settings(cfg), block, w_star,
-                                              data, idx_SM, keys_S))
+    run = lambda block: np.asarray(llc.run_chain(singular_loss, llc.sampler_settings(cfg), block, w_star,
+                                                 data, idx_SM, keys_S))
     by_step = run(1)
     assert by_step.shape == (7,) and len(set(by_step)) == 7
     for block in (3, 7, 16):  # 2 blocks and a step; one block; one short block
@@ -219,8 +218,7 @@ def test_snapshots_compile_once_on_cpu():
     llc._snapshots_program.cache_clear()
     a = llc.llc_over_snapshots(model, [params, params], pool, cfg, stacking="map", chunk=2)
     b = llc.llc_over_snapshots(model, [params], pool, cfg, stacking="map", chunk=2)
-    program = llc._snapshots_program(json.dumps(model.cfg, sort_keys=True), llc.sampler_settings(cfg),
-                                     "map")
+    program = llc._snapshots_program(model, llc.sampler_settings(cfg), "map")
     assert program._cache_size() == 1
     np.testing.assert_array_equal(a["llc"], np.repeat(b["llc"], 2))
 

@@ -213,3 +213,22 @@ def test_mlp_out_init_sets_the_std_of_w_out(scale):
     w = np.concatenate([np.ravel(params[f"block_{l}"]["mlp"]["W_out"]["kernel"])
                         for l in range(2)])
     assert np.std(w) == pytest.approx(scale / np.sqrt(256), rel=0.05)
+
+
+def test_the_typed_model_config_is_the_config_sections_fields():
+    """ModelConfig holds exactly the fields config.py validates in the `model` section, is
+    made from a validated section (ConfigDict or dict) unchanged, and names a field it does
+    not know or one that is missing."""
+    import dataclasses
+    from icl_jax import config as config_lib
+    from icl_jax.model import ModelConfig
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert fields == set(config_lib.SCHEMA["model"])
+    section = tiny_config("layers=3,mlp=true").model
+    typed = ModelConfig.of(section)
+    assert typed.to_dict() == section.to_dict() and ModelConfig.of(typed) is typed
+    assert make_model(section.to_dict()).cfg == typed
+    with pytest.raises(ValueError, match="unknown model field.*n_layer\\b"):
+        ModelConfig.of({**section.to_dict(), "n_layer": 2})
+    with pytest.raises(ValueError, match="d_model.*missing"):
+        ModelConfig.of({k: v for k, v in section.to_dict().items() if k != "d_model"})

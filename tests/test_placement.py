@@ -15,8 +15,8 @@ def _batch(placement, n=4096, background="lag2", **kw):
     source = data.SyntheticSource(64, 0, background, 4, 1, 3, 6, 19, L, 0.5, placement, **kw)
     rng = np.random.default_rng(1)
     if placement == "uniform":
-        return source, data._uniform_segments(rng, n, L, 64, source.table, 1, 3, 6, 19, lag=2)
-    return source, data._synthetic_tokens(rng, n, L, 64, source.table, 1, 3, 6, 19, lag=2)
+        return source, data.uniform_segments(rng, n, L, 64, source.table, 1, 3, 6, 19, lag=2)
+    return source, data.synthetic_tokens(rng, n, L, 64, source.table, 1, 3, 6, 19, lag=2)
 
 
 def _breaks_lag2_rule(source, x):
@@ -80,8 +80,8 @@ def test_a_mixed_background_gives_each_row_one_of_the_two_rules():
     """data.background=mixed: every row's background follows token t-1 (markov) or token t-2
     (lag2), about half each; only pasted tokens break the row's rule."""
     source = data.SyntheticSource(64, 0, "mixed", 4, 1, 3, 6, 19, L, 0.5, "uniform")
-    x, pasted = data._uniform_segments(np.random.default_rng(1), 1024, L, 64, source.table,
-                                       1, 3, 6, 19, lag=source.lag)
+    x, pasted = data.uniform_segments(np.random.default_rng(1), 1024, L, 64, source.table,
+                                      1, 3, 6, 19, lag=source.lag)
 
     def breaks(lag):
         ok = np.ones(x.shape, bool)
@@ -101,8 +101,8 @@ def test_a_copy2_background_repeats_the_token_two_back_or_follows_the_previous_o
     with probability data.COPY2_PROB, else one of the previous token's markov successors;
     only pasted tokens break that, and every index is as likely pasted as with lag2."""
     source = data.SyntheticSource(64, 0, "copy2", 4, 1, 3, 6, 19, L, 0.5, "uniform")
-    x, pasted = data._uniform_segments(np.random.default_rng(1), 4096, L, 64, source.table,
-                                       1, 3, 6, 19, lag=source.lag, copy_prob=source.copy_prob)
+    x, pasted = data.uniform_segments(np.random.default_rng(1), 4096, L, 64, source.table,
+                                      1, 3, 6, 19, lag=source.lag, copy_prob=source.copy_prob)
     copies = np.zeros(x.shape, bool)
     follows = np.zeros(x.shape, bool)
     copies[:, 2:] = x[:, 2:] == x[:, :-2]

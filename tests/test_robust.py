@@ -121,7 +121,7 @@ def test_analyze_skips_a_corrupt_snapshot_and_scores_it_once_repaired(tmp_path, 
     result = analysis.analyze([work], out=str(tmp_path / "a"), chunk=4, progress=False)
     assert "skipping snapshot 12" in capfd.readouterr().err
     steps = result["runs"]["run"]["steps"]
-    assert steps == [s for s in checkpoints.snapshot_steps(12, 4, 2) if s != 12]
+    assert steps == [s for s in checkpoints.save_schedule(12, 4, 2) if s != 12]
     assert os.path.isdir(os.path.join(work, "snapshots", "12"))  # nothing deleted or moved
     # train repairs it (moved aside, trained again); the next analysis scores it, not reusing
     # scores.json, which was keyed on the snapshots it scored
@@ -129,7 +129,7 @@ def test_analyze_skips_a_corrupt_snapshot_and_scores_it_once_repaired(tmp_path, 
     capfd.readouterr()
     result = analysis.analyze([work], out=str(tmp_path / "a"), chunk=4, progress=True)
     assert "reusing" not in capfd.readouterr().err
-    assert result["runs"]["run"]["steps"] == checkpoints.snapshot_steps(12, 4, 2)
+    assert result["runs"]["run"]["steps"] == checkpoints.save_schedule(12, 4, 2)
     analysis.analyze([work], out=str(tmp_path / "a"), chunk=4, progress=True)
     assert "reusing" in capfd.readouterr().err  # and then nothing changed
 

@@ -112,7 +112,7 @@ def test_training_writes_metrics_snapshots_and_config(tmp_path):
     assert all(0 <= r["prefix_matching_max"] <= 1 for r in evals)
     assert np.array(evals[-1]["prefix_matching"]).shape == (2, 2)
     run = checkpoints.Run(str(tmp_path))
-    assert run.steps == checkpoints.snapshot_steps(12, 4, 2)
+    assert run.steps == checkpoints.save_schedule(12, 4, 2)
 
 
 def test_stopped_and_resumed_run_equals_straight_run(tmp_path):
